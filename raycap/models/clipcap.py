@@ -1,0 +1,412 @@
+"""ClipCap: CLIP image embedding -> mapping network -> prefix embeddings -> causal LM.
+
+A compact re-implementation of ClipCap (Mokady et al., 2021) on top of any HF
+`AutoModelForCausalLM`, with batched greedy / sampling / beam-search decoding
+(with or without the KV cache) and teacher-forced log-probs. Token ids in,
+token ids out: the tokenizer lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+from raycap.errors import UserError
+
+CONFIG_NAME = "raycap_clipcap.json"
+MAPPER_NAME = "mapper.safetensors"
+LM_DIR = "lm"
+
+
+@dataclass
+class ClipCapConfig:
+    """Hyper-parameters of a ClipCap model (serialised to `raycap_clipcap.json`)."""
+
+    clip_dim: int
+    prefix_length: int = 10
+    mapper: str = "mlp"  # "mlp" | "transformer"
+    mapper_layers: int = 8  # transformer mapper only
+    clip_length: int = 10  # transformer mapper only
+    lm: str | dict = "gpt2"  # HF name / local path, or a dict of GPT2Config kwargs (fresh LM)
+    train_lm: bool = True
+    eos_token_id: int | None = None  # default: the LM config's eos_token_id
+    stop_token_ids: list[int] = field(default_factory=list)  # extra ids that end a caption
+    pad_token_id: int = 0
+    max_new_tokens: int = 40
+
+
+@dataclass
+class Captions:
+    """Decoded captions. `tokens`/`logprobs` are (N, T), padded after `lengths` (which count the stop token)."""
+
+    tokens: Tensor
+    lengths: Tensor
+    logprobs: Tensor
+
+    def tolist(self) -> list[list[int]]:
+        """Token ids per caption, trimmed to its length (stop token included if produced)."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
+
+
+# -----------------------------------------------------------------------------
+# mapping networks
+
+
+class MLPMapper(nn.Module):
+    """Original ClipCap MLP: Linear -> Tanh -> Linear, reshaped to (B, prefix_length, hidden)."""
+
+    def __init__(self, clip_dim: int, hidden: int, prefix_length: int):
+        super().__init__()
+        self.prefix_length, self.hidden = prefix_length, hidden
+        n = hidden * prefix_length
+        self.model = nn.Sequential(nn.Linear(clip_dim, n // 2), nn.Tanh(), nn.Linear(n // 2, n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x).view(x.size(0), self.prefix_length, self.hidden)
+
+
+class TransformerMapper(nn.Module):
+    """Original ClipCap TransformerMapper (pre-norm, 8 heads, ReLU MLP of width 2*hidden, no dropout)."""
+
+    def __init__(self, clip_dim: int, hidden: int, prefix_length: int, clip_length: int, num_layers: int):
+        super().__init__()
+        self.clip_length, self.hidden = clip_length, hidden
+        self.linear = nn.Linear(clip_dim, clip_length * hidden)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, hidden))
+        layer = nn.TransformerEncoderLayer(hidden, 8, 2 * hidden, dropout=0.0, activation="relu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.linear(x).view(x.size(0), self.clip_length, self.hidden)
+        x = torch.cat([x, self.prefix_const.expand(x.size(0), -1, -1)], dim=1)
+        return self.transformer(x)[:, self.clip_length:]
+
+
+def _convert_original_transformer_mapper(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map original ClipCap Transformer keys (`layers.i.attn.to_queries` ...) onto nn.TransformerEncoder keys."""
+    out = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"transformer\.layers\.(\d+)\.(.+)", k)
+        if m is None:
+            out[k] = v
+            continue
+        p, rest = f"transformer.layers.{m[1]}.", m[2]
+        if rest in ("attn.to_queries.weight", "attn.to_keys_values.weight"):
+            q, kv = sd[p + "attn.to_queries.weight"], sd[p + "attn.to_keys_values.weight"]
+            out[p + "self_attn.in_proj_weight"] = torch.cat([q, kv])
+            qb, kvb = sd.get(p + "attn.to_queries.bias"), sd.get(p + "attn.to_keys_values.bias")
+            qb = torch.zeros(q.size(0), dtype=q.dtype) if qb is None else qb
+            kvb = torch.zeros(kv.size(0), dtype=kv.dtype) if kvb is None else kvb
+            out[p + "self_attn.in_proj_bias"] = torch.cat([qb, kvb])
+        elif rest in ("attn.to_queries.bias", "attn.to_keys_values.bias"):
+            pass  # folded into in_proj_bias above
+        else:
+            rest = rest.replace("attn.project.", "self_attn.out_proj.").replace("mlp.fc1.", "linear1.")
+            out[p + rest.replace("mlp.fc2.", "linear2.")] = v
+    return out
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def _build_lm(spec: str | dict, weights: bool = True) -> PreTrainedModel:
+    """LM from a HF name/local path (pretrained weights, or config only) or a dict of GPT2Config kwargs."""
+    if isinstance(spec, dict):
+        return GPT2LMHeadModel(GPT2Config(**spec))
+    if weights:
+        return AutoModelForCausalLM.from_pretrained(spec)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec))
+
+
+def _reorder_cache(past, idx: Tensor):
+    """Select batch rows `idx` of a HF KV cache (Cache object or legacy tuples)."""
+    if hasattr(past, "reorder_cache"):
+        past.reorder_cache(idx)
+        return past
+    return tuple(tuple(t.index_select(0, idx) for t in layer) for layer in past)
+
+
+def _pad(rows: list[Tensor], value, dtype, device) -> Tensor:
+    T = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), T), value, dtype=dtype, device=device)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class ClipCap(nn.Module):
+    """ClipCap captioner: `prefix()` maps CLIP embeddings to LM input embeddings; `generate()` decodes."""
+
+    def __init__(self, config: ClipCapConfig, lm: PreTrainedModel | None = None):
+        super().__init__()
+        self.config = config
+        self.lm = _build_lm(config.lm) if lm is None else lm
+        self.hidden = self.lm.get_input_embeddings().embedding_dim
+        if config.mapper == "mlp":
+            self.mapper = MLPMapper(config.clip_dim, self.hidden, config.prefix_length)
+        elif config.mapper == "transformer":
+            self.mapper = TransformerMapper(config.clip_dim, self.hidden, config.prefix_length,
+                                            config.clip_length, config.mapper_layers)
+        else:
+            raise ValueError(f"unknown mapper {config.mapper!r} (expected 'mlp' or 'transformer')")
+        eos = config.eos_token_id if config.eos_token_id is not None else self.lm.config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.stop_ids = sorted(set(eos) | set(config.stop_token_ids))
+        if not config.train_lm:
+            self.lm.requires_grad_(False)
+            self.lm.eval()
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train, but a frozen LM stays in eval mode (no dropout), as in original ClipCap."""
+        super().train(mode)
+        if not self.config.train_lm:
+            self.lm.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.mapper.parameters()).device
+
+    def prefix(self, image_embeds: Tensor) -> Tensor:
+        """(B, clip_dim) CLIP embeddings -> (B, prefix_length, hidden) LM input embeddings."""
+        p = next(self.mapper.parameters())
+        return self.mapper(image_embeds.to(device=p.device, dtype=p.dtype))
+
+    def _embed(self, prefix: Tensor, tokens: Tensor) -> Tensor:
+        emb = self.lm.get_input_embeddings()(tokens)
+        return torch.cat([prefix.to(emb.dtype), emb], dim=1)
+
+    def _step(self, prefix: Tensor, tokens: Tensor, past, use_cache: bool):
+        """Next-token logits (N, V) after [prefix; tokens]; with a cache only the last token is fed."""
+        if use_cache and past is not None:
+            out = self.lm(input_ids=tokens[:, -1:], past_key_values=past, use_cache=True)
+        else:
+            out = self.lm(inputs_embeds=self._embed(prefix, tokens), use_cache=use_cache)
+        return out.logits[:, -1].float(), (out.past_key_values if use_cache else None)
+
+    # -------------------------------------------------------------------------
+    # decoding
+
+    @torch.no_grad()
+    def generate(self, image_embeds: Tensor, mode: str = "greedy", temperature: float = 1.0, num_beams: int = 5,
+                 max_new_tokens: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None, num_samples: int = 1) -> Captions:
+        """Decode captions for (B, clip_dim) embeddings with mode "greedy" | "sample" | "beam".
+
+        Returns B*num_samples captions, image-major. For beam search, num_samples (<= num_beams) is the number
+        of best hypotheses returned per image. `logprobs` are under the untempered model distribution.
+        """
+        max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        prefix = self.prefix(image_embeds)
+        if mode == "beam":
+            if not 1 <= num_samples <= num_beams:
+                raise ValueError(f"beam search needs 1 <= num_samples <= num_beams, got {num_samples}, {num_beams}")
+            return self._beam(prefix, num_beams, num_samples, max_new, use_cache)
+        if mode not in ("greedy", "sample"):
+            raise ValueError(f"unknown decoding mode {mode!r} (expected 'greedy', 'sample' or 'beam')")
+        if mode == "sample" and temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        prefix = prefix.repeat_interleave(num_samples, dim=0)
+        N, dev = prefix.size(0), prefix.device
+        stop = torch.tensor(self.stop_ids, dtype=torch.long, device=dev)
+        tokens = torch.empty(N, 0, dtype=torch.long, device=dev)
+        logprobs = torch.empty(N, 0, device=dev)
+        lengths = torch.zeros(N, dtype=torch.long, device=dev)
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
+        past = None
+        for _ in range(max_new):
+            logits, past = self._step(prefix, tokens, past, use_cache)
+            if mode == "greedy":
+                nxt = logits.argmax(-1)
+            else:
+                probs = F.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            lp = F.log_softmax(logits, -1).gather(1, nxt[:, None]).squeeze(1)
+            nxt = nxt.masked_fill(done, self.config.pad_token_id)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            logprobs = torch.cat([logprobs, lp.masked_fill(done, 0.0)[:, None]], 1)
+            lengths += (~done).long()
+            done |= torch.isin(nxt, stop)
+            if bool(done.all()):
+                break
+        T = int(lengths.max()) if N else 0
+        return Captions(tokens[:, :T], lengths, logprobs[:, :T])
+
+    def _beam(self, prefix: Tensor, K: int, keep: int, max_new: int, use_cache: bool) -> Captions:
+        """Batched beam search over total log-prob; finished hypotheses are set aside (no length penalty)."""
+        B, dev = prefix.size(0), prefix.device
+        prefix = prefix.repeat_interleave(K, dim=0)  # (B*K, P, H); all beams of an image start identical
+        stop = torch.tensor(self.stop_ids, dtype=torch.long, device=dev)
+        scores = torch.full((B, K), float("-inf"), device=dev)
+        scores[:, 0] = 0.0  # only beam 0 is live at step 0, so the K beams diverge
+        seqs = torch.empty(B * K, 0, dtype=torch.long, device=dev)
+        lps = torch.empty(B * K, 0, device=dev)
+        base = torch.arange(B, device=dev)[:, None] * K
+        finished: list[list[tuple[float, Tensor, Tensor]]] = [[] for _ in range(B)]
+        done = [False] * B
+        past = None
+        for t in range(max_new):
+            logits, past = self._step(prefix, seqs, past, use_cache)
+            logp = F.log_softmax(logits, -1)  # (B*K, V)
+            V = logp.size(-1)
+            cand = (scores.view(-1, 1) + logp).view(B, K, V)
+            # stop tokens ranked within the top K candidates become finished hypotheses
+            top_s, top_i = cand.view(B, -1).topk(K, dim=1)
+            for i, j in torch.isin(top_i % V, stop).nonzero().tolist():
+                if not done[i]:
+                    b, tok = divmod(int(top_i[i, j]), V)
+                    r = i * K + b
+                    finished[i].append((float(top_s[i, j]), torch.cat([seqs[r], seqs.new_tensor([tok])]),
+                                        torch.cat([lps[r], logp[r, tok].view(1)])))
+            # the best K non-stop continuations keep running
+            cand[:, :, stop] = float("-inf")
+            scores, idx = cand.view(B, -1).topk(K, dim=1)
+            src, tok = (base + idx // V).view(-1), (idx % V).view(-1)
+            seqs = torch.cat([seqs[src], tok[:, None]], 1)
+            lps = torch.cat([lps[src], logp[src, tok][:, None]], 1)
+            if past is not None:
+                past = _reorder_cache(past, src)
+            # log-probs only decrease, so an image is done once its `keep` best finished beat every running beam
+            best_running = scores[:, 0].tolist()
+            for i in range(B):
+                if not done[i] and len(finished[i]) >= keep:
+                    done[i] = sorted(s for s, _, _ in finished[i])[-keep] >= best_running[i]
+            if all(done):
+                break
+        rows, row_lps, lengths = [], [], []
+        for i in range(B):
+            pool = list(finished[i])
+            if not done[i]:  # reached max_new_tokens: running beams compete too
+                pool += [(float(scores[i, k]), seqs[i * K + k], lps[i * K + k]) for k in range(K)]
+            pool.sort(key=lambda h: -h[0])
+            for _, seq, lp in pool[:keep]:
+                rows.append(seq)
+                row_lps.append(lp)
+                lengths.append(len(seq))
+        tokens = _pad(rows, self.config.pad_token_id, torch.long, dev)
+        return Captions(tokens, torch.tensor(lengths, dtype=torch.long, device=dev),
+                        _pad(row_lps, 0.0, torch.float32, dev))
+
+    # -------------------------------------------------------------------------
+    # scoring
+
+    def log_probs(self, image_embeds: Tensor, tokens: Tensor, lengths: Tensor, reduction: str = "none") -> Tensor:
+        """Teacher-forced log-probs of `tokens` (N, T) given the images; positions >= `lengths` are masked.
+
+        image_embeds may have N/k rows (repeat_interleaved k times, the num_samples layout).
+        reduction: "none" -> (N, T); "sum" -> (N,); "mean" -> (N,) sum / length.
+        """
+        N, T = tokens.shape
+        if image_embeds.size(0) != N:
+            if image_embeds.size(0) == 0 or N % image_embeds.size(0):
+                raise ValueError(f"{image_embeds.size(0)} image embeddings do not divide {N} token rows")
+            image_embeds = image_embeds.repeat_interleave(N // image_embeds.size(0), dim=0)
+        prefix = self.prefix(image_embeds)
+        tokens, lengths = tokens.to(prefix.device), lengths.to(prefix.device)
+        P = prefix.size(1)
+        logits = self.lm(inputs_embeds=self._embed(prefix, tokens[:, :-1]), use_cache=False).logits[:, P - 1:]
+        lp = F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+        lp = lp.masked_fill(torch.arange(T, device=lp.device)[None] >= lengths[:, None], 0.0)
+        if reduction == "none":
+            return lp
+        if reduction == "sum":
+            return lp.sum(1)
+        if reduction == "mean":
+            return lp.sum(1) / lengths.clamp(min=1)
+        raise ValueError(f"unknown reduction {reduction!r} (expected 'none', 'sum' or 'mean')")
+
+    # -------------------------------------------------------------------------
+    # checkpoints
+
+    def save_pretrained(self, path) -> None:
+        """Write `raycap_clipcap.json`, `mapper.safetensors` and the LM (`lm/`, safetensors) under `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps({"kind": "clipcap", **dataclasses.asdict(self.config)}, indent=2))
+        mapper_sd = {k: v.detach().contiguous().cpu() for k, v in self.mapper.state_dict().items()}
+        save_file(mapper_sd, str(path / MAPPER_NAME))
+        self.lm.save_pretrained(path / LM_DIR)  # safetensors by default
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> "ClipCap":
+        """Load a `save_pretrained` directory; `overrides` replace config fields (e.g. max_new_tokens)."""
+        path = Path(path)
+        cfg_file = path / CONFIG_NAME
+        if not cfg_file.is_file():
+            raise UserError(f"{path} is not a raycap ClipCap checkpoint: missing {CONFIG_NAME}")
+        d = json.loads(cfg_file.read_text())
+        kind = d.pop("kind", None)
+        if kind != "clipcap":
+            raise UserError(f"{path} is not a raycap ClipCap checkpoint: "
+                             f"{CONFIG_NAME} has kind {kind!r}, not 'clipcap'")
+        if not (path / MAPPER_NAME).is_file():
+            raise UserError(f"{path} is not a raycap ClipCap checkpoint: missing {MAPPER_NAME}")
+        lm_dir = path / LM_DIR
+        if not (lm_dir / "config.json").is_file():
+            raise UserError(f"{path} is not a raycap ClipCap checkpoint: missing {LM_DIR}/config.json")
+        if not any(lm_dir.glob("*.safetensors")) and not any(lm_dir.glob("*.bin")):
+            raise UserError(f"{path} is not a raycap ClipCap checkpoint: missing LM weights in {LM_DIR}/")
+        fields = {f.name for f in dataclasses.fields(ClipCapConfig)}
+        bad = sorted(set(overrides) - fields)
+        if bad:
+            raise TypeError(f"unknown ClipCapConfig fields in overrides: {bad}")
+        config = ClipCapConfig(**{**{k: v for k, v in d.items() if k in fields}, **overrides})
+        model = cls(config, lm=AutoModelForCausalLM.from_pretrained(lm_dir))
+        model.mapper.load_state_dict(load_file(str(path / MAPPER_NAME)))
+        return model
+
+    @classmethod
+    def from_original_clipcap(cls, pt_path, config: ClipCapConfig) -> "ClipCap":
+        """Load a checkpoint of the original ClipCap repo (rmokady/CLIP_prefix_caption, `model.state_dict()`).
+
+        Keys: `clip_project.model.{0,2}.*` (MLP mapper) or `clip_project.{linear.*, prefix_const,
+        transformer.layers.i.{norm1, attn.to_queries, attn.to_keys_values, attn.project, norm2, mlp.fc1, mlp.fc2}.*}`
+        (transformer mapper, converted onto nn.TransformerEncoder), plus `gpt.*` (a GPT2LMHeadModel state dict).
+        The LM architecture comes from `config.lm` (only its config is read; weights come from the file).
+        """
+        sd = torch.load(pt_path, map_location="cpu", weights_only=True)
+        if not isinstance(sd, dict):
+            raise UserError(f"{pt_path} is not an original ClipCap state dict (got {type(sd).__name__})")
+        mapper_sd = {k[len("clip_project."):]: v for k, v in sd.items() if k.startswith("clip_project.")}
+        lm_sd = {k[len("gpt."):]: v for k, v in sd.items() if k.startswith("gpt.")}
+        other = [k for k in sd if not k.startswith(("clip_project.", "gpt."))]
+        if other:
+            raise UserError(f"{pt_path}: unexpected keys in original ClipCap checkpoint: {other[:5]}")
+        if config.mapper == "transformer":
+            mapper_sd = _convert_original_transformer_mapper(mapper_sd)
+        model = cls(config, lm=_build_lm(config.lm, weights=False))
+
+        def check(name, module, given, optional=()):
+            expected = module.state_dict().keys()
+            missing = [k for k in expected if k not in given and k not in optional]
+            unexpected = [k for k in given if k not in expected]
+            if missing or unexpected:
+                raise UserError(f"{pt_path}: {name} keys do not match config (mapper={config.mapper!r}, "
+                                 f"lm={config.lm!r}): missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+        check("clip_project", model.mapper, mapper_sd)
+        # old transformers stored causal-mask buffers (attn.bias / attn.masked_bias); the head may be tied
+        lm_sd = {k: v for k, v in lm_sd.items()
+                 if k in model.lm.state_dict() or not re.search(r"attn\.(masked_)?bias$", k)}
+        tied = ["lm_head.weight"] if model.lm.config.tie_word_embeddings else []
+        check("gpt", model.lm, lm_sd, optional=tied)
+        model.mapper.load_state_dict(mapper_sd)
+        model.lm.load_state_dict(lm_sd, strict=False)
+        model.lm.tie_weights()
+        return model

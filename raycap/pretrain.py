@@ -1,0 +1,149 @@
+"""Supervised stage for the shapes world: `python -m raycap.pretrain world --out DIR`.
+
+(1) trains the tiny CLIP retriever (InfoNCE with attribute-swapped hard negatives), (2) trains the tiny
+ClipCap captioner with cross-entropy on the labelled split's vague references, and writes
+DIR/world.json, DIR/retriever/, DIR/captioner/ and DIR/metrics.json (test split, P@1 among 100).
+Re-running with the same DIR resumes: finished stages are kept, an interrupted retriever run continues
+from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from raycap.data.world import World, WorldConfig
+from raycap.errors import UserError, exit_on_user_error
+
+STAGES = ("retriever", "captioner")
+
+
+def parse_set(pairs: list[str]) -> dict:
+    """`--set key=value` pairs (values parsed as YAML) into a dict."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set {pair!r}: expected key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_world_config(path: str | None, overrides: dict, out: Path) -> WorldConfig:
+    data = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"{path}: cannot read world config: {str(e).splitlines()[0]}") from None
+    data.update(overrides)
+    config = WorldConfig.parse(data, source=path or "world")
+    saved = out / "world.json"
+    if saved.exists():
+        previous = WorldConfig.parse(json.loads(saved.read_text()), source=str(saved))
+        if previous != config:
+            raise UserError(f"{saved}: the run directory was built for a different world config; "
+                            "use a new --out or the same settings")
+    return config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m raycap.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=["world"], help="what to pretrain on (the embedded shapes world)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (resumed if it exists)")
+    p.add_argument("--world-config", help="YAML file with world settings (see raycap.data.world.WorldConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a world setting")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run (default: all)")
+    p.add_argument("--retriever", type=Path, default=None,
+                   help="use this trained retriever directory instead of training one (e.g. the shipped "
+                        "raycap/assets/world/retriever)")
+    p.add_argument("--retriever-steps", type=int, default=3000)
+    p.add_argument("--retriever-batch", type=int, default=256)
+    p.add_argument("--hard-negatives", type=int, default=3)
+    p.add_argument("--captioner-epochs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--eval-images", type=int, default=None, help="test images to evaluate on (default: all)")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    with exit_on_user_error():
+        return run(args)
+
+
+def run(args) -> dict:
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise UserError(f"--stages: unknown stage {bad[0]!r}; choose from {', '.join(STAGES)}")
+    for name in ("retriever_steps", "retriever_batch", "captioner_epochs"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
+    out: Path = args.out
+    world_config = load_world_config(args.world_config, parse_set(args.set), out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "world.json").write_text(world_config.model_dump_json(indent=2))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    world = World(world_config)
+    metrics_file = out / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    n_eval = min(args.eval_images or world_config.n_test, world_config.n_test)
+
+    from raycap.models.clip import Retriever
+    from raycap.models.tokenizers import world_tokenizer
+    from raycap.supervised.retriever import evaluate_retriever
+
+    if args.retriever is not None and not (out / "retriever").exists():
+        retriever = Retriever.from_pretrained(args.retriever)
+        vocab = retriever.tokenizer.get_vocab() if hasattr(retriever.tokenizer, "get_vocab") else {}
+        missing = [w for w in world_config.vocabulary() if w not in vocab]
+        if missing:
+            raise UserError(f"--retriever {args.retriever}: its tokenizer lacks world words such as {missing[0]!r}")
+        retriever.save_pretrained(out / "retriever")
+        metrics["retriever"] = {**evaluate_retriever(retriever, world, "test", n_eval), "source": str(args.retriever)}
+        metrics_file.write_text(json.dumps(metrics, indent=2))
+        print("retriever (test):", json.dumps(metrics["retriever"]))
+    if "retriever" in stages and not (out / "retriever" / "raycap_retriever.json").exists():
+        from raycap.supervised.retriever import RetrieverTraining, train_retriever
+
+        cfg = RetrieverTraining(steps=args.retriever_steps, batch_size=args.retriever_batch,
+                                hard_negatives=args.hard_negatives, seed=args.seed)
+        t0 = time.time()
+        retriever = Retriever.for_world(world_tokenizer(world_config.vocabulary()), world_config.image_size)
+        train_retriever(retriever, world, cfg, out / "work" / "retriever")
+        retriever.save_pretrained(out / "retriever")
+        metrics["retriever"] = {**evaluate_retriever(retriever, world, "test", n_eval),
+                                "steps": cfg.steps, "train_seconds": round(time.time() - t0, 1)}
+        metrics_file.write_text(json.dumps(metrics, indent=2))
+        print("retriever (test):", json.dumps(metrics["retriever"]))
+
+    if "captioner" in stages and not (out / "captioner" / "raycap_clipcap.json").exists():
+        from raycap.supervised.captioner import CaptionerTraining, evaluate_captioner, train_captioner
+
+        if not (out / "retriever").exists():
+            raise UserError(f"{out / 'retriever'}: missing; run the retriever stage first")
+        retriever = Retriever.from_pretrained(out / "retriever").freeze()
+        cfg = CaptionerTraining(epochs=args.captioner_epochs, seed=args.seed)
+        t0 = time.time()
+        captioner = train_captioner(retriever, world, cfg, out / "work" / "captioner")
+        captioner.save_pretrained(out / "captioner")
+        retriever.tokenizer.save_pretrained(str(out / "captioner" / "tokenizer"))
+        metrics["captioner"] = {**evaluate_captioner(captioner, retriever, world, "test", n_eval),
+                                "epochs": cfg.epochs, "train_seconds": round(time.time() - t0, 1)}
+        metrics_file.write_text(json.dumps(metrics, indent=2))
+        print("captioner (test):", json.dumps(metrics["captioner"]))
+    print(f"wrote {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

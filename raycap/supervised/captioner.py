@@ -1,0 +1,112 @@
+"""Train the world's tiny ClipCap with cross-entropy on the labelled split's vague references, and evaluate
+a captioner on a world split (retrieval P@1 among 100 by the frozen retriever, and the caption checks)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from raycap.data.grammar import caption_checks
+from raycap.data.world import World
+from raycap.metrics.retrieval import candidate_sets, p_at_1
+from raycap.models.clip import Retriever
+from raycap.models.clipcap import ClipCap, ClipCapConfig
+from raycap.models.tokenizers import decode, encode
+from raycap.supervised.retriever import encode_images
+
+
+@dataclass
+class CaptionerTraining:
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    prefix_length: int = 4
+    lm: dict = field(default_factory=lambda: {"n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 64,
+                                              "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1})
+    max_new_tokens: int = 40
+    seed: int = 0
+
+
+def world_captioner(retriever: Retriever, cfg: CaptionerTraining) -> ClipCap:
+    """A fresh ClipCap sized for the world, sharing the retriever's word vocabulary."""
+    tok = retriever.tokenizer
+    lm = {**cfg.lm, "vocab_size": len(tok), "bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id,
+          "pad_token_id": tok.pad_token_id}
+    return ClipCap(ClipCapConfig(clip_dim=retriever.embed_dim, prefix_length=cfg.prefix_length, lm=lm, train_lm=True,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 max_new_tokens=cfg.max_new_tokens))
+
+
+def _reference_batches(world: World, split: str, n: int):
+    refs = [world.references(split, i) for i in range(n)]
+    owner = np.repeat(np.arange(n), [len(r) for r in refs])
+    return [c for r in refs for c in r], torch.from_numpy(owner)
+
+
+def train_captioner(retriever: Retriever, world: World, cfg: CaptionerTraining, work_dir: Path,
+                    log=print) -> ClipCap:
+    """Cross-entropy on (image embedding, vague reference) pairs of the labelled split."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    tok = retriever.tokenizer
+    n_lab, n_val = world.config.n_labelled, min(500, world.config.n_val)
+    emb_lab = encode_images(retriever, world.images("labelled"))
+    emb_val = encode_images(retriever, world.images("val", range(n_val)))
+    caps, owner = _reference_batches(world, "labelled", n_lab)
+    val_caps, val_owner = _reference_batches(world, "val", n_val)
+    ids, lengths = encode(tok, caps, cfg.max_new_tokens)
+    val_ids, val_lengths = encode(tok, val_caps, cfg.max_new_tokens)
+    log(f"captioner: {n_lab} labelled images, {len(caps)} references")
+
+    model = world_captioner(retriever, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(caps) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
+                                              * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.epochs), desc="captioner", dynamic_ncols=True)
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(len(caps), generator=gen)
+        for k in range(0, len(caps), cfg.batch_size):
+            b = perm[k:k + cfg.batch_size]
+            lp = model.log_probs(emb_lab[owner[b]], ids[b], lengths[b], reduction="sum")
+            loss = -lp.sum() / lengths[b].sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            val_lp = model.log_probs(emb_val[val_owner], val_ids, val_lengths, reduction="sum")
+            val_loss = float(-val_lp.sum() / val_lengths.sum())
+        bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}")
+        with (work_dir / "log.jsonl").open("a") as f:
+            f.write(json.dumps({"epoch": epoch + 1, "train_loss": loss.item(), "val_loss": val_loss}) + "\n")
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate_captioner(captioner: ClipCap, retriever: Retriever, world: World, split: str = "test",
+                       n: int | None = None, mode: str = "greedy", seed: int = 0) -> dict:
+    """Greedy captions of a split: retrieval P@1 among 100 and the world's caption checks."""
+    n = min(n or world.config.split_size(split), world.config.split_size(split))
+    image_emb = encode_images(retriever, world.images(split, range(n)))
+    out = captioner.generate(image_emb, mode=mode)
+    captions = decode(retriever.tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+    scenes = [world.scene(split, i) for i in range(n)]
+    text_emb = retriever.encode_captions(captions)
+    return {"p_at_1": p_at_1(text_emb, image_emb, candidate_sets(n, 100, seed)),
+            **caption_checks(captions, scenes),
+            "unique_caption_ratio": len(set(captions)) / len(captions),
+            "mean_length": float(np.mean([len(c.split()) for c in captions])),
+            "examples": [{"full": s.full_description, "caption": c} for s, c in zip(scenes[:8], captions[:8])]}

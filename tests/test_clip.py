@@ -1,0 +1,99 @@
+import json
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from raycap.data.world import World
+from raycap.errors import UserError
+from raycap.models.clip import Retriever
+from raycap.models.tokenizers import decode, encode, world_tokenizer
+
+WORLD = World({"n_train": 100, "n_val": 20, "n_test": 20})
+
+
+@pytest.fixture(scope="module")
+def retriever():
+    torch.manual_seed(0)
+    return Retriever.for_world(world_tokenizer(WORLD.config.vocabulary())).eval()
+
+
+def test_world_tokenizer_round_trip_and_eos_is_the_highest_id():
+    tok = world_tokenizer(WORLD.config.vocabulary())
+    caps = [WORLD.scene("test", i).full_description for i in range(5)] + ["some shapes"]
+    ids, lengths = encode(tok, caps)
+    assert tok.eos_token_id == len(tok) - 1 and tok.pad_token_id == 0
+    assert all(ids[i, lengths[i] - 1] == tok.eos_token_id for i in range(len(caps)))
+    assert decode(tok, ids, lengths) == caps
+    assert encode(tok, ["a red circle at top left"], max_length=3)[0].tolist() == [[tok.convert_tokens_to_ids("a"),
+                                                                                     tok.convert_tokens_to_ids("red"),
+                                                                                     tok.eos_token_id]]
+
+
+def test_text_at_batch_length_equals_open_clip_at_full_context(retriever):
+    ids = retriever.tokenize([WORLD.scene("test", i).full_description for i in range(6)])
+    assert ids.shape[1] < retriever.context_length
+    full = torch.zeros(ids.shape[0], retriever.context_length, dtype=torch.long)
+    full[:, : ids.shape[1]] = ids
+    torch.testing.assert_close(retriever.encode_text(ids), retriever.model.encode_text(full, normalize=True))
+
+
+def test_soft_tokens_match_hard_tokens_and_carry_gradient(retriever):
+    ids = retriever.tokenize(["a red circle", "a large blue star at top left"])
+    one_hot = F.one_hot(ids, len(retriever.tokenizer)).float().requires_grad_(True)
+    soft = retriever.encode_soft_tokens(one_hot, ids.argmax(-1))
+    torch.testing.assert_close(soft, retriever.encode_text(ids))
+    soft.sum().backward()
+    assert one_hot.grad.abs().sum() > 0
+
+
+def test_image_encoder_on_world_pixels(retriever):
+    emb = retriever.encode_image(retriever.pixels(WORLD.images("test", range(4))))
+    assert emb.shape == (4, retriever.embed_dim)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(4))
+
+
+def test_save_load_round_trip(retriever, tmp_path):
+    retriever.save_pretrained(tmp_path / "r")
+    back = Retriever.from_pretrained(tmp_path / "r")
+    px = retriever.pixels(WORLD.images("test", range(3)))
+    torch.testing.assert_close(back.encode_image(px), retriever.encode_image(px))
+    caps = ["a red circle", "some shapes"]
+    torch.testing.assert_close(back.encode_captions(caps), retriever.encode_captions(caps))
+    torch.testing.assert_close(back.logit_scale, retriever.logit_scale)
+
+
+def test_bad_checkpoint_dirs_give_clear_errors(retriever, tmp_path):
+    with pytest.raises(UserError, match="missing raycap_retriever.json"):
+        Retriever.from_pretrained(tmp_path)
+    retriever.save_pretrained(tmp_path / "r")
+    (tmp_path / "r" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="missing model.safetensors"):
+        Retriever.from_pretrained(tmp_path / "r")
+    meta = json.loads((tmp_path / "r" / "raycap_retriever.json").read_text())
+    (tmp_path / "r" / "raycap_retriever.json").write_text(json.dumps({**meta, "kind": "clipcap"}))
+    with pytest.raises(UserError, match="expected 'retriever'"):
+        Retriever.from_pretrained(tmp_path / "r")
+
+
+def test_open_clip_model_from_a_local_dir(tmp_path):
+    """The real-model path (open_clip name/dir + its BPE tokenizer) on a tiny model saved locally."""
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file(model.state_dict(), str(tmp_path / "open_clip_model.safetensors"))
+    r = Retriever.from_open_clip(f"local-dir:{tmp_path}").eval()
+    ids = r.tokenize(["a photo of a cat", "a dog"])
+    assert ids.shape[1] < 77 and int(ids.argmax(-1)[1]) == 3  # <sot> a dog <eot>
+    full = open_clip.get_tokenizer(f"local-dir:{tmp_path}")(["a photo of a cat", "a dog"])
+    torch.testing.assert_close(r.encode_text(ids), model.eval().encode_text(full, normalize=True))
+    emb = r.encode_image(r.pixels(WORLD.images("test", range(2))))  # 48 px resized to the model's 32
+    assert emb.shape == (2, 32)
+    r.save_pretrained(tmp_path / "saved")
+    back = Retriever.from_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(back.encode_text(ids), r.encode_text(ids))

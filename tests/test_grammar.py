@@ -1,0 +1,60 @@
+import pytest
+
+from raycap.data.grammar import Mention, analyse, caption_checks, multi_object, parse, wellformed
+from raycap.data.world import Obj, Scene
+
+SCENE = Scene((Obj("star", "green", "large", 0, 0), Obj("circle", "red", "small", 2, 1)))
+
+
+def test_parse_full_partial_and_generic():
+    assert parse("a large green star at top left and a small red circle at bottom") == (
+        Mention("star", "green", "large", "top left"), Mention("circle", "red", "small", "bottom"))
+    assert parse("a shape") == (Mention(),)
+    assert parse("an orange square at center") == (Mention("square", "orange", None, "center"),)
+    assert parse("some shapes") == ()
+    assert parse("a red circle .") == (Mention("circle", "red"),)
+
+
+@pytest.mark.parametrize("caption", [
+    "", "a", "red circle", "a red", "a circle at", "a circle at middle", "an red circle", "a orange circle",
+    "a circle and", "a circle a square", "a red red circle", "a circle at top left left",
+    "a small blue triangle blue triangle blue triangle small blue", "shapes some"])
+def test_parse_rejects_what_is_not_in_the_grammar(caption):
+    assert parse(caption) is None
+
+
+def test_word_salad_fails_wellformed_and_counts_as_repetition():
+    salad = "a small blue triangle blue triangle blue triangle small blue"
+    r = analyse(salad, SCENE)
+    assert not r.wellformed and not r.faithful and r.repetition
+    assert wellformed([salad, "a red circle"]) == 0.5
+
+
+def test_attribute_swap_is_wellformed_but_not_faithful():
+    swapped = "a large red star at top left and a small green circle at bottom"
+    r = analyse(swapped, SCENE)
+    assert r.wellformed and not r.faithful
+    assert (r.n_claims, r.n_true) == (8, 6)
+    ok = analyse("a large green star at top left and a small red circle at bottom", SCENE)
+    assert ok.faithful and ok.n_true == ok.n_facts == 8
+
+
+def test_binding_needs_distinct_objects():
+    # two mentions cannot both be bound to the one green star
+    assert not analyse("a green star and a green shape", SCENE).faithful
+    assert analyse("a green star and a red shape", SCENE).faithful
+    assert not analyse("a star and a circle and a shape", SCENE).faithful  # more mentions than objects
+    assert analyse("a red circle and a green star", SCENE).faithful  # order does not matter
+
+
+def test_checks_values_by_hand():
+    caps = ["a green star", "a large red star at top left", "word salad here", "some shapes",
+            "a red circle and a red circle"]
+    checks = caption_checks(caps, [SCENE] * 5)
+    assert checks["wellformed"] == pytest.approx(4 / 5)
+    # claims: 2 true | 4 claims, 3 true (red is wrong) | - | none | 2+2 claims, 2 true (one circle only)
+    assert checks["precision"] == pytest.approx((2 + 3 + 2) / (2 + 4 + 4))
+    assert checks["recall"] == pytest.approx((2 + 3 + 2) / (8 * 5))
+    assert checks["faithful"] == pytest.approx(2 / 5)  # "a green star" and the generic caption
+    assert checks["repetition"] == pytest.approx(1 / 5)  # the object stated twice
+    assert checks["multi_object"] == multi_object(caps) == pytest.approx(1 / 5)

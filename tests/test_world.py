@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+
+from raycap.data import grammar
+from raycap.data.world import PALETTE, World, WorldConfig, shape_mask
+from raycap.errors import UserError
+
+SMALL = {"n_train": 500, "n_val": 100, "n_test": 300}
+
+
+def test_world_is_deterministic():
+    a, b = World(SMALL), World(SMALL)
+    for split in ("train", "val", "test"):
+        for i in (0, 7, 99):
+            assert a.scene(split, i) == b.scene(split, i)
+            assert np.array_equal(a.image(split, i), b.image(split, i))
+            assert a.references(split, i) == b.references(split, i)
+    other = World({**SMALL, "seed": 1})
+    assert any(a.scene("test", i) != other.scene("test", i) for i in range(10))
+    assert not np.array_equal(a.image("train", 0), a.image("test", 0))
+
+
+def test_labelled_split_is_a_small_prefix_of_train():
+    w = World(SMALL)
+    assert w.config.n_labelled == 10  # 2% of 500
+    assert w.scene("labelled", 3) == w.scene("train", 3)
+    with pytest.raises(IndexError):
+        w.scene("labelled", 10)
+
+
+def test_images_have_the_configured_shape_and_show_the_objects():
+    w = World({**SMALL, "noise": 0})
+    img = w.image("test", 0)
+    assert img.shape == (48, 48, 3) and img.dtype == np.uint8
+    colours = {tuple(PALETTE[o.colour]) for o in w.scene("test", 0).objects}
+    # every object's colour appears (within its per-object jitter) somewhere in the image
+    for c in colours:
+        assert (np.abs(img.reshape(-1, 3).astype(int) - np.array(c)).max(axis=1) < 40).any()
+
+
+def test_shapes_differ_from_each_other():
+    y, x = np.mgrid[-1.2:1.2:48j, -1.2:1.2:48j]
+    masks = {s: shape_mask(s, x, y) for s in WorldConfig().shapes}
+    names = list(masks)
+    for i, a in enumerate(names):
+        assert masks[a].sum() > 100
+        for b in names[i + 1:]:
+            assert (masks[a] ^ masks[b]).sum() > 50, (a, b)
+
+
+def test_every_generated_description_and_reference_parses_and_is_faithful():
+    w = World(SMALL)
+    scenes, full, refs = [], [], []
+    for split in ("train", "test"):
+        for i in range(300):
+            s = w.scene(split, i)
+            scenes.append(s)
+            full.append(s.full_description)
+            refs.append(w.references(split, i))
+    assert grammar.caption_checks(full, scenes) == {
+        "wellformed": 1.0, "faithful": 1.0, "precision": 1.0, "recall": 1.0,
+        "multi_object": pytest.approx(np.mean([len(s.objects) >= 2 for s in scenes])), "repetition": 0.0}
+    flat_refs = [r for rs in refs for r in rs]
+    flat_scenes = [s for s, rs in zip(scenes, refs) for _ in rs]
+    checks = grammar.caption_checks(flat_refs, flat_scenes)
+    assert checks["wellformed"] == 1.0 and checks["faithful"] == 1.0 and checks["repetition"] == 0.0
+    assert 0.10 <= checks["multi_object"] <= 0.20  # a minority (about 15%) name two objects
+    assert checks["recall"] < 0.4  # vague: most details are dropped
+    generic = np.mean([grammar.parse(r) == () for r in flat_refs])
+    assert 0.05 <= generic <= 0.15
+
+
+def test_vague_references_mostly_name_the_salient_object():
+    w = World(SMALL)
+    hits = []
+    for i in range(200):
+        s, sal = w.scene("train", i), w.scene("train", i).salient()
+        for r in w.references("train", i):
+            m = grammar.parse(r)
+            if m and len(m) == 1:
+                hits.append(grammar.bind(m, type(s)((sal,), s.grid)) == len(m[0].claims()))
+    assert np.mean(hits) > 0.75
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("image_size", -4, "image_size"), ("shapes", ["circle", "blob"], "blob"), ("colours", ["red", "mauve"], "mauve"),
+    ("labelled_fraction", 1.5, "labelled_fraction"), ("max_objects", 12, "max_objects"), ("grid", 5, "grid"),
+    ("n_test", 0, "n_test"), ("bogus", 1, "bogus")])
+def test_bad_world_values_raise_one_line_errors_naming_the_field(field, value, needle):
+    with pytest.raises(UserError) as e:
+        WorldConfig.parse({field: value})
+    assert needle in str(e.value) and "\n" not in str(e.value)
