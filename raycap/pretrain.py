@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retriever-steps", type=int, default=3000)
     p.add_argument("--retriever-batch", type=int, default=256)
     p.add_argument("--hard-negatives", type=int, default=3)
-    p.add_argument("--captioner-epochs", type=int, default=40)
+    p.add_argument("--captioner-epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--eval-images", type=int, default=None, help="test images to evaluate on (default: all)")

@@ -97,3 +97,22 @@ def test_open_clip_model_from_a_local_dir(tmp_path):
     r.save_pretrained(tmp_path / "saved")
     back = Retriever.from_pretrained(tmp_path / "saved")
     torch.testing.assert_close(back.encode_text(ids), r.encode_text(ids))
+
+
+def test_real_tokenizer_by_path_gets_a_pad_token(tmp_path):
+    """A GPT-2-style byte-level BPE tokenizer saved locally loads through the by-name/path code."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    from raycap.models.tokenizers import load_tokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["a red circle at top left", "a small blue star"] * 20, vocab_size=300,
+                            special_tokens=["<|endoftext|>"])
+    GPT2TokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(str(tmp_path / "gpt2tok"))
+    tok = load_tokenizer(tmp_path / "gpt2tok")
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"
+    ids, lengths = encode(tok, ["a red circle", "a small blue star at top left"])
+    assert decode(tok, ids, lengths) == ["a red circle", "a small blue star at top left"]
+    with pytest.raises(UserError, match="cannot load tokenizer"):
+        load_tokenizer(tmp_path / "missing")

@@ -63,3 +63,27 @@ def test_candidate_sets_and_p_at_1():
     tied = emb.clone()
     tied[int(c[0, 5])] = tied[0]
     assert not bool(target_wins(emb, tied, c)[0])
+
+
+def test_hard_distractors_exclude_the_target_and_near_duplicates():
+    from raycap.data.distractors import candidates, nearest
+
+    torch.manual_seed(0)
+    pool = torch.nn.functional.normalize(torch.randn(300, 16), dim=-1)
+    pool[1] = torch.nn.functional.normalize(pool[0] + 0.01 * torch.randn(16), dim=0)  # near-duplicate of 0
+    pool[2] = torch.nn.functional.normalize(pool[0] + 0.9 * torch.randn(16), dim=0)  # similar, not a duplicate
+    targets = torch.tensor([0, 5, 7])
+    hard = nearest(targets, pool, k=4, max_cos=0.8, chunk=64)  # chunks smaller than the pool: exact merge
+    sims = pool[targets] @ pool.T
+    for row, t in zip(hard, targets):
+        assert int(t) not in row.tolist() and bool((sims[targets.tolist().index(int(t)), row] <= 0.8).all())
+    assert 1 not in hard[0].tolist() and 2 in hard[0].tolist()
+    masked = sims.masked_fill(sims > 0.8, -2).clone()
+    masked[torch.arange(3), targets] = -2
+    assert torch.equal(hard, masked.topk(4, dim=1).indices)
+    batch = torch.arange(100, 200)
+    c = candidates(batch, pool, k_hard=5, generator=torch.Generator().manual_seed(0))
+    assert c.shape == (100, 100) and torch.equal(c[:, 0], batch)
+    assert all(len(set(r.tolist())) == 100 for r in c)
+    plain = candidates(batch)
+    assert sorted(plain[3].tolist()) == batch.tolist()

@@ -306,22 +306,28 @@ class ClipCap(nn.Module):
     # -------------------------------------------------------------------------
     # scoring
 
+    def logits(self, image_embeds: Tensor, tokens: Tensor) -> Tensor:
+        """Teacher-forced next-token logits (N, T, V), fp32: row t predicts tokens[:, t] from the prefix and
+        tokens[:, :t]. image_embeds may have N/k rows (repeat_interleaved k times, the num_samples layout)."""
+        N = tokens.shape[0]
+        if image_embeds.size(0) != N:
+            if image_embeds.size(0) == 0 or N % image_embeds.size(0):
+                raise ValueError(f"{image_embeds.size(0)} image embeddings do not divide {N} token rows")
+            image_embeds = image_embeds.repeat_interleave(N // image_embeds.size(0), dim=0)
+        prefix = self.prefix(image_embeds)
+        tokens = tokens.to(prefix.device)
+        P = prefix.size(1)
+        return self.lm(inputs_embeds=self._embed(prefix, tokens[:, :-1]), use_cache=False).logits[:, P - 1:].float()
+
     def log_probs(self, image_embeds: Tensor, tokens: Tensor, lengths: Tensor, reduction: str = "none") -> Tensor:
         """Teacher-forced log-probs of `tokens` (N, T) given the images; positions >= `lengths` are masked.
 
         image_embeds may have N/k rows (repeat_interleaved k times, the num_samples layout).
         reduction: "none" -> (N, T); "sum" -> (N,); "mean" -> (N,) sum / length.
         """
-        N, T = tokens.shape
-        if image_embeds.size(0) != N:
-            if image_embeds.size(0) == 0 or N % image_embeds.size(0):
-                raise ValueError(f"{image_embeds.size(0)} image embeddings do not divide {N} token rows")
-            image_embeds = image_embeds.repeat_interleave(N // image_embeds.size(0), dim=0)
-        prefix = self.prefix(image_embeds)
-        tokens, lengths = tokens.to(prefix.device), lengths.to(prefix.device)
-        P = prefix.size(1)
-        logits = self.lm(inputs_embeds=self._embed(prefix, tokens[:, :-1]), use_cache=False).logits[:, P - 1:]
-        lp = F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+        T = tokens.shape[1]
+        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+        lp = F.log_softmax(self.logits(image_embeds, tokens), -1).gather(-1, tokens[..., None]).squeeze(-1)
         lp = lp.masked_fill(torch.arange(T, device=lp.device)[None] >= lengths[:, None], 0.0)
         if reduction == "none":
             return lp

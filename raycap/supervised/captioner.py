@@ -22,7 +22,7 @@ from raycap.supervised.retriever import encode_images
 
 @dataclass
 class CaptionerTraining:
-    epochs: int = 40
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01

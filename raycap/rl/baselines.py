@@ -1,0 +1,61 @@
+"""REINFORCE baselines (pure tensor code). Each returns b with the shape of the rewards; advantages are R - b.
+
+- none: b = 0;
+- running mean of past rewards (exponential with `momentum`, or over a window of the last `window` batches),
+  read before the batch's own rewards are added;
+- self-critical: the reward of the greedy caption of the same image;
+- leave-one-out (RLOO, 'new self-critical'): n sampled captions per image, b_i = mean of the other n-1.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+BASELINES = ("none", "mean", "greedy", "loo")
+
+
+class RunningMean:
+    """Mean of past rewards; `momentum` (EMA) or `window` (mean of the last batches' means)."""
+
+    def __init__(self, momentum: float | None = 0.9, window: int | None = None):
+        if (momentum is None) == (window is None):
+            raise ValueError("give exactly one of momentum or window")
+        self.momentum, self.window = momentum, window
+        self.value: float | None = None
+        self._recent: deque[float] = deque(maxlen=window or 1)
+
+    def __call__(self, rewards: torch.Tensor) -> torch.Tensor:
+        b = torch.full_like(rewards, 0.0 if self.value is None else self.value)
+        self.update(rewards)
+        return b
+
+    def update(self, rewards: torch.Tensor) -> None:
+        m = float(rewards.float().mean())
+        if self.window is not None:
+            self._recent.append(m)
+            self.value = sum(self._recent) / len(self._recent)
+        else:
+            self.value = m if self.value is None else self.momentum * self.value + (1 - self.momentum) * m
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "recent": list(self._recent)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+        self._recent = deque(state["recent"], maxlen=self.window or 1)
+
+
+def self_critical(greedy_rewards: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
+    """Baseline of image-major samples: each image's greedy-caption reward, repeated per sample."""
+    return greedy_rewards.repeat_interleave(num_samples)
+
+
+def leave_one_out(rewards: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """b_i = mean reward of the other n-1 captions of the same image (rows image-major, n per image)."""
+    if num_samples < 2:
+        raise ValueError(f"leave-one-out needs >= 2 samples per image, got {num_samples}")
+    if rewards.numel() % num_samples:
+        raise ValueError(f"{rewards.numel()} rewards are not a multiple of {num_samples} samples per image")
+    groups = rewards.view(-1, num_samples)
+    return ((groups.sum(1, keepdim=True) - groups) / (num_samples - 1)).reshape(rewards.shape)

@@ -1,0 +1,53 @@
+"""Gumbel-softmax decoding: captions that stay differentiable all the way into the CLIP text encoder.
+
+Each step samples a straight-through Gumbel-softmax token (one-hot forward, soft gradient backward), feeds
+its embedding (`y @ wte`) back into the LM with the KV cache, and stops a row at the end token. The result
+goes to `Retriever.encode_soft_tokens`; in the shapes world the captioner and CLIP share one vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SoftCaptions:
+    probs: torch.Tensor       # (N, T, V) straight-through one-hots, zero after the end; the end token included
+    tokens: torch.Tensor      # (N, T) hard ids (pad after the end)
+    lengths: torch.Tensor     # (N,) tokens including the end token
+    logits: torch.Tensor      # (N, T, V) policy logits at each step (for the KL guard)
+
+
+def gumbel_decode(captioner, image_embeds: torch.Tensor, eos_id: int, tau: float = 1.0, hard: bool = True,
+                  max_new_tokens: int | None = None) -> SoftCaptions:
+    """Decode with Gumbel-softmax; captions that reach max_new_tokens get a forced end token appended."""
+    max_new = max_new_tokens or captioner.config.max_new_tokens
+    wte = captioner.lm.get_input_embeddings().weight
+    x = captioner.prefix(image_embeds)
+    N, V = x.shape[0], wte.shape[0]
+    stop = torch.tensor(captioner.stop_ids, device=x.device)
+    done = torch.zeros(N, dtype=torch.bool, device=x.device)
+    lengths = torch.zeros(N, dtype=torch.long, device=x.device)
+    probs, logits_all, past = [], [], None
+    for _ in range(max_new):
+        out = captioner.lm(inputs_embeds=x, past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1].float()
+        y = F.gumbel_softmax(logits, tau=tau, hard=hard)
+        y = y * (~done)[:, None]  # finished rows emit nothing
+        probs.append(y)
+        logits_all.append(logits)
+        lengths += (~done).long()
+        done |= torch.isin(y.argmax(-1), stop) & (y.sum(-1) > 0)
+        if bool(done.all()):
+            break
+        x = (y.to(wte.dtype) @ wte)[:, None]
+    probs_t, logits_t = torch.stack(probs, 1), torch.stack(logits_all, 1)
+    if not bool(done.all()):  # force an end token after the longest captions
+        end = torch.zeros(N, 1, V, device=x.device)
+        end[~done, 0, eos_id] = 1.0
+        probs_t = torch.cat([probs_t, end], 1)
+        lengths = lengths + (~done).long()
+    tokens = probs_t.argmax(-1).masked_fill(probs_t.sum(-1) == 0, captioner.config.pad_token_id)
+    return SoftCaptions(probs_t, tokens, lengths, logits_t)

@@ -1,0 +1,51 @@
+"""Rewards of DiscriTune and CLIP relevance, on L2-normalised embeddings (pure tensor code).
+
+- discriminative: log softmax over candidates of `logit_scale * cos(text, image_j)`, read at the target
+  (column 0 of `candidates`): the paper's reward;
+- accuracy: 1 if the target scores strictly above every distractor (a tie is a miss), else 0;
+- cosine: cos(text, target image), CLIPScore-like, no distractors.
+"""
+from __future__ import annotations
+
+import torch
+
+REWARDS = ("discriminative", "accuracy", "cosine")
+
+
+def candidate_scores(text_emb: torch.Tensor, image_emb: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(N, K) cosines of each caption with its K candidate images (`candidates` index `image_emb`)."""
+    return torch.einsum("nd,nkd->nk", text_emb.float(), image_emb.float()[candidates])
+
+
+def discriminative(text_emb, image_emb, candidates, logit_scale) -> torch.Tensor:
+    return torch.log_softmax(logit_scale * candidate_scores(text_emb, image_emb, candidates), dim=-1)[:, 0]
+
+
+def accuracy(text_emb, image_emb, candidates) -> torch.Tensor:
+    s = candidate_scores(text_emb, image_emb, candidates)
+    return (s[:, 0] > s[:, 1:].max(dim=1).values).float()
+
+
+def cosine(text_emb, target_emb) -> torch.Tensor:
+    return (text_emb.float() * target_emb.float()).sum(-1)
+
+
+def compute(kind: str, text_emb, image_emb, candidates, logit_scale, batch: int | str = "?") -> torch.Tensor:
+    """Reward of one kind for N captions; targets are `candidates[:, 0]`. A non-finite reward raises."""
+    if kind == "discriminative":
+        r = discriminative(text_emb, image_emb, candidates, logit_scale)
+    elif kind == "accuracy":
+        r = accuracy(text_emb, image_emb, candidates)
+    elif kind == "cosine":
+        r = cosine(text_emb, image_emb[candidates[:, 0]])
+    else:
+        raise ValueError(f"unknown reward {kind!r}; choose from {', '.join(REWARDS)}")
+    check_finite(r, batch)
+    return r
+
+
+def check_finite(rewards: torch.Tensor, batch: int | str) -> None:
+    bad = ~torch.isfinite(rewards)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()[:5].tolist()
+        raise FloatingPointError(f"non-finite reward in batch {batch} (rows {rows}): refusing to update")

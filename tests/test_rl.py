@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raycap.data.world import World
+from raycap.models.clip import Retriever
+from raycap.models.clipcap import ClipCap, ClipCapConfig
+from raycap.models.tokenizers import world_tokenizer
+from raycap.rl import baselines, losses, rewards
+from raycap.rl.gumbel import gumbel_decode
+
+
+def unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def test_rewards_against_a_hand_computation():
+    images = unit([1, 0], [0, 1], [1, 1])
+    texts = unit([1, 0], [0, 1])
+    cands = torch.tensor([[0, 1, 2], [1, 0, 2]])
+    scale = 10.0
+    c = 1 / math.sqrt(2)
+    # caption 0 vs images 0,1,2: cos 1, 0, c ; caption 1 vs images 1,0,2: cos 1, 0, c
+    expected = 10 * 1 - math.log(math.exp(10) + math.exp(0) + math.exp(10 * c))
+    got = rewards.compute("discriminative", texts, images, cands, scale)
+    torch.testing.assert_close(got, torch.tensor([expected, expected]))
+    torch.testing.assert_close(rewards.compute("accuracy", texts, images, cands, scale), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(rewards.compute("cosine", unit([1, 1], [1, 0]), images, cands, scale),
+                               torch.tensor([c, 0.0]))
+
+
+def test_accuracy_counts_a_tie_as_a_miss():
+    images = unit([1, 0], [1, 0], [0, 1])
+    assert rewards.accuracy(unit([1, 0]), images, torch.tensor([[0, 1, 2]])).item() == 0.0
+
+
+def test_nan_reward_is_an_error_naming_the_batch():
+    texts = torch.tensor([[float("nan"), 0.0]])
+    with pytest.raises(FloatingPointError, match="batch 7"):
+        rewards.compute("discriminative", texts, unit([1, 0], [0, 1]), torch.tensor([[0, 1]]), 1.0, batch=7)
+
+
+def test_running_mean_baseline_uses_only_past_rewards():
+    ema = baselines.RunningMean(momentum=0.5)
+    assert ema(torch.tensor([2.0, 4.0])).tolist() == [0.0, 0.0]  # nothing seen yet
+    assert ema(torch.tensor([0.0])).tolist() == [3.0]
+    assert ema.value == pytest.approx(1.5)
+    win = baselines.RunningMean(momentum=None, window=2)
+    for r in ([1.0], [3.0], [5.0]):
+        win(torch.tensor(r))
+    assert win.value == pytest.approx(4.0)
+    restored = baselines.RunningMean(momentum=None, window=2)
+    restored.load_state_dict(win.state_dict())
+    assert restored(torch.tensor([0.0])).tolist() == [4.0]
+
+
+def test_leave_one_out_and_self_critical():
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two images, three samples each
+    torch.testing.assert_close(baselines.leave_one_out(r, 3), torch.tensor([4.0, 3.5, 1.5, 1.5, 1.5, 0.0]))
+    torch.testing.assert_close(baselines.self_critical(torch.tensor([0.5, -1.0]), 2),
+                               torch.tensor([0.5, 0.5, -1.0, -1.0]))
+    with pytest.raises(ValueError):
+        baselines.leave_one_out(r, 1)
+
+
+def tiny_captioner(seed=0, vocab=12, eos=11):
+    torch.manual_seed(seed)
+    lm = dict(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+              attn_pdrop=0.0, eos_token_id=eos, bos_token_id=eos)
+    return ClipCap(ClipCapConfig(clip_dim=8, prefix_length=2, lm=lm, eos_token_id=eos, max_new_tokens=6)).eval()
+
+
+def test_reinforce_gradient_is_advantage_times_grad_log_p():
+    model = tiny_captioner()
+    img = torch.randn(3, 8)
+    caps = model.generate(img, mode="sample", generator=torch.Generator().manual_seed(0))
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    loss = losses.reinforce(model.log_probs(img, caps.tokens, caps.lengths), caps.lengths, adv)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params)
+    expected = [torch.zeros_like(p) for p in params]
+    for i in range(3):
+        logp = model.log_probs(img[i:i + 1], caps.tokens[i:i + 1], caps.lengths[i:i + 1], reduction="sum").sum()
+        for e, g in zip(expected, torch.autograd.grad(logp, params)):
+            e -= adv[i] * g / 3
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-4)
+
+
+def test_kl_is_zero_at_the_reference_and_its_gradient_is_right():
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 5, requires_grad=True)
+    lengths = torch.tensor([4, 2])
+    assert losses.kl_full(z, z.detach().clone(), lengths).abs().max() < 1e-6
+    q = torch.randn(2, 4, 5)
+    kl = losses.kl_full(z, q, lengths)
+    kl.sum().backward()
+    p, logp, logq = F.softmax(z, -1), F.log_softmax(z, -1), F.log_softmax(q, -1)
+    per = (p * (logp - logq)).sum(-1, keepdim=True)
+    analytic = p * (logp - logq - per) * (torch.arange(4)[None, :, None] < lengths[:, None, None])
+    torch.testing.assert_close(z.grad, analytic.detach())
+    same = torch.randn(3, 4)
+    assert losses.kl_sampled(same, same.clone(), torch.tensor([4, 4, 1])).abs().max() < 1e-6
+
+
+def test_gumbel_path_reaches_the_captioner_and_not_the_frozen_clip():
+    world = World({"n_train": 50, "n_val": 10, "n_test": 10})
+    tok = world_tokenizer(world.config.vocabulary())
+    torch.manual_seed(0)
+    clip = Retriever.for_world(tok).freeze()
+    lm = dict(vocab_size=len(tok), n_positions=48, n_embd=32, n_layer=2, n_head=2, eos_token_id=tok.eos_token_id)
+    cap = ClipCap(ClipCapConfig(clip_dim=clip.embed_dim, prefix_length=2, lm=lm, eos_token_id=tok.eos_token_id,
+                                max_new_tokens=8))
+    img = clip.encode_image(clip.pixels(world.images("test", range(4))))
+    soft = gumbel_decode(cap, img, tok.eos_token_id, tau=1.0)
+    assert torch.equal(soft.probs.sum(-1)[torch.arange(4), soft.lengths - 1], torch.ones(4))
+    assert bool((soft.tokens[torch.arange(4), soft.lengths - 1] == tok.eos_token_id).all())
+    text = clip.encode_soft_tokens(soft.probs, soft.lengths - 1)
+    # the soft captions encode exactly like their hard tokens
+    torch.testing.assert_close(text, clip.encode_text(soft.tokens), atol=1e-5, rtol=1e-4)
+    losses.clip_relevance(text, img).backward()
+    assert sum(p.grad.abs().sum() for p in cap.mapper.parameters()) > 0
+    assert sum(p.grad.abs().sum() for p in cap.lm.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in clip.parameters())
