@@ -16,21 +16,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from raycap.config import parse_overrides
 from raycap.data.world import World, WorldConfig
 from raycap.errors import UserError, exit_on_user_error
 
 STAGES = ("retriever", "captioner")
-
-
-def parse_set(pairs: list[str]) -> dict:
-    """`--set key=value` pairs (values parsed as YAML) into a dict."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--set {pair!r}: expected key=value")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def load_world_config(path: str | None, overrides: dict, out: Path) -> WorldConfig:
@@ -87,7 +77,7 @@ def run(args) -> dict:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
     out: Path = args.out
-    world_config = load_world_config(args.world_config, parse_set(args.set), out)
+    world_config = load_world_config(args.world_config, dict(parse_overrides(args.set)), out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "world.json").write_text(world_config.model_dump_json(indent=2))
     if args.threads:
@@ -127,7 +117,11 @@ def run(args) -> dict:
         print("retriever (test):", json.dumps(metrics["retriever"]))
 
     if "captioner" in stages and not (out / "captioner" / "raycap_clipcap.json").exists():
-        from raycap.supervised.captioner import CaptionerTraining, evaluate_captioner, train_captioner
+        from raycap.supervised.captioner import (
+            CaptionerTraining,
+            evaluate_captioner,
+            train_captioner,
+        )
 
         if not (out / "retriever").exists():
             raise UserError(f"{out / 'retriever'}: missing; run the retriever stage first")

@@ -85,5 +85,9 @@ def test_hard_distractors_exclude_the_target_and_near_duplicates():
     c = candidates(batch, pool, k_hard=5, generator=torch.Generator().manual_seed(0))
     assert c.shape == (100, 100) and torch.equal(c[:, 0], batch)
     assert all(len(set(r.tolist())) == 100 for r in c)
+    twins = torch.nn.functional.normalize(torch.ones(300, 16), dim=-1)  # all near-duplicates: random stand-ins
+    assert bool((nearest(batch[:2], twins, k=3) == -1).all())
+    c = candidates(batch, twins, k_hard=5, generator=torch.Generator().manual_seed(0))
+    assert all(len(set(r.tolist())) == 100 and set(r.tolist()) == set(batch.tolist()) for r in c)
     plain = candidates(batch)
     assert sorted(plain[3].tolist()) == batch.tolist()

@@ -8,15 +8,12 @@ from raycap.models.clip import Retriever
 from raycap.models.clipcap import ClipCap
 from raycap.pretrain import main
 
-TINY = ["--set", "n_train=400", "--set", "n_val=120", "--set", "n_test=120", "--set", "labelled_fraction=0.05",
-        "--retriever-steps", "4", "--retriever-batch", "32", "--captioner-epochs", "1", "--threads", "2"]
+from conftest import TINY
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrain") / "world"
-    main(["world", "--out", str(out), *TINY])
-    return out
+def run_dir(tiny_world_dir):
+    return tiny_world_dir
 
 
 def test_pretrain_writes_checkpoints_and_metrics(run_dir):

@@ -14,7 +14,7 @@ import torch
 def nearest(targets: torch.Tensor, pool: torch.Tensor, k: int, max_cos: float = 0.8,
             chunk: int = 262144) -> torch.Tensor:
     """(B, k) pool indices of each target's k most similar pool images with cosine <= max_cos, never the
-    target itself (`targets` index `pool`, whose rows are L2-normalised)."""
+    target itself (`targets` index `pool`, whose rows are L2-normalised); -1 where fewer qualify."""
     if k > pool.shape[0] - 1:
         raise ValueError(f"asked for {k} hard distractors from a pool of {pool.shape[0]} images")
     query = pool[targets]
@@ -27,15 +27,14 @@ def nearest(targets: torch.Tensor, pool: torch.Tensor, k: int, max_cos: float = 
         s, i = torch.cat([best_s, s], 1), torch.cat([best_i, idx.expand(len(targets), -1)], 1)
         best_s, top = s.topk(min(k, s.shape[1]), dim=1)
         best_i = i.gather(1, top)
-    if bool(torch.isinf(best_s).any()):
-        raise ValueError(f"fewer than {k} pool images below the near-duplicate threshold {max_cos}")
-    return best_i
+    return best_i.masked_fill(torch.isinf(best_s), -1)
 
 
 def candidates(batch: torch.Tensor, pool: torch.Tensor | None = None, k_hard: int = 0, max_cos: float = 0.8,
                num_candidates: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, C) pool indices per target of a batch (`batch` holds pool indices): target first, then k_hard
-    nearest neighbours, then random others from the batch. C defaults to B (the paper: batch 100 -> 99
+    nearest neighbours, then random others from the batch (also standing in for
+    hard distractors that the near-duplicate threshold left out). C defaults to B (the paper: batch 100 -> 99
     distractors)."""
     B = len(batch)
     C = num_candidates or B
@@ -44,8 +43,9 @@ def candidates(batch: torch.Tensor, pool: torch.Tensor | None = None, k_hard: in
     hard = nearest(batch, pool, k_hard, max_cos) if k_hard else batch.new_zeros((B, 0))
     rows = []
     for b in range(B):
+        found = hard[b][hard[b] >= 0]  # too few below the near-duplicate threshold: the rest are random
         others = torch.cat([batch[:b], batch[b + 1:]])
-        others = others[~torch.isin(others, hard[b])]
-        pick = others[torch.randperm(len(others), generator=generator)[: C - 1 - k_hard].to(others.device)]
-        rows.append(torch.cat([batch[b:b + 1], hard[b], pick]))
+        others = others[~torch.isin(others, found)]
+        pick = others[torch.randperm(len(others), generator=generator)[: C - 1 - len(found)].to(others.device)]
+        rows.append(torch.cat([batch[b:b + 1], found, pick]))
     return torch.stack(rows)

@@ -1,0 +1,82 @@
+"""Evaluate a captioner: `python -m raycap.evaluate --captioner DIR --dataset world:test --json OUT.json`.
+
+Prints and writes: p_at_1 (retrieval among 100 by the frozen retriever: target + 99 random images, fixed seed),
+bleu4 / meteor / rouge_l / cider against the vague references, cider_full against the full descriptions,
+clipscore, refcompare, vocab_size, unique_caption_ratio, and the world's caption checks (wellformed, faithful,
+precision, recall, multi_object, repetition). SPICE is reported as unavailable with its reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from raycap.config import ASSETS_DIR
+from raycap.errors import UserError, exit_on_user_error
+
+
+def evaluate_world(captioner_dir: Path, world_dir: Path, split: str, n: int | None, mode: str,
+                   num_beams: int, seed: int = 0) -> dict:
+    from raycap.data.cache import world_image_embeddings
+    from raycap.data.grammar import caption_checks
+    from raycap.metrics.captions import SPICE_UNAVAILABLE, clip_metrics, ngram_metrics, vocabulary_metrics
+    from raycap.metrics.retrieval import candidate_sets, p_at_1
+    from raycap.models.loading import load_world_dir
+    from raycap.models.tokenizers import decode
+
+    pw = load_world_dir(world_dir, captioner=captioner_dir)
+    world, retriever, captioner = pw.world, pw.retriever, pw.captioner.eval()
+    n = min(n or world.config.split_size(split), world.config.split_size(split))
+    image_emb = world_image_embeddings(retriever, world, split, n)
+    with torch.no_grad():
+        out = captioner.generate(image_emb, mode=mode, num_beams=num_beams)
+    captions = decode(pw.tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+    scenes = [world.scene(split, i) for i in range(n)]
+    refs = [world.references(split, i) for i in range(n)]
+    with torch.no_grad():
+        text_emb = retriever.encode_captions(captions)
+    result = {"p_at_1": p_at_1(text_emb, image_emb, candidate_sets(n, 100, seed))}
+    result |= ngram_metrics(captions, refs)
+    result["cider_full"] = ngram_metrics(captions, [[s.full_description] for s in scenes], meteor=False)["cider"]
+    result |= clip_metrics(retriever, captions, image_emb, refs)
+    result |= vocabulary_metrics(captions)
+    result |= caption_checks(captions, scenes)
+    result["spice"] = None
+    result["unavailable"] = {"spice": SPICE_UNAVAILABLE}
+    result["n_images"], result["decoding"] = n, mode if mode != "beam" else f"beam{num_beams}"
+    result["examples"] = [{"caption": c, "full": s.full_description} for c, s in zip(captions[:10], scenes)]
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m raycap.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--captioner", type=Path, required=True, help="captioner dir (e.g. RUN/final)")
+    p.add_argument("--dataset", default="world:test", help="world:SPLIT (test, val)")
+    p.add_argument("--world-dir", type=Path, default=ASSETS_DIR / "world",
+                   help="pretrained world dir with world.json and retriever/ (default: the shipped one)")
+    p.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")
+    p.add_argument("--num-beams", type=int, default=5)
+    p.add_argument("--images", type=int, default=None, help="evaluate the first N images (default: all)")
+    p.add_argument("--json", type=Path, help="write the metrics here")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    with exit_on_user_error():
+        kind, _, split = args.dataset.partition(":")
+        if kind != "world" or split not in ("test", "val", "train"):
+            raise UserError(f"--dataset {args.dataset!r}: expected world:test or world:val")
+        result = evaluate_world(args.captioner, args.world_dir, split, args.images, args.decoding, args.num_beams)
+    print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

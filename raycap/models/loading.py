@@ -1,0 +1,40 @@
+"""Load a pretrained world directory (`python -m raycap.pretrain world --out DIR`): its world config, the
+frozen retriever and the supervised captioner with its tokenizer."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from raycap.data.world import World, WorldConfig
+from raycap.errors import UserError
+from raycap.models.clip import Retriever
+from raycap.models.clipcap import ClipCap
+from raycap.models.tokenizers import load_tokenizer
+
+
+@dataclass
+class PretrainedWorld:
+    world: World
+    retriever: Retriever
+    captioner: ClipCap
+    tokenizer: object
+    path: Path
+
+
+def load_captioner(path: str | Path) -> tuple[ClipCap, object]:
+    path = Path(path)
+    if not (path / "tokenizer").is_dir():
+        raise UserError(f"{path} is not a raycap captioner directory: missing tokenizer/")
+    return ClipCap.from_pretrained(path), load_tokenizer(path / "tokenizer")
+
+
+def load_world_dir(path: str | Path, captioner: str | Path | None = None) -> PretrainedWorld:
+    path = Path(path)
+    if not (path / "world.json").is_file():
+        raise UserError(f"{path} is not a pretrained world directory: missing world.json "
+                        "(build one with `python -m raycap.pretrain world --out DIR`)")
+    world = World(WorldConfig.parse(json.loads((path / "world.json").read_text()), str(path / "world.json")))
+    retriever = Retriever.from_pretrained(path / "retriever").freeze()
+    cap, tok = load_captioner(captioner or path / "captioner")
+    return PretrainedWorld(world, retriever, cap, tok, path)

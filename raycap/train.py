@@ -1,0 +1,50 @@
+"""One RL run: `python -m raycap.train --config world-demo --out DIR [--set key=value ...]`.
+
+`--config` is a named config shipped with raycap (see `--list-configs`) or a YAML path; `--set` overrides any
+field (raycap.config.RLConfig). The run dir gets config.json, metrics.jsonl, TensorBoard logs, checkpoints
+every N steps (resumed automatically), final/ (captioner + tokenizer) and final_metrics.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from raycap.config import load_config, named_configs
+from raycap.errors import exit_on_user_error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m raycap.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="world-demo", help="named config or YAML path (default: world-demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--out", type=Path, help="run directory (resumed if it holds checkpoints)")
+    p.add_argument("--runtime", choices=["local"], default="local",
+                   help="local: the single-process reference loop")
+    p.add_argument("--list-configs", action="store_true", help="print the named configs and exit")
+    return p
+
+
+def main(argv=None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    if args.list_configs:
+        print("\n".join(named_configs()))
+        return None
+    with exit_on_user_error():
+        if args.out is None:
+            from raycap.errors import UserError
+            raise UserError("--out: a run directory is required")
+        config = load_config(args.config, args.set)
+        from raycap.local_trainer import LocalTrainer
+
+        trainer = LocalTrainer(config, args.out)
+        final = trainer.fit()
+    summary = {k: v for k, v in final.items() if k != "examples"}
+    print(json.dumps(summary, indent=2))
+    print(f"run dir: {args.out}  (final captioner: {args.out / 'final'}, metrics: {args.out / 'metrics.jsonl'})")
+    return final
+
+
+if __name__ == "__main__":
+    main()
