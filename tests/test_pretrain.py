@@ -3,12 +3,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY
 
 from raycap.models.clip import Retriever
 from raycap.models.clipcap import ClipCap
 from raycap.pretrain import main
-
-from conftest import TINY
 
 
 @pytest.fixture(scope="module")

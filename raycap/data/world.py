@@ -62,24 +62,15 @@ class WorldConfig(BaseModel):
     n_val: int = Field(1000, ge=1)
     n_test: int = Field(1000, ge=1)
 
-    @field_validator("shapes")
+    @field_validator("shapes", "colours")
     @classmethod
-    def _known_shapes(cls, v):
-        unknown = [s for s in v if s not in SHAPES]
+    def _known_and_distinct(cls, v, info):
+        known = SHAPES if info.field_name == "shapes" else tuple(PALETTE)
+        unknown = [x for x in v if x not in known]
         if unknown:
-            raise ValueError(f"unknown shape {unknown[0]!r}; known: {', '.join(SHAPES)}")
+            raise ValueError(f"unknown {info.field_name[:-1]} {unknown[0]!r}; known: {', '.join(known)}")
         if len(set(v)) != len(v):
-            raise ValueError("shapes must be distinct")
-        return v
-
-    @field_validator("colours")
-    @classmethod
-    def _known_colours(cls, v):
-        unknown = [c for c in v if c not in PALETTE]
-        if unknown:
-            raise ValueError(f"unknown colour {unknown[0]!r}; known: {', '.join(PALETTE)}")
-        if len(set(v)) != len(v):
-            raise ValueError("colours must be distinct")
+            raise ValueError(f"{info.field_name} must be distinct")
         return v
 
     @model_validator(mode="after")
