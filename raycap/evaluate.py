@@ -11,8 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from raycap.config import ASSETS_DIR
 from raycap.errors import UserError, exit_on_user_error
 
@@ -20,33 +18,25 @@ from raycap.errors import UserError, exit_on_user_error
 def evaluate_world(captioner_dir: Path, world_dir: Path, split: str, n: int | None, mode: str,
                    num_beams: int, seed: int = 0) -> dict:
     from raycap.data.cache import world_image_embeddings
-    from raycap.data.grammar import caption_checks
-    from raycap.metrics.captions import SPICE_UNAVAILABLE, clip_metrics, ngram_metrics, vocabulary_metrics
-    from raycap.metrics.retrieval import candidate_sets, p_at_1
+    from raycap.metrics.captions import SPICE_UNAVAILABLE, clip_metrics, ngram_metrics
     from raycap.models.loading import load_world_dir
-    from raycap.models.tokenizers import decode
+    from raycap.supervised.captioner import score_captions, world_captions
 
     pw = load_world_dir(world_dir, captioner=captioner_dir)
     world, retriever, captioner = pw.world, pw.retriever, pw.captioner.eval()
     n = min(n or world.config.split_size(split), world.config.split_size(split))
     image_emb = world_image_embeddings(retriever, world, split, n)
-    with torch.no_grad():
-        out = captioner.generate(image_emb, mode=mode, num_beams=num_beams)
-    captions = decode(pw.tokenizer, out.tokens, out.lengths, captioner.stop_ids)
-    scenes = [world.scene(split, i) for i in range(n)]
+    captions, _, scenes = world_captions(captioner, retriever, world, split, n, mode, num_beams, image_emb)
     refs = [world.references(split, i) for i in range(n)]
-    with torch.no_grad():
-        text_emb = retriever.encode_captions(captions)
-    result = {"p_at_1": p_at_1(text_emb, image_emb, candidate_sets(n, 100, seed))}
+    result = score_captions(captions, retriever, image_emb, scenes, seed)
+    examples = result.pop("examples")
     result |= ngram_metrics(captions, refs)
     result["cider_full"] = ngram_metrics(captions, [[s.full_description] for s in scenes], meteor=False)["cider"]
     result |= clip_metrics(retriever, captions, image_emb, refs)
-    result |= vocabulary_metrics(captions)
-    result |= caption_checks(captions, scenes)
     result["spice"] = None
     result["unavailable"] = {"spice": SPICE_UNAVAILABLE}
     result["n_images"], result["decoding"] = n, mode if mode != "beam" else f"beam{num_beams}"
-    result["examples"] = [{"caption": c, "full": s.full_description} for c, s in zip(captions[:10], scenes)]
+    result["examples"] = examples
     return result
 
 

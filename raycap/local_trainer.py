@@ -19,6 +19,7 @@ from tqdm import tqdm
 from raycap.config import RLConfig
 from raycap.data import distractors
 from raycap.data.cache import world_image_embeddings
+from raycap.models.clipcap import ClipCap
 from raycap.models.loading import PretrainedWorld, load_world_dir
 from raycap.models.tokenizers import decode
 from raycap.rl import baselines, losses, rewards
@@ -55,8 +56,6 @@ class LocalTrainer:
         if not ckpts:
             return
         last = ckpts[-1]
-        from raycap.models.clipcap import ClipCap
-
         self.policy.load_state_dict(ClipCap.from_pretrained(last).state_dict())
         state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
         self.opt.load_state_dict(state["optimizer"])

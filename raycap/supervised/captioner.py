@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from raycap.data.grammar import caption_checks
 from raycap.data.world import World
+from raycap.metrics.captions import vocabulary_metrics
 from raycap.metrics.retrieval import candidate_sets, p_at_1
 from raycap.models.clip import Retriever
 from raycap.models.clipcap import ClipCap, ClipCapConfig
@@ -96,17 +97,29 @@ def train_captioner(retriever: Retriever, world: World, cfg: CaptionerTraining, 
 
 
 @torch.no_grad()
+def world_captions(captioner: ClipCap, retriever: Retriever, world: World, split: str = "test",
+                   n: int | None = None, mode: str = "greedy", num_beams: int = 5, image_emb=None):
+    """Captions of a split's first n images, with their image embeddings and scenes."""
+    n = min(n or world.config.split_size(split), world.config.split_size(split))
+    if image_emb is None:
+        image_emb = encode_images(retriever, world.images(split, range(n)))
+    out = captioner.generate(image_emb, mode=mode, num_beams=num_beams)
+    captions = decode(retriever.tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+    return captions, image_emb, [world.scene(split, i) for i in range(n)]
+
+
+@torch.no_grad()
+def score_captions(captions, retriever: Retriever, image_emb, scenes, seed: int = 0) -> dict:
+    """Retrieval P@1 among 100 (target + 99 random images of the split, fixed seed), the world's caption
+    checks and vocabulary statistics."""
+    text_emb = retriever.encode_captions(captions)
+    return {"p_at_1": p_at_1(text_emb, image_emb, candidate_sets(len(scenes), 100, seed)),
+            **caption_checks(captions, scenes), **vocabulary_metrics(captions),
+            "examples": [{"full": s.full_description, "caption": c} for s, c in zip(scenes[:8], captions[:8])]}
+
+
 def evaluate_captioner(captioner: ClipCap, retriever: Retriever, world: World, split: str = "test",
                        n: int | None = None, mode: str = "greedy", seed: int = 0) -> dict:
-    """Greedy captions of a split: retrieval P@1 among 100 and the world's caption checks."""
-    n = min(n or world.config.split_size(split), world.config.split_size(split))
-    image_emb = encode_images(retriever, world.images(split, range(n)))
-    out = captioner.generate(image_emb, mode=mode)
-    captions = decode(retriever.tokenizer, out.tokens, out.lengths, captioner.stop_ids)
-    scenes = [world.scene(split, i) for i in range(n)]
-    text_emb = retriever.encode_captions(captions)
-    return {"p_at_1": p_at_1(text_emb, image_emb, candidate_sets(n, 100, seed)),
-            **caption_checks(captions, scenes),
-            "unique_caption_ratio": len(set(captions)) / len(captions),
-            "mean_length": float(np.mean([len(c.split()) for c in captions])),
-            "examples": [{"full": s.full_description, "caption": c} for s, c in zip(scenes[:8], captions[:8])]}
+    """Greedy captions of a split, scored by `score_captions`."""
+    captions, image_emb, scenes = world_captions(captioner, retriever, world, split, n, mode)
+    return score_captions(captions, retriever, image_emb, scenes, seed)
