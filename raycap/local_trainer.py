@@ -59,7 +59,7 @@ class LocalTrainer:
         self.policy.load_state_dict(ClipCap.from_pretrained(last).state_dict())
         state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
         self.opt.load_state_dict(state["optimizer"])
-        self.running.value = state["baseline"]
+        self.running.load_state_dict(state["baseline"])
         self.step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         self.log(f"resuming from {last} at step {self.step}")
@@ -67,7 +67,7 @@ class LocalTrainer:
     def save(self, path: Path):
         self.policy.save_pretrained(path)
         self.pw.tokenizer.save_pretrained(str(path / "tokenizer"))
-        torch.save({"optimizer": self.opt.state_dict(), "baseline": self.running.value, "step": self.step,
+        torch.save({"optimizer": self.opt.state_dict(), "baseline": self.running.state_dict(), "step": self.step,
                     "torch_rng": torch.get_rng_state()}, path / STATE_FILE)
 
     # -- one update -----------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ class LocalTrainer:
         rng = np.random.default_rng([self.cfg.seed, step])
         return torch.from_numpy(rng.choice(len(self.images), size=self.cfg.batch_size, replace=False))
 
-    def _encode(self, tokens, lengths) -> torch.Tensor:
+    def _encode(self, tokens, lengths) -> tuple[torch.Tensor, list[str]]:
         texts = decode(self.pw.tokenizer, tokens, lengths, self.policy.stop_ids)
         with torch.no_grad():
             return self.retriever.encode_captions(texts), texts
@@ -110,7 +110,7 @@ class LocalTrainer:
             greedy = self.policy.generate(img, mode="greedy")
             b = baselines.self_critical(self._reward(self._encode(greedy.tokens, greedy.lengths)[0], cands, step), n)
         logits = self.policy.logits(img, caps.tokens)
-        token_lp = torch.log_softmax(logits, -1).gather(-1, caps.tokens[..., None]).squeeze(-1)
+        token_lp = losses.token_logprobs(logits, caps.tokens)
         pg = losses.reinforce(token_lp, caps.lengths, r - b, cfg.length_normalise)
         kl = self._kl(img, caps.tokens, caps.lengths, logits, token_lp)
         loss = pg + cfg.kl_coef * kl.mean()
@@ -130,8 +130,7 @@ class LocalTrainer:
             ref_logits = self.reference.logits(img, tokens)
         if self.cfg.kl_estimator == "full":
             return losses.kl_full(logits, ref_logits, lengths)
-        ref_lp = torch.log_softmax(ref_logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
-        return losses.kl_sampled(token_lp, ref_lp, lengths)
+        return losses.kl_sampled(token_lp, losses.token_logprobs(ref_logits, tokens), lengths)
 
     def _gumbel_update(self, img, cands, step) -> dict:
         cfg = self.cfg
@@ -144,11 +143,9 @@ class LocalTrainer:
         T = soft.logits.shape[1]
         kl_len = soft.lengths.clamp(max=T)
         tokens = soft.tokens[:, :T]
-        kl = self._kl(img, tokens, kl_len, soft.logits,
-                      torch.log_softmax(soft.logits, -1).gather(-1, tokens[..., None]).squeeze(-1))
+        kl = self._kl(img, tokens, kl_len, soft.logits, losses.token_logprobs(soft.logits, tokens))
         loss = task + cfg.kl_coef * kl.mean()
         self._step(loss)
-        rewards.check_finite(loss.detach()[None], step)
         with torch.no_grad():
             acc = rewards.accuracy(text_emb, self.images, cands)
             cos = (text_emb * img).sum(-1)

@@ -27,15 +27,14 @@ def _key(retriever, world: World, split: str, n: int) -> str:
 
 
 @torch.no_grad()
-def world_image_embeddings(retriever, world: World, split: str, n: int | None = None, chunk: int = 512,
+def world_image_embeddings(retriever, world: World, split: str, n: int | None = None,
                            use_cache: bool = True) -> torch.Tensor:
     """(n, D) L2-normalised embeddings of the split's first n images."""
     n = min(n or world.config.split_size(split), world.config.split_size(split))
     path = cache_dir() / "embeddings" / f"{_key(retriever, world, split, n)}.safetensors"
     if use_cache and path.exists():
         return load_file(str(path))["embeddings"]
-    out = torch.cat([retriever.encode_image(retriever.pixels(world.images(split, range(k, min(k + chunk, n)))))
-                     for k in range(0, n, chunk)]).float()
+    out = retriever.encode_pixels(world.images(split, range(n))).float()
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

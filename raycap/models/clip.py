@@ -124,6 +124,11 @@ class Retriever(nn.Module):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
         return (x - self.pixel_mean) / self.pixel_std
 
+    @torch.no_grad()
+    def encode_pixels(self, images: np.ndarray, chunk: int = 512) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images -> (N, D) normalised embeddings, in chunks, without gradients."""
+        return torch.cat([self.encode_image(self.pixels(images[k:k + chunk])) for k in range(0, len(images), chunk)])
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Preprocessed images (B, 3, S, S) -> embeddings (B, D)."""
         return self.model.encode_image(images, normalize=normalize)

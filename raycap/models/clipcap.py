@@ -22,6 +22,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from raycap.errors import UserError
+from raycap.rl.losses import token_logprobs
 
 CONFIG_NAME = "raycap_clipcap.json"
 MAPPER_NAME = "mapper.safetensors"
@@ -327,7 +328,7 @@ class ClipCap(nn.Module):
         """
         T = tokens.shape[1]
         tokens, lengths = tokens.to(self.device), lengths.to(self.device)
-        lp = F.log_softmax(self.logits(image_embeds, tokens), -1).gather(-1, tokens[..., None]).squeeze(-1)
+        lp = token_logprobs(self.logits(image_embeds, tokens), tokens)
         lp = lp.masked_fill(torch.arange(T, device=lp.device)[None] >= lengths[:, None], 0.0)
         if reduction == "none":
             return lp

@@ -12,6 +12,11 @@ def token_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return torch.arange(T, device=lengths.device)[None] < lengths[:, None]
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log-softmax of (N, T, V) logits read at the (N, T) tokens."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
 def sequence_logprob(token_logprobs: torch.Tensor, lengths: torch.Tensor, length_normalise: bool = False):
     """log P(c|i) per caption: summed, or divided by the caption's length."""
     lp = (token_logprobs * token_mask(lengths, token_logprobs.shape[1])).sum(1)

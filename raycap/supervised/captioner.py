@@ -18,7 +18,6 @@ from raycap.metrics.retrieval import candidate_sets, p_at_1
 from raycap.models.clip import Retriever
 from raycap.models.clipcap import ClipCap, ClipCapConfig
 from raycap.models.tokenizers import decode, encode
-from raycap.supervised.retriever import encode_images
 
 
 @dataclass
@@ -58,8 +57,8 @@ def train_captioner(retriever: Retriever, world: World, cfg: CaptionerTraining, 
     torch.manual_seed(cfg.seed)
     tok = retriever.tokenizer
     n_lab, n_val = world.config.n_labelled, min(500, world.config.n_val)
-    emb_lab = encode_images(retriever, world.images("labelled"))
-    emb_val = encode_images(retriever, world.images("val", range(n_val)))
+    emb_lab = retriever.encode_pixels(world.images("labelled"))
+    emb_val = retriever.encode_pixels(world.images("val", range(n_val)))
     caps, owner = _reference_batches(world, "labelled", n_lab)
     val_caps, val_owner = _reference_batches(world, "val", n_val)
     ids, lengths = encode(tok, caps, cfg.max_new_tokens)
@@ -102,7 +101,7 @@ def world_captions(captioner: ClipCap, retriever: Retriever, world: World, split
     """Captions of a split's first n images, with their image embeddings and scenes."""
     n = min(n or world.config.split_size(split), world.config.split_size(split))
     if image_emb is None:
-        image_emb = encode_images(retriever, world.images(split, range(n)))
+        image_emb = retriever.encode_pixels(world.images(split, range(n)))
     out = captioner.generate(image_emb, mode=mode, num_beams=num_beams)
     captions = decode(retriever.tokenizer, out.tokens, out.lengths, captioner.stop_ids)
     return captions, image_emb, [world.scene(split, i) for i in range(n)]

@@ -50,19 +50,13 @@ def lr_at(step: int, cfg: RetrieverTraining) -> float:
 
 
 @torch.no_grad()
-def encode_images(retriever: Retriever, images: np.ndarray, chunk: int = 512) -> torch.Tensor:
-    return torch.cat([retriever.encode_image(retriever.pixels(images[k:k + chunk]))
-                      for k in range(0, len(images), chunk)])
-
-
-@torch.no_grad()
 def evaluate_retriever(retriever: Retriever, world: World, split: str, n: int | None = None, seed: int = 0) -> dict:
     """P@1 among 100 (full descriptions; vague references, all of them), binding accuracy."""
     was_training = retriever.training
     retriever.eval()
     n = min(n or world.config.split_size(split), world.config.split_size(split))
     scenes = [world.scene(split, i) for i in range(n)]
-    image_emb = encode_images(retriever, world.images(split, range(n)))
+    image_emb = retriever.encode_pixels(world.images(split, range(n)))
     cands = candidate_sets(n, 100, seed)
     full = retriever.encode_captions([s.full_description for s in scenes])
     refs = [world.references(split, i) for i in range(n)]
