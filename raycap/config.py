@@ -30,6 +30,8 @@ class RLConfig(BaseModel):
     kl_coef: float = Field(0.1, ge=0)
     kl_estimator: Literal["full", "sampled"] = "full"
     entropy_coef: float = Field(0.0, ge=0)
+    self_check_coef: float = Field(0.0, ge=0, description="weight of the word-swap self-check reward (rl/self_check.py)")
+    self_check_variants: int = Field(64, ge=1, description="word-swapped variants per caption in the self-check")
     length_normalise: bool = False
     batch_size: int = Field(100, ge=2)
     num_candidates: int = Field(100, ge=2)

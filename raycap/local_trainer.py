@@ -11,22 +11,28 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from raycap.config import RLConfig
-from raycap.data import distractors
 from raycap.data.cache import world_image_embeddings
 from raycap.models.clipcap import ClipCap
 from raycap.models.loading import PretrainedWorld, load_world_dir
-from raycap.models.tokenizers import decode
-from raycap.rl import baselines, losses, rewards
-from raycap.rl.gumbel import gumbel_decode
+from raycap.rl import algorithm
 from raycap.supervised.captioner import evaluate_captioner
 
 STATE_FILE = "trainer_state.pt"
+
+
+def summarise(scores: algorithm.Scores, lengths: torch.Tensor) -> dict:
+    """The step's reward statistics, as logged by both runtimes."""
+    out = {"reward_mean": float(scores.reward.mean()), "reward_std": float(scores.reward.std()),
+           "train_p_at_1": float(scores.accuracy.mean()), "caption_length": float(lengths.float().mean()),
+           "example": scores.texts[0]}
+    if scores.check is not None:
+        out |= {"task_reward": float(scores.task.mean()), "self_check": float(scores.check.mean())}
+    return out
 
 
 class LocalTrainer:
@@ -43,8 +49,9 @@ class LocalTrainer:
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.retriever = self.pw.retriever
         self.images = world_image_embeddings(self.retriever, self.pw.world, "train")
+        self.scorer = algorithm.Scorer(self.retriever, self.images, self.pw.tokenizer, self.policy.stop_ids, config)
         self.opt = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=config.lr)
-        self.running = baselines.RunningMean(momentum=config.baseline_momentum)
+        self.advantages = algorithm.Advantages(config)
         self.step = 0
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(config.model_dump_json(indent=2))
@@ -59,7 +66,7 @@ class LocalTrainer:
         self.policy.load_state_dict(ClipCap.from_pretrained(last).state_dict())
         state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
         self.opt.load_state_dict(state["optimizer"])
-        self.running.load_state_dict(state["baseline"])
+        self.advantages.load_state_dict(state["baseline"])
         self.step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         self.log(f"resuming from {last} at step {self.step}")
@@ -67,95 +74,33 @@ class LocalTrainer:
     def save(self, path: Path):
         self.policy.save_pretrained(path)
         self.pw.tokenizer.save_pretrained(str(path / "tokenizer"))
-        torch.save({"optimizer": self.opt.state_dict(), "baseline": self.running.state_dict(), "step": self.step,
+        torch.save({"optimizer": self.opt.state_dict(), "baseline": self.advantages.state_dict(), "step": self.step,
                     "torch_rng": torch.get_rng_state()}, path / STATE_FILE)
 
     # -- one update -----------------------------------------------------------------------------------
-    def batch(self, step: int) -> torch.Tensor:
-        rng = np.random.default_rng([self.cfg.seed, step])
-        return torch.from_numpy(rng.choice(len(self.images), size=self.cfg.batch_size, replace=False))
-
-    def _encode(self, tokens, lengths) -> tuple[torch.Tensor, list[str]]:
-        texts = decode(self.pw.tokenizer, tokens, lengths, self.policy.stop_ids)
-        with torch.no_grad():
-            return self.retriever.encode_captions(texts), texts
-
-    def _reward(self, text_emb, cands, step) -> torch.Tensor:
-        return rewards.compute(self.cfg.reward, text_emb, self.images, cands, float(self.retriever.logit_scale),
-                               batch=step)
-
     def update(self, step: int) -> dict:
         cfg = self.cfg
-        idx = self.batch(step)
-        img = self.images[idx]
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        cands = distractors.candidates(idx, self.images, cfg.hard_distractors, cfg.near_duplicate,
-                                       cfg.num_candidates, generator=gen)
-        self.policy.eval()  # no dropout in RL: the learner scores exactly the policy that sampled
+        _, img, cands = self.scorer.batch(step)
         if cfg.method == "gumbel":
-            return self._gumbel_update(img, cands, step)
-        n = cfg.num_samples
-        caps = self.policy.generate(img, mode=cfg.rollout, temperature=cfg.temperature, num_samples=n,
-                                    generator=gen)
-        text_emb, texts = self._encode(caps.tokens, caps.lengths)
-        cands_n = cands.repeat_interleave(n, dim=0)
-        r = self._reward(text_emb, cands_n, step)
-        if cfg.baseline == "none":
-            b = torch.zeros_like(r)
-        elif cfg.baseline == "mean":
-            b = self.running(r)
-        elif cfg.baseline == "loo":
-            b = baselines.leave_one_out(r, n)
-        else:
-            greedy = self.policy.generate(img, mode="greedy")
-            b = baselines.self_critical(self._reward(self._encode(greedy.tokens, greedy.lengths)[0], cands, step), n)
-        logits = self.policy.logits(img, caps.tokens)
-        token_lp = losses.token_logprobs(logits, caps.tokens)
-        pg = losses.reinforce(token_lp, caps.lengths, r - b, cfg.length_normalise)
-        kl = self._kl(img, caps.tokens, caps.lengths, logits, token_lp)
-        loss = pg + cfg.kl_coef * kl.mean()
-        ent = losses.entropy(logits, caps.lengths)
-        if cfg.entropy_coef:
-            loss = loss - cfg.entropy_coef * ent.mean()
+            loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img, cands,
+                                                self.pw.tokenizer.eos_token_id, cfg)
+            self._step(loss)
+            return stats | {"loss": float(loss.detach())}
+        caps = algorithm.rollout(self.policy, img, cfg, step)
+        scores = self.scorer.score(cands, caps.tokens, caps.lengths, step)
+        greedy = None
+        if cfg.baseline == "greedy":
+            g = algorithm.rollout(self.policy, img, cfg, step, greedy=True)
+            greedy = self.scorer.score(cands, g.tokens, g.lengths, step).reward
+        r = scores.reward
+        advantages = r - self.advantages.baseline(r, greedy)
+        loss, stats = algorithm.reinforce_loss(self.policy, self.reference, img, caps.tokens, caps.lengths,
+                                               advantages, cfg)
         self._step(loss)
-        acc = rewards.accuracy(text_emb, self.images, cands_n)
-        kl = kl.detach()
-        return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "advantage_std": float((r - b).std()),
-                "kl": float(kl.mean()), "entropy": float(ent.detach().mean()), "train_p_at_1": float(acc.mean()),
-                "caption_length": float(caps.lengths.float().mean()), "loss": float(loss.detach()),
-                "example": texts[0]}
-
-    def _kl(self, img, tokens, lengths, logits, token_lp) -> torch.Tensor:
-        with torch.no_grad():
-            ref_logits = self.reference.logits(img, tokens)
-        if self.cfg.kl_estimator == "full":
-            return losses.kl_full(logits, ref_logits, lengths)
-        return losses.kl_sampled(token_lp, losses.token_logprobs(ref_logits, tokens), lengths)
-
-    def _gumbel_update(self, img, cands, step) -> dict:
-        cfg = self.cfg
-        soft = gumbel_decode(self.policy, img, self.pw.tokenizer.eos_token_id, tau=cfg.gumbel_tau)
-        text_emb = self.retriever.encode_soft_tokens(soft.probs, soft.lengths - 1)
-        if cfg.gumbel_loss == "relevance":
-            task = losses.clip_relevance(text_emb, img)
-        else:
-            task = -rewards.discriminative(text_emb, self.images, cands, self.retriever.logit_scale).mean()
-        T = soft.logits.shape[1]
-        kl_len = soft.lengths.clamp(max=T)
-        tokens = soft.tokens[:, :T]
-        kl = self._kl(img, tokens, kl_len, soft.logits, losses.token_logprobs(soft.logits, tokens))
-        loss = task + cfg.kl_coef * kl.mean()
-        self._step(loss)
-        with torch.no_grad():
-            acc = rewards.accuracy(text_emb, self.images, cands)
-            cos = (text_emb * img).sum(-1)
-        return {"loss": float(loss.detach()), "task_loss": float(task.detach()), "clip_cos": float(cos.mean()),
-                "kl": float(kl.detach().mean()),
-                "train_p_at_1": float(acc.mean()), "caption_length": float(soft.lengths.float().mean())}
+        return stats | summarise(scores, caps.lengths) | {"loss": float(loss.detach())}
 
     def _step(self, loss):
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: refusing to update")
+        algorithm.check_loss(loss, self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)

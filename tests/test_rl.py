@@ -10,6 +10,7 @@ from raycap.models.clipcap import ClipCap, ClipCapConfig
 from raycap.models.tokenizers import world_tokenizer
 from raycap.rl import baselines, losses, rewards
 from raycap.rl.gumbel import gumbel_decode
+from raycap.rl.self_check import self_check, word_swaps
 
 
 def unit(*rows):
@@ -40,6 +41,26 @@ def test_nan_reward_is_an_error_naming_the_batch():
     texts = torch.tensor([[float("nan"), 0.0]])
     with pytest.raises(FloatingPointError, match="batch 7"):
         rewards.compute("discriminative", texts, unit([1, 0], [0, 1]), torch.tensor([[0, 1]]), 1.0, batch=7)
+
+
+def test_word_swaps_are_distinct_and_exclude_the_caption():
+    assert word_swaps("a red square") == ["red a square", "square red a", "a square red"]
+    assert word_swaps("blue blue") == [] and word_swaps("one") == []
+    assert "a b a" not in word_swaps("a b a") and len(word_swaps("a b a")) == 2  # "b a a", "a a b"
+    sub = word_swaps("w1 w2 w3 w4 w5 w6", max_variants=4, generator=torch.Generator().manual_seed(0))
+    assert len(sub) == 4 and set(sub) <= set(word_swaps("w1 w2 w3 w4 w5 w6"))
+
+
+def test_self_check_against_a_hand_computation():
+    table = {"red square": [1.0, 0.0], "square red": [0.6, 0.8], "x": [0.0, 1.0]}
+    encode = lambda texts: torch.tensor([table[t] for t in texts])  # noqa: E731
+    image = unit([1, 0], [0, 1])
+    got = self_check(["red square", "x"], image, encode, logit_scale=5.0)
+    # caption 0 vs its one swap: cos 1.0 vs 0.6; caption 1 has no variant and scores 0
+    expected = 5 * 1.0 - math.log(math.exp(5 * 1.0) + math.exp(5 * 0.6)) + math.log(2)
+    torch.testing.assert_close(got, torch.tensor([expected, 0.0]))
+    swapped_better = self_check(["square red"], unit([0.6, 0.8]), encode, 5.0)
+    assert swapped_better.item() > 0 > self_check(["red square"], unit([0.6, 0.8]), encode, 5.0).item()
 
 
 def test_running_mean_baseline_uses_only_past_rewards():

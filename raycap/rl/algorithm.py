@@ -1,0 +1,168 @@
+"""One DiscriTune or Gumbel update, cut into the pieces the distributed runtime places on different processes.
+
+- `rollout`: the captioner decodes a batch (sampled or greedy) with a seeded generator;
+- `Scorer`: the frozen retriever and the cached image embeddings draw the batch and its candidates, and turn
+  captions into rewards (task reward plus the optional word-swap self-check);
+- `Advantages`: the baseline (none, running mean, self-critical, leave-one-out);
+- `reinforce_loss` / `gumbel_loss`: the learner's loss, with the KL guard to the frozen reference captioner.
+
+The reference loop (`raycap.local_trainer`) calls them in one process and `raycap.runtime` calls the very
+same functions inside actors, so the two compute the same update. No Ray here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raycap.config import RLConfig
+from raycap.data import distractors
+from raycap.models.clipcap import Captions, ClipCap
+from raycap.models.tokenizers import decode
+from raycap.rl import baselines, losses, rewards
+from raycap.rl.gumbel import gumbel_decode
+from raycap.rl.self_check import self_check
+
+CANDIDATES, ROLLOUT, SELF_CHECK = 0, 1, 2  # independent random streams of one step
+
+
+def generator(seed: int, step: int, stream: int, shard: int = 0) -> torch.Generator:
+    """The generator of one random stream of one step (and one rollout shard): any process can rebuild it."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, stream, shard]).generate_state(1)[0]))
+
+
+def rollout(policy: ClipCap, img: torch.Tensor, cfg: RLConfig, step: int, shard: int = 0,
+            greedy: bool = False) -> Captions:
+    """Captions of one shard of a step's images: `num_samples` sampled per image (image-major), or greedy."""
+    policy.eval()  # no dropout in RL: the learner scores exactly the policy that sampled
+    if greedy or cfg.rollout == "greedy":
+        return policy.generate(img, mode="greedy", num_samples=1 if greedy else cfg.num_samples)
+    return policy.generate(img, mode="sample", temperature=cfg.temperature, num_samples=cfg.num_samples,
+                           generator=generator(cfg.seed, step, ROLLOUT, shard))
+
+
+@dataclass
+class Scores:
+    reward: torch.Tensor          # (N,) what REINFORCE maximises: task reward + self_check_coef * check
+    task: torch.Tensor            # (N,) the task reward alone
+    check: torch.Tensor | None    # (N,) the self-check alone (None when off)
+    accuracy: torch.Tensor        # (N,) 1 if the caption retrieves its image among the candidates
+    texts: list[str]
+
+
+class Scorer:
+    """Frozen retriever + cached image embeddings: each step's batch and candidates, and caption rewards."""
+
+    def __init__(self, retriever, images: torch.Tensor, tokenizer, stop_ids, cfg: RLConfig):
+        self.retriever, self.images, self.tokenizer, self.stop_ids, self.cfg = retriever, images, tokenizer, stop_ids, cfg
+        self.logit_scale = float(retriever.logit_scale)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image indices, their embeddings, candidate indices with the target in column 0) of a step."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, step])
+        idx = torch.from_numpy(rng.choice(len(self.images), size=cfg.batch_size, replace=False))
+        cands = distractors.candidates(idx, self.images, cfg.hard_distractors, cfg.near_duplicate,
+                                       cfg.num_candidates, generator=generator(cfg.seed, step, CANDIDATES))
+        return idx, self.images[idx], cands
+
+    def texts(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        return decode(self.tokenizer, tokens, lengths, self.stop_ids)
+
+    @torch.no_grad()
+    def score(self, cands: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, step: int) -> Scores:
+        """Rewards of N captions whose candidate rows are `cands` (N/k rows are repeated k times)."""
+        cfg = self.cfg
+        if cands.shape[0] != tokens.shape[0]:
+            cands = cands.repeat_interleave(tokens.shape[0] // cands.shape[0], dim=0)
+        texts = self.texts(tokens, lengths)
+        emb = self.retriever.encode_captions(texts)
+        task = rewards.compute(cfg.reward, emb, self.images, cands, self.logit_scale, batch=step)
+        check, reward = None, task
+        if cfg.self_check_coef:
+            check = self_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions, self.logit_scale,
+                               cfg.self_check_variants, generator(cfg.seed, step, SELF_CHECK))
+            rewards.check_finite(check, step)
+            reward = task + cfg.self_check_coef * check
+        return Scores(reward, task, check, rewards.accuracy(emb, self.images, cands), texts)
+
+
+class Advantages:
+    """The configured baseline; keeps the running mean's state for checkpoints."""
+
+    def __init__(self, cfg: RLConfig):
+        self.cfg = cfg
+        self.running = baselines.RunningMean(momentum=cfg.baseline_momentum)
+
+    def baseline(self, reward: torch.Tensor, greedy_reward: torch.Tensor | None = None) -> torch.Tensor:
+        kind = self.cfg.baseline
+        if kind == "none":
+            return torch.zeros_like(reward)
+        if kind == "mean":
+            return self.running(reward)
+        if kind == "loo":
+            return baselines.leave_one_out(reward, self.cfg.num_samples)
+        if greedy_reward is None:
+            raise ValueError("the greedy (self-critical) baseline needs the greedy captions' rewards")
+        return baselines.self_critical(greedy_reward, self.cfg.num_samples)
+
+    def state_dict(self) -> dict:
+        return self.running.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.running.load_state_dict(state)
+
+
+def kl_guard(reference: ClipCap, img, tokens, lengths, logits, token_lp, estimator: str) -> torch.Tensor:
+    """(N,) KL of the policy to the frozen reference captioner on the given tokens."""
+    with torch.no_grad():
+        ref_logits = reference.logits(img, tokens)
+    if estimator == "full":
+        return losses.kl_full(logits, ref_logits, lengths)
+    return losses.kl_sampled(token_lp, losses.token_logprobs(ref_logits, tokens), lengths)
+
+
+def reinforce_loss(policy: ClipCap, reference: ClipCap, img, tokens, lengths, advantages,
+                   cfg: RLConfig) -> tuple[torch.Tensor, dict]:
+    """REINFORCE `-(R-b) log P(c|i)` by teacher forcing, + kl_coef * KL guard - entropy_coef * entropy."""
+    policy.eval()
+    logits = policy.logits(img, tokens)
+    token_lp = losses.token_logprobs(logits, tokens)
+    pg = losses.reinforce(token_lp, lengths, advantages, cfg.length_normalise)
+    kl = kl_guard(reference, img, tokens, lengths, logits, token_lp, cfg.kl_estimator)
+    ent = losses.entropy(logits, lengths)
+    loss = pg + cfg.kl_coef * kl.mean()
+    if cfg.entropy_coef:
+        loss = loss - cfg.entropy_coef * ent.mean()
+    return loss, {"kl": float(kl.detach().mean()), "entropy": float(ent.detach().mean()),
+                  "advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0}
+
+
+def gumbel_loss(policy: ClipCap, reference: ClipCap, scorer: Scorer, img, cands, eos_id: int,
+                cfg: RLConfig) -> tuple[torch.Tensor, dict]:
+    """Straight-through Gumbel decode -> frozen CLIP text encoder -> `-cos(v, c)` or the discriminative loss,
+    + kl_coef * KL guard. Gradients reach the captioner; the retriever is frozen."""
+    policy.eval()
+    soft = gumbel_decode(policy, img, eos_id, tau=cfg.gumbel_tau)
+    text_emb = scorer.retriever.encode_soft_tokens(soft.probs, soft.lengths - 1)
+    if cfg.gumbel_loss == "relevance":
+        task = losses.clip_relevance(text_emb, img)
+    else:
+        task = -rewards.discriminative(text_emb, scorer.images, cands, scorer.logit_scale).mean()
+    T = soft.logits.shape[1]
+    kl_len = soft.lengths.clamp(max=T)
+    tokens = soft.tokens[:, :T]
+    kl = kl_guard(reference, img, tokens, kl_len, soft.logits, losses.token_logprobs(soft.logits, tokens),
+                  cfg.kl_estimator)
+    loss = task + cfg.kl_coef * kl.mean()
+    with torch.no_grad():
+        acc = rewards.accuracy(text_emb, scorer.images, cands)
+        cos = (text_emb * img).sum(-1)
+    return loss, {"task_loss": float(task.detach()), "clip_cos": float(cos.mean()), "kl": float(kl.detach().mean()),
+                  "train_p_at_1": float(acc.mean()), "caption_length": float(soft.lengths.float().mean())}
+
+
+def check_loss(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss at step {step}: refusing to update")
