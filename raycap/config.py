@@ -14,6 +14,33 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).parent / "assets"
 
 
+class RuntimeConfig(BaseModel):
+    """Where the Ray runtime puts each role and how weights move (`raycap.runtime`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rollout_workers: int = Field(1, ge=1, description="RolloutWorker actors (ignored when colocated)")
+    learner_workers: int = Field(1, ge=1, description="DeepSpeed learner ranks")
+    cpus_per_rollout: float = Field(0.5, gt=0)
+    cpus_per_learner: float = Field(0.5, gt=0)
+    cpus_per_reward: float = Field(0.25, gt=0)
+    gpus_per_rollout: float = Field(0.0, ge=0)
+    gpus_per_learner: float = Field(0.0, ge=0)
+    gpus_per_reward: float = Field(0.0, ge=0)
+    weight_sync: Literal["object_store", "colocated", "nccl"] = "object_store"
+    collective_backend: Literal["nccl", "gloo"] = Field("nccl", description="backend of weight_sync=nccl "
+                                                        "(gloo runs the same broadcast on CPU)")
+    max_policy_lag: int = Field(0, ge=0, le=1, description="0: on-policy; 1: rollouts of t+1 overlap update t")
+    zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage of the learner")
+    max_restarts: int = Field(3, ge=0, description="restarts of a crashed rollout/reward actor")
+    address: str | None = Field(None, description="Ray cluster to join ('auto'); None starts local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: this machine's)")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (default: detected)")
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    placement_timeout_s: float = Field(60.0, gt=0, description="seconds to wait for the placement group")
+
+
 class RLConfig(BaseModel):
     """One RL run (DiscriTune or Gumbel CLIP relevance) on the shapes world."""
 
@@ -30,6 +57,9 @@ class RLConfig(BaseModel):
     kl_coef: float = Field(0.1, ge=0)
     kl_estimator: Literal["full", "sampled"] = "full"
     entropy_coef: float = Field(0.0, ge=0)
+    cosine_coef: float = Field(0.0, ge=0, description="adds cosine_coef * logit_scale * cos(caption, target): an "
+                               "absolute match term that, unlike the relative discriminative reward, charges "
+                               "for claims that fit neither the target nor the distractors")
     self_check_coef: float = Field(0.0, ge=0, description="weight of the word-swap self-check reward (rl/self_check.py)")
     self_check_variants: int = Field(64, ge=1, description="word-swapped variants per caption in the self-check")
     length_normalise: bool = False
@@ -47,7 +77,9 @@ class RLConfig(BaseModel):
     eval_images: int = Field(1000, ge=100)
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads of each process (default: all cores; "
+                                "Ray actors too, whose OMP_NUM_THREADS Ray would otherwise set to their CPU share)")
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _consistent(self):

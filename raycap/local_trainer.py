@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from raycap.config import RLConfig
@@ -20,6 +19,7 @@ from raycap.data.cache import world_image_embeddings
 from raycap.models.clipcap import ClipCap
 from raycap.models.loading import PretrainedWorld, load_world_dir
 from raycap.rl import algorithm
+from raycap.runlog import RunLog
 from raycap.supervised.captioner import evaluate_captioner
 
 STATE_FILE = "trainer_state.pt"
@@ -113,11 +113,10 @@ class LocalTrainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        writer = SummaryWriter(str(self.out / "tensorboard"))
-        metrics_file = (self.out / "metrics.jsonl").open("a")
+        log = RunLog(self.out)
         if self.step == 0:
             initial = self.evaluate()
-            metrics_file.write(json.dumps({"step": 0, "eval": initial}) + "\n")
+            log.write({"step": 0, "eval": initial})
             self.log(f"step 0 (supervised captioner): P@1 {initial['p_at_1']:.3f}, wellformed "
                      f"{initial['wellformed']:.3f}, faithful {initial['faithful']:.3f}")
         t0, start = time.time(), self.step
@@ -127,20 +126,13 @@ class LocalTrainer:
             record = self.update(step)
             self.step = step + 1
             record.update(step=self.step, step_seconds=round(time.time() - t, 3))
-            for k, v in record.items():
-                if isinstance(v, float):
-                    writer.add_scalar(f"train/{k}", v, self.step)
             bar.set_postfix(reward=f"{record.get('reward_mean', record.get('clip_cos', 0)):.3f}",
                             p1=f"{record['train_p_at_1']:.2f}", kl=f"{record['kl']:.3f}")
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 record["eval"] = self.evaluate()
-                for k, v in record["eval"].items():
-                    if isinstance(v, float):
-                        writer.add_scalar(f"eval/{k}", v, self.step)
                 self.log(f"step {self.step}: " + json.dumps({k: v for k, v in record["eval"].items()
                                                               if k != "examples"}))
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            log.write(record)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save(self.out / "checkpoints" / f"step-{self.step}")
         self.save(self.out / "final")
@@ -148,6 +140,5 @@ class LocalTrainer:
         final["rl_seconds"] = round(time.time() - t0, 1)
         final["updates"] = self.step - start
         (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        writer.close()
-        metrics_file.close()
+        log.close()
         return final

@@ -20,10 +20,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="world-demo", help="named config or YAML path (default: world-demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--out", type=Path, help="run directory (resumed if it holds checkpoints)")
-    p.add_argument("--runtime", choices=["local"], default="local",
-                   help="local: the single-process reference loop")
+    p.add_argument("--runtime", choices=["ray", "local"], default="ray",
+                   help="ray (default): controller + rollout, reward and DeepSpeed learner actors on Ray; "
+                        "local: the single-process reference loop")
     p.add_argument("--list-configs", action="store_true", help="print the named configs and exit")
     return p
+
+
+def run_local(config, out: Path) -> dict:
+    from raycap.local_trainer import LocalTrainer
+
+    return LocalTrainer(config, out).fit()
+
+
+def run_ray(config, out: Path) -> dict:
+    from raycap.runtime.controller import Controller
+
+    controller = Controller(config, out)
+    try:
+        return controller.fit()
+    finally:
+        controller.shutdown()
 
 
 def main(argv=None) -> dict | None:
@@ -36,10 +53,7 @@ def main(argv=None) -> dict | None:
             from raycap.errors import UserError
             raise UserError("--out: a run directory is required")
         config = load_config(args.config, args.set)
-        from raycap.local_trainer import LocalTrainer
-
-        trainer = LocalTrainer(config, args.out)
-        final = trainer.fit()
+        final = run_local(config, args.out) if args.runtime == "local" else run_ray(config, args.out)
     summary = {k: v for k, v in final.items() if k != "examples"}
     print(json.dumps(summary, indent=2))
     print(f"run dir: {args.out}  (final captioner: {args.out / 'final'}, metrics: {args.out / 'metrics.jsonl'})")

@@ -7,7 +7,7 @@ from raycap.errors import UserError
 from raycap.evaluate import main as evaluate_main
 from raycap.train import main as train_main
 
-FAST = ["--set", "eval_images=100", "--set", "max_new_tokens=8", "--set", "eval_every=2", "--set", "threads=2"]
+FAST = ["--runtime", "local", "--set", "eval_images=100", "--set", "max_new_tokens=8", "--set", "eval_every=2", "--set", "threads=2"]
 
 
 def test_named_config_loads_and_bad_values_name_the_field(tmp_path):

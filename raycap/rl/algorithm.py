@@ -45,7 +45,7 @@ def rollout(policy: ClipCap, img: torch.Tensor, cfg: RLConfig, step: int, shard:
 @dataclass
 class Scores:
     reward: torch.Tensor          # (N,) what REINFORCE maximises: task reward + self_check_coef * check
-    task: torch.Tensor            # (N,) the task reward alone
+    task: torch.Tensor            # (N,) the task reward alone (with the cosine term if cosine_coef)
     check: torch.Tensor | None    # (N,) the self-check alone (None when off)
     accuracy: torch.Tensor        # (N,) 1 if the caption retrieves its image among the candidates
     texts: list[str]
@@ -79,6 +79,8 @@ class Scorer:
         texts = self.texts(tokens, lengths)
         emb = self.retriever.encode_captions(texts)
         task = rewards.compute(cfg.reward, emb, self.images, cands, self.logit_scale, batch=step)
+        if cfg.cosine_coef:
+            task = task + cfg.cosine_coef * self.logit_scale * rewards.cosine(emb, self.images[cands[:, 0]])
         check, reward = None, task
         if cfg.self_check_coef:
             check = self_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions, self.logit_scale,

@@ -1,0 +1,243 @@
+"""The controller: one process that runs the algorithm loop over actor groups (verl's single controller).
+
+    batch -> rollouts (RolloutWorker shards) -> rewards (RewardService) -> advantages (here)
+          -> learner update (DeepSpeed ranks) -> publish weights -> metrics / eval / checkpoint
+
+It computes exactly what `raycap.local_trainer.LocalTrainer` computes (the same `raycap.rl.algorithm`
+functions, the same seeded random streams); what Ray adds is placement, parallel shards, weight movement,
+restarts of crashed actors and the dashboard metrics.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from raycap.config import RLConfig
+from raycap.models.loading import load_world_dir
+from raycap.rl import algorithm
+from raycap.runlog import RunLog
+from raycap.runtime import resources
+from raycap.runtime.learner import Learner, free_port, node_address
+from raycap.runtime.metrics import DashboardMetrics
+from raycap.runtime.reward import RewardService
+from raycap.runtime.rollout import RolloutWorker
+
+CONTROLLER_STATE = "controller.pt"
+
+
+def shards(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Contiguous row shards of near-equal size (the first ones one row longer)."""
+    return list(torch.tensor_split(x, n))
+
+
+def concat_captions(parts: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(p["tokens"].shape[1] for p in parts)
+    tokens = torch.cat([torch.nn.functional.pad(p["tokens"], (0, T - p["tokens"].shape[1]), value=pad_id)
+                        for p in parts])
+    return tokens, torch.cat([p["lengths"] for p in parts])
+
+
+class Controller:
+    def __init__(self, config: RLConfig, out: Path, log=print):
+        self.cfg, self.out, self.log = config, Path(out), log
+        rt = config.runtime
+        self.pad_id = load_world_dir(config.world_dir).captioner.config.pad_token_id  # bad dirs fail here, not in actors
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(config.model_dump_json(indent=2))
+        self.owns_ray, self.dashboard_url = resources.start_ray(rt)
+        if self.dashboard_url:
+            log(f"Ray dashboard: http://{self.dashboard_url}  (raycap_* metrics under Metrics)")
+        self.pg = resources.reserve(rt)
+        roles = resources.Roles.of(rt)
+        cfg_json = config.model_dump_json()
+        opts = {"max_restarts": rt.max_restarts, "max_task_retries": rt.max_restarts}
+        self.reward = ray.remote(RewardService).options(
+            **resources.in_bundle(self.pg, roles.learner + roles.rollout, rt.cpus_per_reward, rt.gpus_per_reward),
+            **opts).remote(cfg_json)
+        images = self.reward.image_embeddings.remote() if config.method == "gumbel" else None
+        addr = ray.get(ray.remote(num_cpus=0)(node_address).remote())
+        port = ray.get(ray.remote(num_cpus=0)(free_port).remote())
+        self.learners = [ray.remote(Learner).options(
+            **resources.in_bundle(self.pg, i, rt.cpus_per_learner, rt.gpus_per_learner)).remote(
+                cfg_json, i, addr, port, images) for i in range(roles.learner)]
+        self.rollouts = [ray.remote(RolloutWorker).options(
+            **resources.in_bundle(self.pg, roles.learner + i, rt.cpus_per_rollout, rt.gpus_per_rollout),
+            **opts).remote(cfg_json, i) for i in range(roles.rollout)]
+        self.decoders = self.learners if rt.weight_sync == "colocated" else self.rollouts
+        self.pids = ray.get([a.pid.remote() for a in self.decoders])
+        if rt.weight_sync == "nccl":
+            self._join_broadcast()
+        self.metrics = DashboardMetrics(self.out.name)
+        self.advantages = algorithm.Advantages(config)
+        self.step, self.version, self.weights, self.restarts = 0, 0, None, 0
+        self._resume()
+
+    # -- weights ----------------------------------------------------------------------------------------
+    def _join_broadcast(self):
+        rt = self.cfg.runtime
+        world = 1 + len(self.rollouts)
+        host, port = ray.get(self.learners[0].start_broadcast.remote(rt.collective_backend, world))
+        ray.get([w.join_broadcast.remote(rt.collective_backend, host, port, i + 1, world)
+                 for i, w in enumerate(self.rollouts)])
+
+    def publish(self) -> float:
+        """Move the learner's new weights (version `self.version`) to the rollouts; returns the seconds taken
+        on the controller's critical path."""
+        mode = self.cfg.runtime.weight_sync
+        if mode == "colocated":
+            return 0.0  # the rollouts decode with the learner's own module
+        t = time.perf_counter()
+        if mode == "object_store":
+            self.weights = [self.learners[0].publish.remote()]
+            ray.wait(self.weights)  # the state dict is in the object store; workers fetch it when they decode
+        elif mode == "nccl":
+            ray.get([self.learners[0].send_broadcast.remote()]
+                    + [w.receive_broadcast.remote(self.version) for w in self.rollouts])
+        return time.perf_counter() - t
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def submit_rollouts(self, step: int, img: torch.Tensor, greedy: bool = False) -> list:
+        return [w.rollout.remote(step, part, self.version, self.weights, greedy)
+                for w, part in zip(self.decoders, shards(img, len(self.decoders)))]
+
+    def collect(self, refs: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        parts = ray.get(refs)
+        for i, p in enumerate(parts):
+            if p["pid"] != self.pids[i]:  # the actor was restarted by Ray and the task retried
+                self.pids[i] = p["pid"]
+                self.restarts += 1
+                self.metrics.restarted()
+                self.log(f"rollout worker {i} was restarted (pid {p['pid']}); its shard was retried")
+        tokens, lengths = concat_captions(parts, self.pad_id)
+        info = {"rollout_version": min(p["version"] for p in parts),
+                "rollout_sync_seconds": max(p["sync_seconds"] for p in parts),
+                "decode_seconds": max(p["decode_seconds"] for p in parts)}
+        return tokens, lengths, info
+
+    def learn(self, step: int, img, tokens, lengths, advantages, cands=None) -> dict:
+        n = len(self.learners)
+        rows = [list(torch.tensor_split(x, n)) if x is not None else [None] * n
+                for x in (img, tokens, lengths, advantages, cands)]
+        stats = ray.get([lr.update.remote(step, *(r[i] for r in rows)) for i, lr in enumerate(self.learners)])
+        out = {k: sum(s[k] for s in stats) / n for k in stats[0] if isinstance(stats[0][k], float)}
+        out["learner_seconds"] = max(s["learner_seconds"] for s in stats)
+        return out
+
+    def run_step(self, step: int, pending: list | None) -> tuple[dict, list | None]:
+        """One update. `pending` holds this step's rollouts if they were started early (max_policy_lag=1)."""
+        cfg = self.cfg
+        t = time.perf_counter()
+        _idx, img, cands = ray.get(self.reward.batch.remote(step))
+        if cfg.method == "gumbel":
+            record = self.learn(step, img, None, None, None, cands)
+            self.version += 1
+            record["weight_sync_seconds"] = self.publish()
+            return record | {"step_seconds": time.perf_counter() - t}, None
+        refs = pending or self.submit_rollouts(step, img)
+        greedy_refs = self.submit_rollouts(step, img, greedy=True) if cfg.baseline == "greedy" else None
+        tokens, lengths, info = self.collect(refs)
+        scores = ray.get(self.reward.score.remote(cands, tokens, lengths, step))
+        greedy = None
+        if greedy_refs:
+            g_tokens, g_lengths, _ = self.collect(greedy_refs)
+            greedy = ray.get(self.reward.score.remote(cands, g_tokens, g_lengths, step))["reward"]
+        r = scores["reward"]
+        advantages = r - self.advantages.baseline(r, greedy)
+        nxt = None
+        if cfg.runtime.max_policy_lag >= 1 and step + 1 < cfg.steps:  # decode t+1 while the learner updates t
+            nxt = self.submit_rollouts(step + 1, ray.get(self.reward.batch.remote(step + 1))[1])
+        stats = self.learn(step, img, tokens, lengths, advantages)
+        policy_lag = self.version - info["rollout_version"]
+        self.version += 1
+        sync = self.publish()
+        record = stats | {
+            "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+            "train_p_at_1": float(scores["accuracy"].mean()), "caption_length": float(lengths.float().mean()),
+            "example": scores["texts"][0], "policy_lag": float(policy_lag),
+            "weight_sync_seconds": sync + info["rollout_sync_seconds"], "decode_seconds": info["decode_seconds"],
+            "score_seconds": scores["score_seconds"], "actor_restarts": self.restarts}
+        if scores["check"] is not None:
+            record |= {"task_reward": float(scores["task"].mean()), "self_check": float(scores["check"].mean())}
+        record["step_seconds"] = time.perf_counter() - t
+        record["captions_per_second"] = len(tokens) / record["step_seconds"]
+        return record, nxt
+
+    # -- evaluation and checkpoints -----------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        weights = self.weights if self.cfg.runtime.weight_sync == "object_store" and self.version else None
+        if weights is None:
+            weights = [self.learners[0].publish.remote()]
+        return ray.get(self.reward.evaluate.remote(weights, self.cfg.eval_images))
+
+    def save(self, tag: str) -> None:
+        directory = self.out / "checkpoints"
+        state = {"step": self.step, "version": self.version}
+        ray.get([lr.save.remote(str(directory), tag, state) for lr in self.learners])
+        torch.save({"step": self.step, "version": self.version, "baseline": self.advantages.state_dict(),
+                    "restarts": self.restarts}, directory / tag / CONTROLLER_STATE)
+
+    def _resume(self) -> None:
+        ckpts = sorted((p for p in (self.out / "checkpoints").glob("step-*") if (p / CONTROLLER_STATE).is_file()),
+                       key=lambda p: int(p.name.split("-")[1]))
+        if not ckpts:
+            return
+        last = ckpts[-1]
+        ray.get([lr.load.remote(str(last.parent), last.name) for lr in self.learners])
+        state = torch.load(last / CONTROLLER_STATE, map_location="cpu", weights_only=True)
+        self.step, self.version, self.restarts = int(state["step"]), int(state["version"]), int(state["restarts"])
+        self.advantages.load_state_dict(state["baseline"])
+        self.publish()
+        self.log(f"resuming from {last} at step {self.step}")
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        log = RunLog(self.out)
+        if self.step == 0:
+            initial = self.evaluate()
+            log.write({"step": 0, "eval": initial})
+            self.log(f"step 0 (supervised captioner): P@1 {initial['p_at_1']:.3f}, wellformed "
+                     f"{initial['wellformed']:.3f}, faithful {initial['faithful']:.3f}")
+        t0, start, pending = time.time(), self.step, None
+        bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc="rl", dynamic_ncols=True)
+        for step in bar:
+            record, pending = self.run_step(step, pending)
+            self.step = step + 1
+            record["step"] = self.step
+            self.metrics.record(record)
+            bar.set_postfix(reward=f"{record.get('reward_mean', record.get('clip_cos', 0)):.3f}",
+                            p1=f"{record['train_p_at_1']:.2f}", kl=f"{record['kl']:.3f}")
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                record["eval"] = self.evaluate()
+                self.log(f"step {self.step}: " + json.dumps({k: v for k, v in record["eval"].items()
+                                                              if k != "examples"}))
+            log.write(record)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save(f"step-{self.step}")
+        final = self.evaluate()
+        _copy_tree(self.out / "checkpoints" / f"step-{self.step}" / "captioner", self.out / "final")
+        final |= {"rl_seconds": round(time.time() - t0, 1), "updates": self.step - start,
+                  "actor_restarts": self.restarts}
+        (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        log.close()
+        return final
+
+    def shutdown(self) -> None:
+        for a in [*self.rollouts, *self.learners, self.reward]:
+            ray.kill(a)
+        ray.util.remove_placement_group(self.pg)
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    import shutil
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)

@@ -1,0 +1,155 @@
+"""Learner: one rank of a DeepSpeed data-parallel group that applies the REINFORCE (or Gumbel) update.
+
+Why an actor group with `torch.distributed` rather than Ray Train's `TorchTrainer`: the controller drives the
+learner one update at a time, between rollouts and rewards it schedules itself, and reads the update's
+statistics back synchronously; `TorchTrainer` runs a whole training function to completion and owns the loop.
+So, as OpenRLHF does, each rank is a Ray actor that joins one process group (gloo on CPU, NCCL on GPUs) and
+wraps the captioner in a DeepSpeed engine (ZeRO stage from the config). Each rank holds the frozen reference
+captioner for the KL guard and, in Gumbel mode, the frozen retriever (gradients flow through its text encoder
+into the captioner). In `colocated` mode a rank also decodes its own shard with the engine's module.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from raycap.config import RLConfig
+from raycap.models.loading import load_captioner, load_world_dir
+from raycap.rl import algorithm
+from raycap.runtime.rollout import captions_payload
+from raycap.runtime.weights import BroadcastGroup, trainable_state
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_address() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def deepspeed_config(cfg: RLConfig, rows_per_rank: int) -> dict:
+    """Adam (passed in as the client optimizer: plain torch Adam at a constant lr, as the reference loop),
+    gradient clipping at 1.0 like the reference loop, ZeRO stage from the config; fp32."""
+    world = cfg.runtime.learner_workers
+    return {"train_batch_size": rows_per_rank * world, "train_micro_batch_size_per_gpu": rows_per_rank,
+            "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": cfg.runtime.zero_stage}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+
+
+class Learner:
+    def __init__(self, config_json: str, rank: int, master_addr: str, master_port: int,
+                 images: torch.Tensor | None = None):
+        import deepspeed
+
+        self.cfg = cfg = RLConfig.model_validate_json(config_json)
+        rt = cfg.runtime
+        torch.set_num_threads(cfg.threads or os.cpu_count())
+        torch.manual_seed(cfg.seed + rank)
+        self.rank = rank
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(rt.learner_workers), LOCAL_RANK="0")
+        gpu = rt.gpus_per_learner > 0 and torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False)
+        policy, self.tokenizer = load_captioner(Path(cfg.world_dir) / "captioner")
+        policy.config.max_new_tokens = cfg.max_new_tokens
+        if not cfg.train_lm:
+            policy.lm.requires_grad_(False)
+        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+        rows = cfg.batch_size * (1 if cfg.method == "gumbel" else cfg.num_samples) // rt.learner_workers
+        self.engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, config=deepspeed_config(cfg, rows))
+        self.device = self.engine.device
+        self.reference.to(self.device)
+        self.scorer = None
+        if cfg.method == "gumbel":
+            pw = load_world_dir(cfg.world_dir)
+            self.scorer = algorithm.Scorer(pw.retriever.to(self.device), images.to(self.device), pw.tokenizer,
+                                           policy.stop_ids, cfg)
+        self.version = 0
+        self.group: BroadcastGroup | None = None
+        self._joiner = None
+
+    @property
+    def policy(self):
+        return self.engine.module
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # -- the update ---------------------------------------------------------------------------------------
+    def update(self, step: int, img, tokens, lengths, advantages, cands=None) -> dict:
+        t = time.perf_counter()
+        img = img.to(self.device)
+        if self.cfg.method == "gumbel":
+            eos = self.tokenizer.eos_token_id
+            loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img, cands.to(self.device),
+                                                eos, self.cfg)
+        else:
+            loss, stats = algorithm.reinforce_loss(self.policy, self.reference, img, tokens.to(self.device),
+                                                   lengths.to(self.device), advantages.to(self.device), self.cfg)
+        algorithm.check_loss(loss, step)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.version += 1
+        return stats | {"loss": float(loss.detach()), "learner_seconds": time.perf_counter() - t,
+                        "version": self.version}
+
+    # -- colocated rollouts -------------------------------------------------------------------------------
+    def rollout(self, step: int, img, version: int, weights=None, greedy: bool = False) -> dict:
+        """Decode this rank's shard with the engine's own weights (weight_sync=colocated)."""
+        if version != self.version:
+            raise RuntimeError(f"colocated rollout asked for v{version}, learner holds v{self.version}")
+        t = time.perf_counter()
+        with torch.no_grad():
+            caps = algorithm.rollout(self.policy, img.to(self.device), self.cfg, step, self.rank, greedy=greedy)
+        return captions_payload(caps, self.version, sync_seconds=0.0, decode_seconds=time.perf_counter() - t,
+                                pid=os.getpid())
+
+    # -- weight movement ----------------------------------------------------------------------------------
+    def publish(self) -> dict[str, torch.Tensor]:
+        """The trainable weights, returned through the object store (weight_sync=object_store)."""
+        return trainable_state(self.policy)
+
+    def start_broadcast(self, backend: str, world_size: int) -> tuple[str, int]:
+        host, port = node_address(), free_port()
+        import threading
+
+        # rank 0 creates the store and blocks until every worker joined: do it off the actor's thread
+        self._joiner = threading.Thread(target=self._join_broadcast, args=(backend, host, port, world_size))
+        self._joiner.start()
+        return host, port
+
+    def _join_broadcast(self, backend, host, port, world_size):
+        self.group = BroadcastGroup(backend, host, port, 0, world_size)
+
+    def send_broadcast(self) -> float:
+        if self._joiner is not None:
+            self._joiner.join()
+            self._joiner = None
+        return self.group.broadcast(self.policy)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def save(self, directory: str, tag: str, client_state: dict) -> None:
+        """DeepSpeed checkpoint (model, optimizer, every rank) under `directory/tag`, plus, from rank 0, a
+        loadable captioner with its tokenizer under `directory/tag/captioner`."""
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+        if self.rank == 0:
+            out = Path(directory) / tag / "captioner"
+            self.policy.save_pretrained(out)
+            self.tokenizer.save_pretrained(str(out / "tokenizer"))
+
+    def load(self, directory: str, tag: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        self.version = int(client_state["version"])
+        return client_state

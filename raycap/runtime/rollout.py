@@ -1,0 +1,73 @@
+"""RolloutWorker: a captioner copy that decodes its shard of each batch with the newest weights it was given."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from raycap.config import RLConfig
+from raycap.models.loading import load_captioner
+from raycap.rl import algorithm
+from raycap.runtime.weights import BroadcastGroup, load_trainable, trainable_state
+
+
+def captions_payload(caps, version: int, **extra) -> dict:
+    """What a rollout returns: token ids, lengths, per-token log-probs under the behaviour policy, version."""
+    return {"tokens": caps.tokens.cpu(), "lengths": caps.lengths.cpu(), "logprobs": caps.logprobs.cpu(),
+            "version": version, **extra}
+
+
+def trainable_names(model, train_lm: bool) -> set[str]:
+    """Names of the parameters the learner updates: the mapper, and the LM when `train_lm`."""
+    return {n for n, _ in model.named_parameters() if train_lm or not n.startswith("lm.")}
+
+
+class RolloutWorker:
+    """Holds a frozen copy of the captioner; decodes greedy / sampled (KV cache) for one shard of each batch."""
+
+    def __init__(self, config_json: str, shard: int):
+        self.cfg = RLConfig.model_validate_json(config_json)
+        torch.set_num_threads(self.cfg.threads or os.cpu_count())
+        self.shard, self.version = shard, 0
+        self.policy, _ = load_captioner(Path(self.cfg.world_dir) / "captioner")
+        self.policy.config.max_new_tokens = self.cfg.max_new_tokens
+        trainable = trainable_names(self.policy, self.cfg.train_lm)
+        for n, p in self.policy.named_parameters():  # the learner's trainable set, addressed by broadcasts
+            p.requires_grad_(n in trainable)
+        self.policy.eval()
+        self.group: BroadcastGroup | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.policy)
+
+    def join_broadcast(self, backend: str, host: str, port: int, rank: int, world_size: int) -> None:
+        self.group = BroadcastGroup(backend, host, port, rank, world_size)
+
+    def receive_broadcast(self, version: int) -> float:
+        seconds = self.group.broadcast(self.policy)
+        self.version = version
+        return seconds
+
+    def rollout(self, step: int, img: torch.Tensor, version: int, weights: list | None, greedy: bool = False) -> dict:
+        """Decode this worker's shard. If the worker's copy is older than `version`, first load `weights` (a
+        one-element list holding the object ref of the learner's trainable state)."""
+        sync = 0.0
+        if version != self.version:
+            if not weights:
+                raise RuntimeError(f"rollout worker {self.shard} holds weights v{self.version}, asked for v{version} "
+                                   "without a reference to them")
+            import ray
+
+            t = time.perf_counter()
+            load_trainable(self.policy, ray.get(weights[0]))
+            sync, self.version = time.perf_counter() - t, version
+        t = time.perf_counter()
+        with torch.no_grad():
+            caps = algorithm.rollout(self.policy, img, self.cfg, step, self.shard, greedy=greedy)
+        return captions_payload(caps, self.version, sync_seconds=sync, decode_seconds=time.perf_counter() - t,
+                                pid=os.getpid())

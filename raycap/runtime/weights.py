@@ -1,0 +1,66 @@
+"""Moving the learner's trainable weights to the rollout workers, with a version number.
+
+Three modes behind `WeightSync` (the controller's side) and `receive_weights` (a worker's side):
+
+- `object_store` (CPU default): learner rank 0 returns its trainable state dict as a task result, which Ray keeps
+  in the object store; the controller hands the reference (inside a list, so Ray does not fetch it eagerly) to
+  every rollout call, and a worker fetches it only when its own version is older. A restarted worker catches up
+  the same way, so fault tolerance needs nothing extra.
+- `colocated` (one GPU, verl's hybrid engine): the learner ranks decode their own shards with the engine's
+  module, one copy of the weights, nothing moves.
+- `nccl` (several GPUs): learner rank 0 and the rollout workers form a separate process group (its own TCP
+  store, outside the learners' DeepSpeed group) and rank 0 broadcasts each trainable tensor in place.
+  `collective_backend: gloo` runs the very same broadcast on CPU, which is how it is tested without GPUs.
+"""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters the learner updates, detached CPU copies in a fixed (named_parameters) order."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise KeyError(f"weights for unknown parameters: {unknown[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+class BroadcastGroup:
+    """A process group of learner rank 0 (group rank 0) and the rollout workers, for weight broadcast."""
+
+    def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300):
+        store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
+        opts = timedelta(seconds=timeout_s)
+        if backend == "nccl":
+            self.group = dist.ProcessGroupNCCL(store, rank, world_size)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        elif backend == "gloo":
+            self.group = dist.ProcessGroupGloo(store, rank, world_size, opts)
+            self.device = torch.device("cpu")
+        else:
+            raise ValueError(f"unknown collective backend {backend!r}")
+        self.store, self.rank = store, rank
+
+    def broadcast(self, model: torch.nn.Module) -> float:
+        """Send (rank 0) or receive (others) every trainable tensor in place; returns the seconds taken."""
+        t = time.perf_counter()
+        with torch.no_grad():
+            for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+                buf = p.data if p.device == self.device else p.data.to(self.device)
+                opts = dist.BroadcastOptions()
+                opts.rootRank = 0
+                self.group.broadcast([buf], opts).wait()
+                if buf is not p.data:
+                    p.data.copy_(buf)
+        return time.perf_counter() - t

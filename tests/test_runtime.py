@@ -1,0 +1,140 @@
+"""The Ray runtime on local Ray (num_cpus=2) and the tiny world: same updates as the reference loop, weight
+versions, colocated == object_store, a killed rollout worker, resume, Gumbel on the learner, bad resources."""
+import json
+import os
+import signal
+
+import pytest
+import ray
+import torch
+
+from raycap.config import load_config
+from raycap.errors import UserError
+from raycap.train import main as train_main
+
+FAST = ["--set", "eval_images=100", "--set", "max_new_tokens=8", "--set", "eval_every=100", "--set", "threads=1",
+        "--set", "batch_size=24", "--set", "num_candidates=24"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session(tmp_path_factory):
+    env = {"RAYCAP_CACHE": str(tmp_path_factory.getbasetemp() / "cache"), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run(world, out, *extra, runtime="ray"):
+    return train_main(["--config", "world-demo", "--out", str(out), "--runtime", runtime,
+                       "--set", f"world_dir={world}", *FAST, *extra])
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def config(world, *overrides):
+    return load_config("world-demo", [f"world_dir={world}", "eval_images=100", "max_new_tokens=8", "threads=1",
+                                      "batch_size=24", "num_candidates=24", *overrides])
+
+
+def test_ray_runtime_matches_the_reference_loop(tiny_world_dir, tmp_path):
+    ray_run = run(tiny_world_dir, tmp_path / "ray", "--set", "steps=3")
+    local = run(tiny_world_dir, tmp_path / "local", "--set", "steps=3", runtime="local")
+    a, b = records(tmp_path / "ray"), records(tmp_path / "local")
+    for key in ("reward_mean", "kl", "loss", "train_p_at_1"):
+        assert [r[key] for r in a[1:]] == pytest.approx([r[key] for r in b[1:]], rel=1e-4, abs=1e-5), key
+    assert ray_run["p_at_1"] == pytest.approx(local["p_at_1"], abs=0.011)
+    assert [r["policy_lag"] for r in a[1:]] == [0, 0, 0]
+    assert (tmp_path / "ray" / "final" / "raycap_clipcap.json").is_file()
+
+
+def test_two_rollout_workers_use_the_newest_weights(tiny_world_dir, tmp_path):
+    from raycap.runtime.controller import Controller
+
+    c = Controller(config(tiny_world_dir, "runtime.rollout_workers=2", "steps=3"), tmp_path)
+    try:
+        for step in range(3):
+            record, _ = c.run_step(step, None)
+            assert record["policy_lag"] == 0 and c.version == step + 1
+        img = ray.get(c.reward.batch.remote(3))[1][:2]
+        versions = ray.get([w.rollout.remote(3, img, c.version, c.weights) for w in c.rollouts])
+        assert [v["version"] for v in versions] == [3, 3]
+    finally:
+        c.shutdown()
+
+
+def test_colocated_gives_the_same_updates_as_object_store(tiny_world_dir, tmp_path):
+    run(tiny_world_dir, tmp_path / "store", "--set", "steps=3")
+    run(tiny_world_dir, tmp_path / "colo", "--set", "steps=3", "--set", "runtime.weight_sync=colocated")
+    a, b = records(tmp_path / "store"), records(tmp_path / "colo")
+    assert [r["reward_mean"] for r in a[1:]] == pytest.approx([r["reward_mean"] for r in b[1:]], rel=1e-5)
+    assert all(r["weight_sync_seconds"] == 0 for r in b[1:])
+
+
+def test_policy_lag_one_overlaps_rollouts_with_the_update(tiny_world_dir, tmp_path):
+    run(tiny_world_dir, tmp_path, "--set", "steps=3", "--set", "runtime.max_policy_lag=1")
+    assert [r["policy_lag"] for r in records(tmp_path)[1:]] == [0, 1, 1]
+
+
+def test_broadcast_weight_sync_over_gloo(tiny_world_dir, tmp_path):
+    from raycap.runtime.controller import Controller
+
+    c = Controller(config(tiny_world_dir, "runtime.weight_sync=nccl", "runtime.collective_backend=gloo",
+                          "runtime.rollout_workers=2", "steps=2"), tmp_path)
+    try:
+        for step in range(2):
+            c.run_step(step, None)
+        learner = ray.get(c.learners[0].publish.remote())
+        for w in c.rollouts:
+            worker = ray.get(w.trainable_state.remote())
+            assert worker.keys() == learner.keys() and all(torch.equal(worker[k], learner[k]) for k in learner)
+        img = ray.get(c.reward.batch.remote(2))[1][:2]
+        assert ray.get(c.rollouts[1].rollout.remote(2, img, c.version, None))["version"] == 2
+    finally:
+        c.shutdown()
+
+
+def test_a_killed_rollout_worker_is_restarted_and_the_run_completes(tiny_world_dir, tmp_path):
+    from raycap.runtime.controller import Controller
+
+    c = Controller(config(tiny_world_dir, "runtime.rollout_workers=2", "steps=4"), tmp_path)
+    try:
+        c.run_step(0, None)
+        os.kill(ray.get(c.rollouts[0].pid.remote()), signal.SIGKILL)
+        for step in range(1, 4):
+            record, _ = c.run_step(step, None)
+        assert c.restarts == 1 and record["actor_restarts"] == 1 and c.version == 4
+    finally:
+        c.shutdown()
+
+
+def test_resume_continues_the_step_counter_and_metrics(tiny_world_dir, tmp_path, capsys):
+    run(tiny_world_dir, tmp_path, "--set", "steps=2", "--set", "checkpoint_every=2")
+    final = run(tiny_world_dir, tmp_path, "--set", "steps=3", "--set", "checkpoint_every=2")
+    assert "resuming from" in capsys.readouterr().out and final["updates"] == 1
+    assert [r["step"] for r in records(tmp_path)] == [0, 1, 2, 3]
+    assert (tmp_path / "checkpoints" / "step-3" / "controller.pt").is_file()
+
+
+def test_gumbel_mode_runs_on_the_learner(tiny_world_dir, tmp_path):
+    final = run(tiny_world_dir, tmp_path, "--set", "steps=2", "--set", "method=gumbel")
+    assert final["updates"] == 2
+    assert all(r["clip_cos"] == r["clip_cos"] for r in records(tmp_path)[1:])  # finite, logged
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("runtime.gpus_per_learner=1", "need 1 GPU"),
+    ("runtime.cpus_per_rollout=8", "need 8.75 CPU"),
+])
+def test_resources_beyond_the_cluster_fail_fast(tiny_world_dir, tmp_path, override, needle):
+    with pytest.raises(UserError, match=needle):
+        from raycap.runtime.controller import Controller
+
+        Controller(config(tiny_world_dir, override), tmp_path)
+
+
+def test_zero_workers_is_a_config_error(tiny_world_dir):
+    with pytest.raises(UserError, match="rollout_workers"):
+        config(tiny_world_dir, "runtime.rollout_workers=0")
