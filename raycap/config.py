@@ -87,6 +87,10 @@ class RLConfig(BaseModel):
             raise ValueError("baseline 'loo' needs num_samples >= 2")
         if self.num_candidates > self.batch_size + self.hard_distractors:
             raise ValueError(f"num_candidates ({self.num_candidates}) exceeds batch_size + hard_distractors")
+        rows = self.batch_size * (1 if self.method == "gumbel" else self.num_samples)
+        if rows % self.runtime.learner_workers:
+            raise ValueError(f"runtime.learner_workers ({self.runtime.learner_workers}) must divide the "
+                             f"{rows} captions of a batch")
         if self.hard_distractors >= self.num_candidates:
             raise ValueError("hard_distractors must be < num_candidates")
         return self

@@ -113,7 +113,7 @@ class LocalTrainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        log = RunLog(self.out)
+        log = RunLog(self.out, self.step)
         if self.step == 0:
             initial = self.evaluate()
             log.write({"step": 0, "eval": initial})

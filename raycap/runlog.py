@@ -8,9 +8,16 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class RunLog:
-    def __init__(self, out: Path):
-        self.writer = SummaryWriter(str(Path(out) / "tensorboard"))
-        self.file = (Path(out) / "metrics.jsonl").open("a")
+    """Opening at `step` (a resumed run) drops the records of later steps, which a killed run wrote after its
+    last checkpoint and the resumed run will redo, so the log reads as one run."""
+
+    def __init__(self, out: Path, step: int = 0):
+        path = Path(out) / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=step + 1 if step else None)
+        self.file = path.open("a")
 
     def write(self, record: dict) -> None:
         """Append a record (must hold "step"); its float fields, and those of record["eval"], go to TensorBoard."""

@@ -43,13 +43,17 @@ def test_train_runs_each_mode_and_writes_the_run_dir(tiny_world_dir, tmp_path, e
 
 
 def test_train_resumes_with_the_same_step_counter(tiny_world_dir, tmp_path, capsys):
+    import shutil
+
     out = tmp_path / "run"
-    args = ["--config", "world-demo", "--out", str(out), "--set", f"world_dir={tiny_world_dir}", *FAST]
-    train_main([*args, "--set", "steps=2"])
+    args = ["--config", "world-demo", "--out", str(out), "--set", f"world_dir={tiny_world_dir}", *FAST,
+            "--set", "checkpoint_every=2"]
     train_main([*args, "--set", "steps=3"])
-    assert "resuming from" in capsys.readouterr().out
+    shutil.rmtree(out / "checkpoints" / "step-3")  # as if killed after step 3 was logged, before its checkpoint
+    train_main([*args, "--set", "steps=4"])
+    assert "step-2 at step 2" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3]
+    assert steps == [0, 1, 2, 3, 4]
 
 
 def test_evaluate_writes_the_issue_keys(tiny_world_dir, tmp_path):

@@ -22,7 +22,7 @@ from raycap.models.loading import load_world_dir
 from raycap.rl import algorithm
 from raycap.runlog import RunLog
 from raycap.runtime import resources
-from raycap.runtime.learner import Learner, free_port, node_address
+from raycap.runtime.learner import Learner
 from raycap.runtime.metrics import DashboardMetrics
 from raycap.runtime.reward import RewardService
 from raycap.runtime.rollout import RolloutWorker
@@ -60,11 +60,11 @@ class Controller:
             **resources.in_bundle(self.pg, roles.learner + roles.rollout, rt.cpus_per_reward, rt.gpus_per_reward),
             **opts).remote(cfg_json)
         images = self.reward.image_embeddings.remote() if config.method == "gumbel" else None
-        addr = ray.get(ray.remote(num_cpus=0)(node_address).remote())
-        port = ray.get(ray.remote(num_cpus=0)(free_port).remote())
         self.learners = [ray.remote(Learner).options(
-            **resources.in_bundle(self.pg, i, rt.cpus_per_learner, rt.gpus_per_learner)).remote(
-                cfg_json, i, addr, port, images) for i in range(roles.learner)]
+            **resources.in_bundle(self.pg, i, rt.cpus_per_learner, rt.gpus_per_learner)).remote(cfg_json, i)
+            for i in range(roles.learner)]
+        addr, port = ray.get(self.learners[0].address.remote())
+        ray.get([lr.setup.remote(addr, port, images) for lr in self.learners])
         self.rollouts = [ray.remote(RolloutWorker).options(
             **resources.in_bundle(self.pg, roles.learner + i, rt.cpus_per_rollout, rt.gpus_per_rollout),
             **opts).remote(cfg_json, i) for i in range(roles.rollout)]
@@ -197,7 +197,7 @@ class Controller:
     # -- the run ----------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg
-        log = RunLog(self.out)
+        log = RunLog(self.out, self.step)
         if self.step == 0:
             initial = self.evaluate()
             log.write({"step": 0, "eval": initial})

@@ -48,16 +48,25 @@ def deepspeed_config(cfg: RLConfig, rows_per_rank: int) -> dict:
 
 
 class Learner:
-    def __init__(self, config_json: str, rank: int, master_addr: str, master_port: int,
-                 images: torch.Tensor | None = None):
+    """Created on its bundle first; `setup` then joins the process group (rank 0's address, found by
+    `address()` on rank 0's own node) and builds the DeepSpeed engine."""
+
+    def __init__(self, config_json: str, rank: int):
+        self.cfg = RLConfig.model_validate_json(config_json)
+        torch.set_num_threads(self.cfg.threads or os.cpu_count())
+        torch.manual_seed(self.cfg.seed + rank)
+        self.rank, self.version = rank, 0
+        self.group: BroadcastGroup | None = None
+        self._joiner = None
+
+    def address(self) -> tuple[str, int]:
+        return node_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int, images: torch.Tensor | None = None) -> None:
         import deepspeed
 
-        self.cfg = cfg = RLConfig.model_validate_json(config_json)
-        rt = cfg.runtime
-        torch.set_num_threads(cfg.threads or os.cpu_count())
-        torch.manual_seed(cfg.seed + rank)
-        self.rank = rank
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+        cfg, rt = self.cfg, self.cfg.runtime
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(rt.learner_workers), LOCAL_RANK="0")
         gpu = rt.gpus_per_learner > 0 and torch.cuda.is_available()
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False)
@@ -76,9 +85,6 @@ class Learner:
             pw = load_world_dir(cfg.world_dir)
             self.scorer = algorithm.Scorer(pw.retriever.to(self.device), images.to(self.device), pw.tokenizer,
                                            policy.stop_ids, cfg)
-        self.version = 0
-        self.group: BroadcastGroup | None = None
-        self._joiner = None
 
     @property
     def policy(self):

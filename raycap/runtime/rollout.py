@@ -36,7 +36,8 @@ class RolloutWorker:
         trainable = trainable_names(self.policy, self.cfg.train_lm)
         for n, p in self.policy.named_parameters():  # the learner's trainable set, addressed by broadcasts
             p.requires_grad_(n in trainable)
-        self.policy.eval()
+        self.device = torch.device("cuda" if self.cfg.runtime.gpus_per_rollout and torch.cuda.is_available() else "cpu")
+        self.policy.to(self.device).eval()
         self.group: BroadcastGroup | None = None
 
     def pid(self) -> int:
@@ -68,6 +69,6 @@ class RolloutWorker:
             sync, self.version = time.perf_counter() - t, version
         t = time.perf_counter()
         with torch.no_grad():
-            caps = algorithm.rollout(self.policy, img, self.cfg, step, self.shard, greedy=greedy)
+            caps = algorithm.rollout(self.policy, img.to(self.device), self.cfg, step, self.shard, greedy=greedy)
         return captions_payload(caps, self.version, sync_seconds=sync, decode_seconds=time.perf_counter() - t,
                                 pid=os.getpid())
