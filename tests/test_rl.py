@@ -53,7 +53,10 @@ def test_word_swaps_are_distinct_and_exclude_the_caption():
 
 def test_self_check_against_a_hand_computation():
     table = {"red square": [1.0, 0.0], "square red": [0.6, 0.8], "x": [0.0, 1.0]}
-    encode = lambda texts: torch.tensor([table[t] for t in texts])  # noqa: E731
+
+    def encode(texts):
+        return torch.tensor([table[t] for t in texts])
+
     image = unit([1, 0], [0, 1])
     got = self_check(["red square", "x"], image, encode, logit_scale=5.0)
     # caption 0 vs its one swap: cos 1.0 vs 0.6; caption 1 has no variant and scores 0

@@ -10,6 +10,7 @@ restarts of crashed actors and the dashboard metrics.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -55,18 +56,20 @@ class Controller:
         self.pg = resources.reserve(rt)
         roles = resources.Roles.of(rt)
         cfg_json = config.model_dump_json()
+        threads = config.threads or os.cpu_count()
         opts = {"max_restarts": rt.max_restarts, "max_task_retries": rt.max_restarts}
         self.reward = ray.remote(RewardService).options(
-            **resources.in_bundle(self.pg, roles.learner + roles.rollout, rt.cpus_per_reward, rt.gpus_per_reward),
+            **resources.in_bundle(self.pg, roles.learner + roles.rollout, rt.cpus_per_reward, rt.gpus_per_reward,
+                                 threads),
             **opts).remote(cfg_json)
         images = self.reward.image_embeddings.remote() if config.method == "gumbel" else None
         self.learners = [ray.remote(Learner).options(
-            **resources.in_bundle(self.pg, i, rt.cpus_per_learner, rt.gpus_per_learner)).remote(cfg_json, i)
+            **resources.in_bundle(self.pg, i, rt.cpus_per_learner, rt.gpus_per_learner, threads)).remote(cfg_json, i)
             for i in range(roles.learner)]
         addr, port = ray.get(self.learners[0].address.remote())
         ray.get([lr.setup.remote(addr, port, images) for lr in self.learners])
         self.rollouts = [ray.remote(RolloutWorker).options(
-            **resources.in_bundle(self.pg, roles.learner + i, rt.cpus_per_rollout, rt.gpus_per_rollout),
+            **resources.in_bundle(self.pg, roles.learner + i, rt.cpus_per_rollout, rt.gpus_per_rollout, threads),
             **opts).remote(cfg_json, i) for i in range(roles.rollout)]
         self.decoders = self.learners if rt.weight_sync == "colocated" else self.rollouts
         self.pids = ray.get([a.pid.remote() for a in self.decoders])
@@ -75,6 +78,7 @@ class Controller:
         self.metrics = DashboardMetrics(self.out.name)
         self.advantages = algorithm.Advantages(config)
         self.step, self.version, self.weights, self.restarts = 0, 0, None, 0
+        self._next_batch: dict[int, ray.ObjectRef] = {}
         self._resume()
 
     # -- weights ----------------------------------------------------------------------------------------
@@ -86,19 +90,20 @@ class Controller:
                  for i, w in enumerate(self.rollouts)])
 
     def publish(self) -> float:
-        """Move the learner's new weights (version `self.version`) to the rollouts; returns the seconds taken
-        on the controller's critical path."""
+        """Move the learner's weights (version `self.version`) to the rollouts outside an update (resume, or
+        after a Gumbel step); returns the seconds taken. After a REINFORCE update `learn` has done it."""
         mode = self.cfg.runtime.weight_sync
-        if mode == "colocated":
-            return 0.0  # the rollouts decode with the learner's own module
         t = time.perf_counter()
         if mode == "object_store":
             self.weights = [self.learners[0].publish.remote()]
-            ray.wait(self.weights)  # the state dict is in the object store; workers fetch it when they decode
+            ray.wait(self.weights)
         elif mode == "nccl":
-            ray.get([self.learners[0].send_broadcast.remote()]
-                    + [w.receive_broadcast.remote(self.version) for w in self.rollouts])
+            self._broadcast()
         return time.perf_counter() - t
+
+    def _broadcast(self) -> None:
+        ray.get([self.learners[0].send_broadcast.remote()]
+                + [w.receive_broadcast.remote(self.version) for w in self.rollouts])
 
     # -- one step ---------------------------------------------------------------------------------------
     def submit_rollouts(self, step: int, img: torch.Tensor, greedy: bool = False) -> list:
@@ -120,23 +125,40 @@ class Controller:
         return tokens, lengths, info
 
     def learn(self, step: int, img, tokens, lengths, advantages, cands=None) -> dict:
-        n = len(self.learners)
+        """The learner ranks' update on their shards, then the new weights to the rollouts (version + 1)."""
+        n, mode = len(self.learners), self.cfg.runtime.weight_sync
         rows = [list(torch.tensor_split(x, n)) if x is not None else [None] * n
                 for x in (img, tokens, lengths, advantages, cands)]
-        stats = ray.get([lr.update.remote(step, *(r[i] for r in rows)) for i, lr in enumerate(self.learners)])
-        out = {k: sum(s[k] for s in stats) / n for k in stats[0] if isinstance(stats[0][k], float)}
+        refs = [lr.update.options(num_returns=2).remote(step, *(r[i] for r in rows),
+                                                        publish=i == 0 and mode == "object_store")
+                for i, lr in enumerate(self.learners)]
+        stats = ray.get([r[0] for r in refs])
+        self.version += 1
+        t = time.perf_counter()
+        if mode == "object_store":
+            self.weights = [refs[0][1]]  # already in the object store; workers fetch it when they decode
+        elif mode == "nccl":
+            self._broadcast()
+        out = {k: sum(s[k] for s in stats) / n for k in stats[0]
+               if isinstance(stats[0][k], float) and all(k in s for s in stats)}
         out["learner_seconds"] = max(s["learner_seconds"] for s in stats)
+        moved = 0.0 if mode == "colocated" else time.perf_counter() - t  # colocated: nothing moves
+        out["weight_sync_seconds"] = moved + stats[0].get("publish_seconds", 0.0)
         return out
+
+    def _batch(self, step: int):
+        ref = self._next_batch.pop(step, None) or self.reward.batch.remote(step)
+        return ray.get(ref)
 
     def run_step(self, step: int, pending: list | None) -> tuple[dict, list | None]:
         """One update. `pending` holds this step's rollouts if they were started early (max_policy_lag=1)."""
         cfg = self.cfg
         t = time.perf_counter()
-        _idx, img, cands = ray.get(self.reward.batch.remote(step))
+        _, img, cands = self._batch(step)
+        if step + 1 < cfg.steps:  # drawn by the reward service while this step runs
+            self._next_batch[step + 1] = self.reward.batch.remote(step + 1)
         if cfg.method == "gumbel":
             record = self.learn(step, img, None, None, None, cands)
-            self.version += 1
-            record["weight_sync_seconds"] = self.publish()
             return record | {"step_seconds": time.perf_counter() - t}, None
         refs = pending or self.submit_rollouts(step, img)
         greedy_refs = self.submit_rollouts(step, img, greedy=True) if cfg.baseline == "greedy" else None
@@ -150,17 +172,15 @@ class Controller:
         advantages = r - self.advantages.baseline(r, greedy)
         nxt = None
         if cfg.runtime.max_policy_lag >= 1 and step + 1 < cfg.steps:  # decode t+1 while the learner updates t
-            nxt = self.submit_rollouts(step + 1, ray.get(self.reward.batch.remote(step + 1))[1])
-        stats = self.learn(step, img, tokens, lengths, advantages)
+            nxt = self.submit_rollouts(step + 1, ray.get(self._next_batch[step + 1])[1])
         policy_lag = self.version - info["rollout_version"]
-        self.version += 1
-        sync = self.publish()
-        record = stats | {
+        record = self.learn(step, img, tokens, lengths, advantages)
+        record |= {
             "reward_mean": float(r.mean()), "reward_std": float(r.std()),
             "train_p_at_1": float(scores["accuracy"].mean()), "caption_length": float(lengths.float().mean()),
-            "example": scores["texts"][0], "policy_lag": float(policy_lag),
-            "weight_sync_seconds": sync + info["rollout_sync_seconds"], "decode_seconds": info["decode_seconds"],
+            "example": scores["texts"][0], "policy_lag": float(policy_lag), "decode_seconds": info["decode_seconds"],
             "score_seconds": scores["score_seconds"], "actor_restarts": self.restarts}
+        record["weight_sync_seconds"] += info["rollout_sync_seconds"]
         if scores["check"] is not None:
             record |= {"task_reward": float(scores["task"].mean()), "self_check": float(scores["check"].mean())}
         record["step_seconds"] = time.perf_counter() - t

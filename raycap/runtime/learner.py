@@ -22,7 +22,7 @@ from raycap.config import RLConfig
 from raycap.models.loading import load_captioner, load_world_dir
 from raycap.rl import algorithm
 from raycap.runtime.rollout import captions_payload
-from raycap.runtime.weights import BroadcastGroup, trainable_state
+from raycap.runtime.weights import BroadcastGroup, flat_weights
 
 
 def free_port() -> int:
@@ -37,12 +37,17 @@ def node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
+CLIP_NORM = 1.0  # as the reference loop
+
+
 def deepspeed_config(cfg: RLConfig, rows_per_rank: int) -> dict:
     """Adam (passed in as the client optimizer: plain torch Adam at a constant lr, as the reference loop),
-    gradient clipping at 1.0 like the reference loop, ZeRO stage from the config; fp32."""
-    world = cfg.runtime.learner_workers
+    ZeRO stage from the config, fp32. Gradients are clipped to norm 1.0: by DeepSpeed under ZeRO 1-2 (the
+    gradients are partitioned), and without ZeRO by the reference loop's own `clip_grad_norm_` after the
+    all-reduce, so that one rank reproduces the reference loop's updates bit for bit."""
+    world, zero = cfg.runtime.learner_workers, cfg.runtime.zero_stage
     return {"train_batch_size": rows_per_rank * world, "train_micro_batch_size_per_gpu": rows_per_rank,
-            "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+            "gradient_accumulation_steps": 1, "gradient_clipping": CLIP_NORM if zero else 0.0,
             "zero_optimization": {"stage": cfg.runtime.zero_stage}, "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
@@ -94,7 +99,10 @@ class Learner:
         return os.getpid()
 
     # -- the update ---------------------------------------------------------------------------------------
-    def update(self, step: int, img, tokens, lengths, advantages, cands=None) -> dict:
+    def update(self, step: int, img, tokens, lengths, advantages, cands=None, publish: bool = False):
+        """One optimizer step on this rank's shard. Returns (statistics, the new trainable weights if
+        `publish`, else None): the controller calls it with two returns, so under weight_sync=object_store
+        the weights reach the object store without another round trip."""
         t = time.perf_counter()
         img = img.to(self.device)
         if self.cfg.method == "gumbel":
@@ -106,10 +114,16 @@ class Learner:
                                                    lengths.to(self.device), advantages.to(self.device), self.cfg)
         algorithm.check_loss(loss, step)
         self.engine.backward(loss)
+        if not self.cfg.runtime.zero_stage:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), CLIP_NORM)
         self.engine.step()
         self.version += 1
-        return stats | {"loss": float(loss.detach()), "learner_seconds": time.perf_counter() - t,
-                        "version": self.version}
+        stats |= {"loss": float(loss.detach()), "learner_seconds": time.perf_counter() - t, "version": self.version}
+        if not publish:
+            return stats, None
+        t = time.perf_counter()
+        weights = flat_weights(self.policy)
+        return stats | {"publish_seconds": time.perf_counter() - t}, weights
 
     # -- colocated rollouts -------------------------------------------------------------------------------
     def rollout(self, step: int, img, version: int, weights=None, greedy: bool = False) -> dict:
@@ -123,9 +137,9 @@ class Learner:
                                 pid=os.getpid())
 
     # -- weight movement ----------------------------------------------------------------------------------
-    def publish(self) -> dict[str, torch.Tensor]:
-        """The trainable weights, returned through the object store (weight_sync=object_store)."""
-        return trainable_state(self.policy)
+    def publish(self):
+        """The trainable weights as one flat array, returned through the object store."""
+        return flat_weights(self.policy)
 
     def start_broadcast(self, backend: str, world_size: int) -> tuple[str, int]:
         host, port = node_address(), free_port()

@@ -10,7 +10,7 @@ import torch
 from raycap.config import RLConfig
 from raycap.models.loading import load_captioner
 from raycap.rl import algorithm
-from raycap.runtime.weights import BroadcastGroup, load_trainable, trainable_state
+from raycap.runtime.weights import BroadcastGroup, flat_weights, load_flat_weights
 
 
 def captions_payload(caps, version: int, **extra) -> dict:
@@ -43,8 +43,8 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.policy)
+    def weights(self):
+        return flat_weights(self.policy)
 
     def join_broadcast(self, backend: str, host: str, port: int, rank: int, world_size: int) -> None:
         self.group = BroadcastGroup(backend, host, port, rank, world_size)
@@ -56,7 +56,7 @@ class RolloutWorker:
 
     def rollout(self, step: int, img: torch.Tensor, version: int, weights: list | None, greedy: bool = False) -> dict:
         """Decode this worker's shard. If the worker's copy is older than `version`, first load `weights` (a
-        one-element list holding the object ref of the learner's trainable state)."""
+        one-element list holding the object ref of the learner's flat trainable weights)."""
         sync = 0.0
         if version != self.version:
             if not weights:
@@ -65,7 +65,7 @@ class RolloutWorker:
             import ray
 
             t = time.perf_counter()
-            load_trainable(self.policy, ray.get(weights[0]))
+            load_flat_weights(self.policy, ray.get(weights[0]))
             sync, self.version = time.perf_counter() - t, version
         t = time.perf_counter()
         with torch.no_grad():
