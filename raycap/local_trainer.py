@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from raycap.config import RLConfig
 from raycap.data.cache import world_image_embeddings
 from raycap.models.clipcap import ClipCap
 from raycap.models.loading import PretrainedWorld, load_world_dir
 from raycap.rl import algorithm
-from raycap.runlog import RunLog
+from raycap.runlog import run_updates
 from raycap.supervised.captioner import evaluate_captioner
 
 STATE_FILE = "trainer_state.pt"
@@ -112,33 +110,15 @@ class LocalTrainer:
         return {k: v for k, v in res.items() if k != "examples"} | {"examples": res["examples"][:3]}
 
     def fit(self) -> dict:
-        cfg = self.cfg
-        log = RunLog(self.out, self.step)
-        if self.step == 0:
-            initial = self.evaluate()
-            log.write({"step": 0, "eval": initial})
-            self.log(f"step 0 (supervised captioner): P@1 {initial['p_at_1']:.3f}, wellformed "
-                     f"{initial['wellformed']:.3f}, faithful {initial['faithful']:.3f}")
-        t0, start = time.time(), self.step
-        bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc="rl", dynamic_ncols=True)
-        for step in bar:
-            t = time.time()
+        def update(step):
             record = self.update(step)
             self.step = step + 1
-            record.update(step=self.step, step_seconds=round(time.time() - t, 3))
-            bar.set_postfix(reward=f"{record.get('reward_mean', record.get('clip_cos', 0)):.3f}",
-                            p1=f"{record['train_p_at_1']:.2f}", kl=f"{record['kl']:.3f}")
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                record["eval"] = self.evaluate()
-                self.log(f"step {self.step}: " + json.dumps({k: v for k, v in record["eval"].items()
-                                                              if k != "examples"}))
-            log.write(record)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save(self.out / "checkpoints" / f"step-{self.step}")
+            return record
+
+        def checkpoint(step):
+            self.save(self.out / "checkpoints" / f"step-{step}")
+
+        final = run_updates(self.cfg, self.out, self.step, update, self.evaluate, checkpoint, self.log)
         self.save(self.out / "final")
-        final = self.evaluate()
-        final["rl_seconds"] = round(time.time() - t0, 1)
-        final["updates"] = self.step - start
         (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        log.close()
         return final

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import ray
 import torch
-from tqdm import tqdm
 
 from raycap.config import RLConfig
 from raycap.models.loading import load_world_dir
 from raycap.rl import algorithm
-from raycap.runlog import RunLog
+from raycap.runlog import run_updates
 from raycap.runtime import resources
 from raycap.runtime.learner import Learner
 from raycap.runtime.metrics import DashboardMetrics
@@ -52,7 +51,8 @@ class Controller:
         (self.out / "config.json").write_text(config.model_dump_json(indent=2))
         self.owns_ray, self.dashboard_url = resources.start_ray(rt)
         if self.dashboard_url:
-            log(f"Ray dashboard: http://{self.dashboard_url}  (raycap_* metrics under Metrics)")
+            log(f"Ray dashboard: http://{self.dashboard_url}  (actors under Cluster/Actors; raycap_* metrics on "
+                "its Prometheus endpoint and Metrics tab)")
         self.pg = resources.reserve(rt)
         roles = resources.Roles.of(rt)
         cfg_json = config.model_dump_json()
@@ -216,35 +216,18 @@ class Controller:
 
     # -- the run ----------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg = self.cfg
-        log = RunLog(self.out, self.step)
-        if self.step == 0:
-            initial = self.evaluate()
-            log.write({"step": 0, "eval": initial})
-            self.log(f"step 0 (supervised captioner): P@1 {initial['p_at_1']:.3f}, wellformed "
-                     f"{initial['wellformed']:.3f}, faithful {initial['faithful']:.3f}")
-        t0, start, pending = time.time(), self.step, None
-        bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc="rl", dynamic_ncols=True)
-        for step in bar:
-            record, pending = self.run_step(step, pending)
+        state = {"pending": None}
+
+        def update(step):
+            record, state["pending"] = self.run_step(step, state["pending"])
             self.step = step + 1
-            record["step"] = self.step
-            self.metrics.record(record)
-            bar.set_postfix(reward=f"{record.get('reward_mean', record.get('clip_cos', 0)):.3f}",
-                            p1=f"{record['train_p_at_1']:.2f}", kl=f"{record['kl']:.3f}")
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                record["eval"] = self.evaluate()
-                self.log(f"step {self.step}: " + json.dumps({k: v for k, v in record["eval"].items()
-                                                              if k != "examples"}))
-            log.write(record)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save(f"step-{self.step}")
-        final = self.evaluate()
+            return record
+
+        final = run_updates(self.cfg, self.out, self.step, update, self.evaluate,
+                            lambda step: self.save(f"step-{step}"), self.log, self.metrics.record)
         _copy_tree(self.out / "checkpoints" / f"step-{self.step}" / "captioner", self.out / "final")
-        final |= {"rl_seconds": round(time.time() - t0, 1), "updates": self.step - start,
-                  "actor_restarts": self.restarts}
+        final["actor_restarts"] = self.restarts
         (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        log.close()
         return final
 
     def shutdown(self) -> None:
