@@ -163,7 +163,7 @@ class Learner:
     def save(self, directory: str, tag: str, client_state: dict) -> None:
         """DeepSpeed checkpoint (model, optimizer, every rank) under `directory/tag`, plus, from rank 0, a
         loadable captioner with its tokenizer under `directory/tag/captioner`."""
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state | {"torch_rng": torch.get_rng_state()})
         if self.rank == 0:
             out = Path(directory) / tag / "captioner"
             self.policy.save_pretrained(out)
@@ -172,4 +172,5 @@ class Learner:
     def load(self, directory: str, tag: str) -> dict:
         _, client_state = self.engine.load_checkpoint(directory, tag=tag)
         self.version = int(client_state["version"])
+        torch.set_rng_state(client_state["torch_rng"])  # Gumbel noise continues where it stopped
         return client_state
