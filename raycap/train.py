@@ -3,6 +3,10 @@
 `--config` is a named config shipped with raycap (see `--list-configs`) or a YAML path; `--set` overrides any
 field (raycap.config.RLConfig). The run dir gets config.json, metrics.jsonl, TensorBoard logs, checkpoints
 every N steps (resumed automatically), final/ (captioner + tokenizer) and final_metrics.json.
+
+By default the run goes on Ray (`raycap.runtime`: rollout workers, a reward service and DeepSpeed learner
+ranks, placed by the config's `runtime` section; a local Ray is started unless `runtime.address` names a
+cluster); `--runtime local` runs the single-process reference loop, which computes the same updates.
 """
 from __future__ import annotations
 
