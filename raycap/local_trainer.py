@@ -17,7 +17,7 @@ from raycap.data.cache import world_image_embeddings
 from raycap.models.clipcap import ClipCap
 from raycap.models.loading import PretrainedWorld, load_world_dir
 from raycap.rl import algorithm
-from raycap.runlog import run_updates
+from raycap.runlog import last_checkpoint, run_updates
 from raycap.supervised.captioner import evaluate_captioner
 
 STATE_FILE = "trainer_state.pt"
@@ -42,8 +42,7 @@ class LocalTrainer:
         self.pw: PretrainedWorld = load_world_dir(config.world_dir)
         self.policy = self.pw.captioner
         self.policy.config.max_new_tokens = config.max_new_tokens
-        if not config.train_lm:
-            self.policy.lm.requires_grad_(False)
+        self.policy.set_trainable(config.train_lm)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.retriever = self.pw.retriever
         self.images = world_image_embeddings(self.retriever, self.pw.world, "train")
@@ -57,10 +56,9 @@ class LocalTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _resume(self):
-        ckpts = sorted((self.out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        if not ckpts:
+        last = last_checkpoint(self.out, STATE_FILE)
+        if last is None:
             return
-        last = ckpts[-1]
         self.policy.load_state_dict(ClipCap.from_pretrained(last).state_dict())
         state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
         self.opt.load_state_dict(state["optimizer"])
@@ -106,8 +104,8 @@ class LocalTrainer:
 
     # -- the run --------------------------------------------------------------------------------------
     def evaluate(self, n: int | None = None) -> dict:
-        res = evaluate_captioner(self.policy, self.retriever, self.pw.world, "test", n or self.cfg.eval_images)
-        return {k: v for k, v in res.items() if k != "examples"} | {"examples": res["examples"][:3]}
+        return evaluate_captioner(self.policy, self.retriever, self.pw.world, "test", n or self.cfg.eval_images,
+                                  examples=3)
 
     def fit(self) -> dict:
         def update(step):

@@ -34,6 +34,12 @@ class RunLog:
         self.file.close()
 
 
+def last_checkpoint(out: Path, marker: str) -> Path | None:
+    """The newest `out/checkpoints/step-N` holding `marker`, the file a checkpoint writes last (None if none)."""
+    done = [p for p in (Path(out) / "checkpoints").glob("step-*") if (p / marker).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
 def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=print, on_record=None) -> dict:
     """The loop both runtimes share: evaluate at step 0, then `update(step) -> record` for each remaining step
     with evaluations every `eval_every`, checkpoints every `checkpoint_every` (and at the end), the run log,

@@ -180,6 +180,12 @@ class ClipCap(nn.Module):
             self.lm.eval()
         return self
 
+    def set_trainable(self, train_lm: bool) -> None:
+        """What RL updates: the mapper, and the LM when `train_lm` and the checkpoint does not freeze it. Every
+        copy of a policy (learner, rollout workers, evaluation) marks the same set, which weight movement uses."""
+        self.mapper.requires_grad_(True)
+        self.lm.requires_grad_(train_lm and self.config.train_lm)
+
     @property
     def device(self) -> torch.device:
         return next(self.mapper.parameters()).device

@@ -20,7 +20,7 @@ import torch
 from raycap.config import RLConfig
 from raycap.models.loading import load_world_dir
 from raycap.rl import algorithm
-from raycap.runlog import run_updates
+from raycap.runlog import last_checkpoint, run_updates
 from raycap.runtime import resources
 from raycap.runtime.learner import Learner
 from raycap.runtime.metrics import DashboardMetrics
@@ -89,17 +89,14 @@ class Controller:
         ray.get([w.join_broadcast.remote(rt.collective_backend, host, port, i + 1, world)
                  for i, w in enumerate(self.rollouts)])
 
-    def publish(self) -> float:
-        """Move the learner's weights (version `self.version`) to the rollouts outside an update (resume, or
-        after a Gumbel step); returns the seconds taken. After a REINFORCE update `learn` has done it."""
+    def publish(self) -> None:
+        """Move the learner's weights (version `self.version`) to the rollouts outside an update (on resume);
+        after each update `learn` does it."""
         mode = self.cfg.runtime.weight_sync
-        t = time.perf_counter()
         if mode == "object_store":
             self.weights = [self.learners[0].publish.remote()]
-            ray.wait(self.weights)
         elif mode == "nccl":
             self._broadcast()
-        return time.perf_counter() - t
 
     def _broadcast(self) -> None:
         ray.get([self.learners[0].send_broadcast.remote()]
@@ -127,7 +124,7 @@ class Controller:
     def learn(self, step: int, img, tokens, lengths, advantages, cands=None) -> dict:
         """The learner ranks' update on their shards, then the new weights to the rollouts (version + 1)."""
         n, mode = len(self.learners), self.cfg.runtime.weight_sync
-        rows = [list(torch.tensor_split(x, n)) if x is not None else [None] * n
+        rows = [shards(x, n) if x is not None else [None] * n
                 for x in (img, tokens, lengths, advantages, cands)]
         refs = [lr.update.options(num_returns=2).remote(step, *(r[i] for r in rows),
                                                         publish=i == 0 and mode == "object_store")
@@ -202,11 +199,9 @@ class Controller:
                     "restarts": self.restarts}, directory / tag / CONTROLLER_STATE)
 
     def _resume(self) -> None:
-        ckpts = sorted((p for p in (self.out / "checkpoints").glob("step-*") if (p / CONTROLLER_STATE).is_file()),
-                       key=lambda p: int(p.name.split("-")[1]))
-        if not ckpts:
+        last = last_checkpoint(self.out, CONTROLLER_STATE)
+        if last is None:
             return
-        last = ckpts[-1]
         ray.get([lr.load.remote(str(last.parent), last.name) for lr in self.learners])
         state = torch.load(last / CONTROLLER_STATE, map_location="cpu", weights_only=True)
         self.step, self.version, self.restarts = int(state["step"]), int(state["version"]), int(state["restarts"])

@@ -77,8 +77,7 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False)
         policy, self.tokenizer = load_captioner(Path(cfg.world_dir) / "captioner")
         policy.config.max_new_tokens = cfg.max_new_tokens
-        if not cfg.train_lm:
-            policy.lm.requires_grad_(False)
+        policy.set_trainable(cfg.train_lm)
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
         rows = cfg.batch_size * (1 if cfg.method == "gumbel" else cfg.num_samples) // rt.learner_workers

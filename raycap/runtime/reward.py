@@ -14,7 +14,6 @@ from raycap.config import RLConfig
 from raycap.data.cache import world_image_embeddings
 from raycap.models.loading import load_world_dir
 from raycap.rl import algorithm
-from raycap.runtime.rollout import trainable_names
 from raycap.runtime.weights import load_flat_weights
 from raycap.supervised.captioner import evaluate_captioner
 
@@ -27,6 +26,8 @@ class RewardService:
         self.images = world_image_embeddings(self.pw.retriever, self.pw.world, "train")
         self.scorer = algorithm.Scorer(self.pw.retriever, self.images, self.pw.tokenizer,
                                        self.pw.captioner.stop_ids, self.cfg)
+        self.pw.captioner.set_trainable(self.cfg.train_lm)  # evaluations load the learner's flat weights
+        self.pw.captioner.config.max_new_tokens = self.cfg.max_new_tokens
 
     def pid(self) -> int:
         return os.getpid()
@@ -47,10 +48,5 @@ class RewardService:
         """World test metrics of the captioner with the given trainable weights (greedy captions)."""
         import ray
 
-        trainable = trainable_names(self.pw.captioner, self.cfg.train_lm)
-        for name, p in self.pw.captioner.named_parameters():
-            p.requires_grad_(name in trainable)
         load_flat_weights(self.pw.captioner, ray.get(weights[0]))
-        self.pw.captioner.config.max_new_tokens = self.cfg.max_new_tokens
-        res = evaluate_captioner(self.pw.captioner, self.pw.retriever, self.pw.world, "test", n)
-        return {k: v for k, v in res.items() if k != "examples"} | {"examples": res["examples"][:3]}
+        return evaluate_captioner(self.pw.captioner, self.pw.retriever, self.pw.world, "test", n, examples=3)

@@ -19,11 +19,6 @@ def captions_payload(caps, version: int, **extra) -> dict:
             "version": version, **extra}
 
 
-def trainable_names(model, train_lm: bool) -> set[str]:
-    """Names of the parameters the learner updates: the mapper, and the LM when `train_lm`."""
-    return {n for n, _ in model.named_parameters() if train_lm or not n.startswith("lm.")}
-
-
 class RolloutWorker:
     """Holds a frozen copy of the captioner; decodes greedy / sampled (KV cache) for one shard of each batch."""
 
@@ -33,9 +28,7 @@ class RolloutWorker:
         self.shard, self.version = shard, 0
         self.policy, _ = load_captioner(Path(self.cfg.world_dir) / "captioner")
         self.policy.config.max_new_tokens = self.cfg.max_new_tokens
-        trainable = trainable_names(self.policy, self.cfg.train_lm)
-        for n, p in self.policy.named_parameters():  # the learner's trainable set, addressed by broadcasts
-            p.requires_grad_(n in trainable)
+        self.policy.set_trainable(self.cfg.train_lm)  # the learner's trainable set, addressed by weight movement
         self.device = torch.device("cuda" if self.cfg.runtime.gpus_per_rollout and torch.cuda.is_available() else "cpu")
         self.policy.to(self.device).eval()
         self.group: BroadcastGroup | None = None

@@ -108,17 +108,17 @@ def world_captions(captioner: ClipCap, retriever: Retriever, world: World, split
 
 
 @torch.no_grad()
-def score_captions(captions, retriever: Retriever, image_emb, scenes, seed: int = 0) -> dict:
+def score_captions(captions, retriever: Retriever, image_emb, scenes, seed: int = 0, examples: int = 8) -> dict:
     """Retrieval P@1 among 100 (target + 99 random images of the split, fixed seed), the world's caption
-    checks and vocabulary statistics."""
+    checks and vocabulary statistics, with the first `examples` captions beside their full descriptions."""
     text_emb = retriever.encode_captions(captions)
     return {"p_at_1": p_at_1(text_emb, image_emb, candidate_sets(len(scenes), 100, seed)),
             **caption_checks(captions, scenes), **vocabulary_metrics(captions),
-            "examples": [{"full": s.full_description, "caption": c} for s, c in zip(scenes[:8], captions[:8])]}
+            "examples": [{"full": s.full_description, "caption": c} for s, c in zip(scenes[:examples], captions[:examples])]}
 
 
 def evaluate_captioner(captioner: ClipCap, retriever: Retriever, world: World, split: str = "test",
-                       n: int | None = None, mode: str = "greedy", seed: int = 0) -> dict:
+                       n: int | None = None, mode: str = "greedy", seed: int = 0, examples: int = 8) -> dict:
     """Greedy captions of a split, scored by `score_captions`."""
     captions, image_emb, scenes = world_captions(captioner, retriever, world, split, n, mode)
-    return score_captions(captions, retriever, image_emb, scenes, seed)
+    return score_captions(captions, retriever, image_emb, scenes, seed, examples)
