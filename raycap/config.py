@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from raycap.errors import UserError, format_validation_error
 
@@ -14,10 +14,22 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).parent / "assets"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` names a loopback interface (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class RuntimeConfig(BaseModel):
     """Where the Ray runtime puts each role and how weights move (`raycap.runtime`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite: lr=.inf fails here
 
     rollout_workers: int = Field(1, ge=1, description="RolloutWorker actors (ignored when colocated)")
     learner_workers: int = Field(1, ge=1, description="DeepSpeed learner ranks")
@@ -36,15 +48,28 @@ class RuntimeConfig(BaseModel):
     address: str | None = Field(None, description="Ray cluster to join ('auto'); None starts local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: this machine's)")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (default: detected)")
-    dashboard_host: str = "127.0.0.1"
+    allow_public_dashboard: bool = Field(False, description="accept a non-loopback dashboard_host (trusted "
+                                         "networks only: see ShadowRay, CVE-2023-48022)")
+    dashboard_host: str = Field("127.0.0.1", description="interface of a local Ray's dashboard; a non-loopback "
+                                "address exposes Ray's Jobs API (anyone reaching it can run code) and needs "
+                                "allow_public_dashboard")
     dashboard_port: int = Field(8265, ge=1, le=65535)
     placement_timeout_s: float = Field(60.0, gt=0, description="seconds to wait for the placement group")
+
+    @field_validator("dashboard_host")
+    @classmethod
+    def _loopback_dashboard(cls, host: str, info: ValidationInfo) -> str:
+        if not is_loopback(host) and not info.data.get("allow_public_dashboard"):
+            raise ValueError(f"{host!r} is not a loopback address: it would expose Ray's dashboard and Jobs API, "
+                             "which runs code for anyone who can reach it (ShadowRay, CVE-2023-48022); use "
+                             "127.0.0.1, or set runtime.allow_public_dashboard: true on a trusted network")
+        return host
 
 
 class RLConfig(BaseModel):
     """One RL run (DiscriTune or Gumbel CLIP relevance) on the shapes world."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite (nan and inf refused)
 
     world_dir: str = Field(str(ASSETS_DIR / "world"), description="pretrained world: world.json, retriever/, captioner/")
     method: Literal["discritune", "gumbel"] = "discritune"
@@ -53,9 +78,13 @@ class RLConfig(BaseModel):
     baseline_momentum: float = Field(0.9, ge=0, lt=1)
     num_samples: int = Field(1, ge=1, description="sampled captions per image (loo needs >= 2)")
     rollout: Literal["sample", "greedy"] = "sample"
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; the trained policy is "
+                               "softmax(logits / temperature): REINFORCE log-probs, KL guard and entropy read it")
     kl_coef: float = Field(0.1, ge=0)
-    kl_estimator: Literal["full", "sampled"] = "full"
+    kl_estimator: Literal["full", "sampled"] = Field("full", description="full: exact KL over the vocabulary "
+                                                     "per position; sampled: k2 on the sampled tokens (large vocabularies)")
+    importance_ratio_cap: float = Field(2.0, ge=1, description="truncation of the sequence importance ratio "
+                                        "pi/mu that reweights rollouts of an older policy (runtime.max_policy_lag=1)")
     entropy_coef: float = Field(0.0, ge=0)
     cosine_coef: float = Field(0.0, ge=0, description="adds cosine_coef * logit_scale * cos(caption, target): an "
                                "absolute match term that, unlike the relative discriminative reward, charges "
@@ -77,8 +106,9 @@ class RLConfig(BaseModel):
     eval_images: int = Field(1000, ge=100)
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
-    threads: int | None = Field(None, ge=1, description="torch threads of each process (default: all cores; "
-                                "Ray actors too, whose OMP_NUM_THREADS Ray would otherwise set to their CPU share)")
+    threads: int | None = Field(None, ge=1, description="torch and OpenMP threads of every process, Ray actors "
+                                "included (default: the local runtime uses all cores; each Ray actor its CPU "
+                                "share rounded up, at least 1: raycap.runtime.resources.actor_threads)")
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
@@ -87,10 +117,12 @@ class RLConfig(BaseModel):
             raise ValueError("baseline 'loo' needs num_samples >= 2")
         if self.num_candidates > self.batch_size + self.hard_distractors:
             raise ValueError(f"num_candidates ({self.num_candidates}) exceeds batch_size + hard_distractors")
-        rows = self.batch_size * (1 if self.method == "gumbel" else self.num_samples)
-        if rows % self.runtime.learner_workers:
-            raise ValueError(f"runtime.learner_workers ({self.runtime.learner_workers}) must divide the "
-                             f"{rows} captions of a batch")
+        if self.batch_size % self.runtime.learner_workers:  # all samples of an image stay on one rank
+            raise ValueError(f"runtime.learner_workers ({self.runtime.learner_workers}) must divide batch_size "
+                             f"({self.batch_size}): each learner rank takes whole images with all their samples")
+        if self.runtime.max_policy_lag and self.rollout != "sample":
+            raise ValueError("runtime.max_policy_lag=1 needs rollout: sample (the off-policy correction "
+                             "reweights by the sampling distribution)")
         if self.hard_distractors >= self.num_candidates:
             raise ValueError("hard_distractors must be < num_candidates")
         return self
@@ -106,6 +138,35 @@ def set_dotted(data: dict, key: str, value) -> None:
     node[parts[-1]] = value
 
 
+def check_override_key(key: str, model: type[BaseModel] | None = None) -> None:
+    """A `--set KEY` must name a field of `model` (default RLConfig), dotted through its sections; otherwise a
+    UserError naming `--set KEY` and listing the valid keys of that section."""
+    model = model or RLConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = f"section {'.'.join(parts[:i])!r}" if i else "the top level"
+            raise UserError(f"--set {key}: unknown key {part!r} in {where}; valid keys: {', '.join(fields)}")
+        if i < len(parts) - 1:
+            sub = fields[part].annotation
+            if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+                raise UserError(f"--set {key}: {'.'.join(parts[:i + 1])!r} is a setting, not a section")
+            model = sub
+
+
+def yaml_error(e: yaml.YAMLError) -> str:
+    """One line from a YAML error, keeping where it is: `line L, column C: problem (context at line ...)`."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(e).split())
+    msg = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        msg += f" ({context}" + (f" at line {cmark.line + 1}, column {cmark.column + 1})" if cmark else ")")
+    return msg
+
+
 def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
     out = []
     for pair in pairs:
@@ -114,8 +175,8 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
         key, value = pair.split("=", 1)
         try:
             out.append((key.strip(), yaml.safe_load(value)))
-        except yaml.YAMLError:
-            raise UserError(f"--set {pair!r}: value is not valid YAML") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {pair!r}: value is not valid YAML ({yaml_error(e)})") from None
     return out
 
 
@@ -136,12 +197,18 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> RLConfig:
     except OSError as e:
         raise UserError(f"{path}: cannot read config: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path}: invalid YAML: {yaml_error(e)}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a config must be a mapping of settings")
+        raise UserError(f"{path}: a config must be a mapping of settings, not a {type(data).__name__}")
+    set_keys = set()
     for key, value in parse_overrides(list(overrides)):
+        check_override_key(key)
         set_dotted(data, key, value)
+        set_keys.add(key)
     try:
         return RLConfig.model_validate(data)
     except ValidationError as e:
+        locs = {".".join(str(x) for x in err.get("loc", ())) for err in e.errors()}
+        if locs and locs <= set_keys:  # only overridden values are wrong: blame the --set, not the YAML file
+            raise UserError("--set " + format_validation_error(e)) from None
         raise UserError(format_validation_error(e, str(path))) from None

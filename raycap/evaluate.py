@@ -13,6 +13,10 @@ from pathlib import Path
 
 from raycap.config import ASSETS_DIR
 from raycap.errors import UserError, exit_on_user_error
+from raycap.paths import check_output_file
+from raycap.progress import quiet_library_progress
+
+MIN_IMAGES = 100  # P@1 candidates per target (raycap.metrics.retrieval.candidate_sets)
 
 
 def evaluate_world(captioner_dir: Path, world_dir: Path, split: str, n: int | None, mode: str,
@@ -54,12 +58,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args, split: str) -> None:
+    """One-line UserErrors for arguments that would fail only after the models load or the evaluation ran."""
+    if args.images is not None and args.images < MIN_IMAGES:
+        raise UserError(f"--images {args.images}: P@1 ranks each target among {MIN_IMAGES} candidates (target + "
+                        f"{MIN_IMAGES - 1} other images), so at least {MIN_IMAGES} images are needed")
+    if args.num_beams < 1:
+        raise UserError(f"--num-beams {args.num_beams}: must be >= 1")
+    if not args.captioner.is_dir():
+        raise UserError(f"--captioner {args.captioner}: no such directory")
+    world_json = args.world_dir / "world.json"
+    if world_json.is_file():  # cheap: the split's size, before the models load
+        from raycap.data.world import WorldConfig
+
+        try:
+            data = json.loads(world_json.read_text())
+        except ValueError as e:
+            raise UserError(f"{world_json}: not valid JSON ({e})") from None
+        size = WorldConfig.parse(data, str(world_json)).split_size(split)
+        if size < MIN_IMAGES:
+            raise UserError(f"{world_json}: the {split} split has {size} images; P@1 needs at least {MIN_IMAGES}")
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     with exit_on_user_error():
         kind, _, split = args.dataset.partition(":")
         if kind != "world" or split not in ("test", "val", "train"):
             raise UserError(f"--dataset {args.dataset!r}: expected world:test or world:val")
+        check_arguments(args, split)  # before any model loads, and the --json path before the evaluation runs
+        quiet_library_progress()
         result = evaluate_world(args.captioner, args.world_dir, split, args.images, args.decoding, args.num_beams)
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
     if args.json:

@@ -17,10 +17,10 @@ from raycap.data.cache import world_image_embeddings
 from raycap.models.clipcap import ClipCap
 from raycap.models.loading import PretrainedWorld, load_world_dir
 from raycap.rl import algorithm
-from raycap.runlog import last_checkpoint, run_updates
+from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
 from raycap.supervised.captioner import evaluate_captioner
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = CHECKPOINT_MARKERS["local"]  # "trainer_state.pt"
 
 
 def summarise(scores: algorithm.Scores, lengths: torch.Tensor) -> dict:
@@ -34,8 +34,9 @@ def summarise(scores: algorithm.Scores, lengths: torch.Tensor) -> dict:
 
 
 class LocalTrainer:
-    def __init__(self, config: RLConfig, out: Path, log=print):
+    def __init__(self, config: RLConfig, out: Path, log=print, allow_new_config: bool = False):
         self.cfg, self.out, self.log = config, Path(out), log
+        prepare_run_dir(self.out, config, "local", allow_new_config)  # before anything loads or is written
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
@@ -50,8 +51,6 @@ class LocalTrainer:
         self.opt = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=config.lr)
         self.advantages = algorithm.Advantages(config)
         self.step = 0
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(config.model_dump_json(indent=2))
         self._resume()
 
     # -- checkpoints ----------------------------------------------------------------------------------
@@ -79,7 +78,7 @@ class LocalTrainer:
         _, img, cands = self.scorer.batch(step)
         if cfg.method == "gumbel":
             loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img, cands,
-                                                self.pw.tokenizer.eos_token_id, cfg)
+                                                self.pw.tokenizer.eos_token_id, cfg, step)
             self._step(loss)
             return stats | {"loss": float(loss.detach())}
         caps = algorithm.rollout(self.policy, img, cfg, step)
@@ -103,8 +102,8 @@ class LocalTrainer:
         self.opt.step()
 
     # -- the run --------------------------------------------------------------------------------------
-    def evaluate(self, n: int | None = None) -> dict:
-        return evaluate_captioner(self.policy, self.retriever, self.pw.world, "test", n or self.cfg.eval_images,
+    def evaluate(self, split: str = "val") -> dict:
+        return evaluate_captioner(self.policy, self.retriever, self.pw.world, split, self.cfg.eval_images,
                                   examples=3)
 
     def fit(self) -> dict:

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from raycap.config import parse_overrides
+from raycap.config import check_override_key, parse_overrides, yaml_error
 from raycap.data.world import World, WorldConfig
 from raycap.errors import UserError, exit_on_user_error
+from raycap.paths import check_output_dir
+from raycap.progress import quiet_library_progress
 
 STAGES = ("retriever", "captioner")
 
@@ -28,8 +30,15 @@ def load_world_config(path: str | None, overrides: dict, out: Path) -> WorldConf
     if path:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"{path}: cannot read world config: {str(e).splitlines()[0]}") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read world config: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: invalid YAML: {yaml_error(e)}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a world config must be a mapping of settings (see "
+                            f"raycap.data.world.WorldConfig), not a {type(data).__name__}")
+    for key in overrides:
+        check_override_key(key, WorldConfig)
     data.update(overrides)
     config = WorldConfig.parse(data, source=path or "world")
     saved = out / "world.json"
@@ -77,7 +86,9 @@ def run(args) -> dict:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
     out: Path = args.out
+    check_output_dir(out, "--out")
     world_config = load_world_config(args.world_config, dict(parse_overrides(args.set)), out)
+    quiet_library_progress()
     out.mkdir(parents=True, exist_ok=True)
     (out / "world.json").write_text(world_config.model_dump_json(indent=2))
     if args.threads:

@@ -2,9 +2,36 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
+
+from raycap.errors import UserError
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (what a SIGKILL or a full disk leaves mid-write) is
+    dropped with a warning on stderr; an unreadable line before the last one is a UserError naming it."""
+    lines = Path(path).read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer 'step'")
+        except ValueError as e:
+            if i == last:
+                print(f"warning: {path}: dropping its torn last line {i + 1} ({str(e).splitlines()[0]}), "
+                      "left by an interrupted write; that step is redone", file=sys.stderr)
+                continue
+            raise UserError(f"{path}: line {i + 1} is not a valid JSON record ({str(e).splitlines()[0]}); "
+                            "fix or delete that line to resume, or use a new --out") from None
+        records.append(record)
+    return records
 
 
 class RunLog:
@@ -14,7 +41,8 @@ class RunLog:
     def __init__(self, out: Path, step: int = 0):
         path = Path(out) / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            kept = [json.dumps(r) for r in (read_records(path) if step else ())  # a fresh start keeps none
+                    if r["step"] <= step]
             path.write_text("".join(line + "\n" for line in kept))
         self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=step + 1 if step else None)
         self.file = path.open("a")
@@ -40,22 +68,112 @@ def last_checkpoint(out: Path, marker: str) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+CHECKPOINT_MARKERS = {"local": "trainer_state.pt", "ray": "controller.pt"}  # each runtime's checkpoint marker
+RUN_FILE = "run.json"  # which runtime made the run dir
+CHANGES_FILE = "config_changes.jsonl"  # one record per resume with a changed config
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: dict, config) -> dict[str, tuple]:
+    """{dotted field: (old value, new value)} between a run dir's config.json and `config` (a pydantic model);
+    fields the old config lacks take their defaults."""
+    try:
+        old = type(config).model_validate(old).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 — a config from an older raycap: compare what is there
+        pass
+    a, b = _flat(old), _flat(config.model_dump(mode="json"))
+    missing = "(unset)"
+    return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(a.keys() | b.keys())
+            if a.get(k, missing) != b.get(k, missing)}
+
+
+def _recorded_runtime(out: Path) -> str | None:
+    try:
+        return json.loads((out / RUN_FILE).read_text())["runtime"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for name, marker in CHECKPOINT_MARKERS.items():  # a run dir from before run.json: its checkpoints tell
+        if last_checkpoint(out, marker) is not None:
+            return name
+    return None
+
+
+def prepare_run_dir(out: Path, config, runtime: str, allow_new_config: bool = False) -> None:
+    """Check a run dir before anything loads or writes, then record the run's config and runtime in it.
+
+    A run dir that already holds a run (metrics or checkpoints) is resumed only by the runtime that made it
+    and with the config it was made with: anything else is a one-line UserError naming the differences, unless
+    `allow_new_config` (`--resume-with-new-config`), which logs the change in `config_changes.jsonl`. A larger
+    `steps` alone extends the run and is allowed (and logged); fewer steps than the last checkpoint holds are
+    refused either way."""
+    out = Path(out)
+    started = (out / "metrics.jsonl").is_file() or any((out / "checkpoints").glob("step-*"))
+    changes: dict = {}
+    if started:
+        recorded = _recorded_runtime(out)
+        if recorded is not None and recorded != runtime:
+            raise UserError(f"{out}: this run dir was made by the {recorded} runtime and --runtime {runtime} "
+                            f"cannot resume it; re-run with --runtime {recorded} or use a new --out")
+        last = last_checkpoint(out, CHECKPOINT_MARKERS[runtime])
+        done = int(last.name.split("-")[1]) if last else 0
+        if config.steps < done:
+            raise UserError(f"{out}: steps={config.steps} but its checkpoint {last.name} already holds {done} "
+                            f"updates; pass steps >= {done} or use a new --out")
+        if (out / "config.json").is_file():
+            try:
+                old = json.loads((out / "config.json").read_text())
+            except ValueError:
+                raise UserError(f"{out / 'config.json'}: not valid JSON; fix it or use a new --out") from None
+            changes = config_diff(old, config)
+        extension = set(changes) <= {"steps"} and (not changes or changes["steps"][1] > changes["steps"][0])
+        if changes and not extension and not allow_new_config:
+            listed = ", ".join(f"{k}: {a} -> {b}" for k, a, b in ((k, *v) for k, v in changes.items()))
+            raise UserError(f"{out}: this run dir was made with a different config ({listed}); pass "
+                            "--resume-with-new-config to continue with the new one")
+        metrics = out / "metrics.jsonl"
+        if done and metrics.is_file():  # read now, before anything loads: a torn middle line is refused here and
+            records = read_records(metrics)  # a torn last line dropped (with a warning) once
+            if len(records) < sum(1 for line in metrics.read_text().splitlines() if line.strip()):
+                metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out.mkdir(parents=True, exist_ok=True)
+    if changes:
+        import time
+
+        with (out / CHANGES_FILE).open("a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "runtime": runtime,
+                                "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+    (out / "config.json").write_text(config.model_dump_json(indent=2))
+    (out / RUN_FILE).write_text(json.dumps({"runtime": runtime}) + "\n")
+
+
 def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=print, on_record=None) -> dict:
     """The loop both runtimes share: evaluate at step 0, then `update(step) -> record` for each remaining step
     with evaluations every `eval_every`, checkpoints every `checkpoint_every` (and at the end), the run log,
-    and a tqdm bar. Returns the final evaluation with `rl_seconds` and `updates`."""
+    and a progress bar (whole lines in a log file: raycap.progress). `evaluate(split)`: the evaluations during
+    the run read the validation split (what a user may choose settings on); the test split is read once, at the
+    end. Returns that final test evaluation
+    with `rl_seconds` and `updates`."""
     import time
 
-    from tqdm import tqdm
+    from raycap.progress import progress
 
     runlog = RunLog(out, start)
     if start == 0:
-        initial = evaluate()
+        initial = evaluate("val")
         runlog.write({"step": 0, "eval": initial})
-        log(f"step 0 (supervised captioner): P@1 {initial['p_at_1']:.3f}, wellformed "
+        log(f"step 0 (supervised captioner, val): P@1 {initial['p_at_1']:.3f}, wellformed "
             f"{initial['wellformed']:.3f}, faithful {initial['faithful']:.3f}")
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl", dynamic_ncols=True)
+    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl")
     for step in bar:
         t = time.time()
         record = update(step)
@@ -66,11 +184,11 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
         bar.set_postfix(reward=f"{record.get('reward_mean', record.get('clip_cos', 0)):.3f}",
                         p1=f"{record['train_p_at_1']:.2f}", kl=f"{record['kl']:.3f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            record["eval"] = evaluate()
-            log(f"step {step + 1}: " + json.dumps({k: v for k, v in record["eval"].items() if k != "examples"}))
+            record["eval"] = evaluate("val")
+            log(f"step {step + 1} (val): " + json.dumps({k: v for k, v in record["eval"].items() if k != "examples"}))
         runlog.write(record)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             checkpoint(step + 1)
-    final = evaluate() | {"rl_seconds": round(time.time() - t0, 1), "updates": max(0, cfg.steps - start)}
+    final = evaluate("test") | {"split": "test", "rl_seconds": round(time.time() - t0, 1), "updates": max(0, cfg.steps - start)}
     runlog.close()
     return final

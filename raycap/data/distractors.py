@@ -35,11 +35,14 @@ def candidates(batch: torch.Tensor, pool: torch.Tensor | None = None, k_hard: in
     """(B, C) pool indices per target of a batch (`batch` holds pool indices): target first, then k_hard
     nearest neighbours, then random others from the batch (also standing in for
     hard distractors that the near-duplicate threshold left out). C defaults to B (the paper: batch 100 -> 99
-    distractors)."""
+    distractors). Every row has C distinct images: when the batch has too few others (C > B and some hard
+    distractors were left out), the rest are drawn at random from the pool."""
     B = len(batch)
     C = num_candidates or B
     if C - 1 - k_hard > B - 1:
         raise ValueError(f"{C} candidates need {C - 1 - k_hard} random distractors but the batch has {B - 1} others")
+    if pool is not None and C > len(pool):
+        raise ValueError(f"{C} candidates asked from a pool of {len(pool)} images")
     hard = nearest(batch, pool, k_hard, max_cos) if k_hard else batch.new_zeros((B, 0))
     rows = []
     for b in range(B):
@@ -47,5 +50,16 @@ def candidates(batch: torch.Tensor, pool: torch.Tensor | None = None, k_hard: in
         others = torch.cat([batch[:b], batch[b + 1:]])
         others = others[~torch.isin(others, found)]
         pick = others[torch.randperm(len(others), generator=generator)[: C - 1 - len(found)].to(others.device)]
-        rows.append(torch.cat([batch[b:b + 1], found, pick]))
+        row = torch.cat([batch[b:b + 1], found, pick])
+        if len(row) < C:
+            row = torch.cat([row, _fill(row, len(pool), C - len(row), generator)])
+        rows.append(row)
     return torch.stack(rows)
+
+
+def _fill(taken: torch.Tensor, pool_size: int, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """n random pool indices not in `taken`."""
+    free = torch.ones(pool_size, dtype=torch.bool)
+    free[taken.cpu()] = False
+    idx = free.nonzero().squeeze(1)
+    return idx[torch.randperm(len(idx), generator=generator)[:n]].to(taken.device)

@@ -42,7 +42,7 @@ def article(word: str) -> str:
 class WorldConfig(BaseModel):
     """What the world looks like and how big its splits are. Every field is validated."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite
 
     seed: int = 0
     image_size: int = Field(48, ge=16, le=512)

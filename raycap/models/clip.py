@@ -18,10 +18,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from raycap.errors import UserError
+from raycap.models.safetensors_io import load_weights
 from raycap.models.tokenizers import encode as encode_ids
 from raycap.models.tokenizers import load_tokenizer
 
@@ -88,7 +89,7 @@ class Retriever(nn.Module):
             model, tok = open_clip.CLIP(**meta["model_cfg"]), load_tokenizer(path / "tokenizer")
         else:
             model, tok = open_clip.create_model(meta["name"], pretrained=None), OpenClipTokenizer(meta["name"])
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        model.load_state_dict(load_weights(path / WEIGHTS_FILE))
         return cls(model, tok, meta)
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from raycap.errors import UserError
+from raycap.models.safetensors_io import load_weights, reading_weights
 from raycap.rl.losses import token_logprobs
 
 CONFIG_NAME = "raycap_clipcap.json"
@@ -139,6 +140,18 @@ def _reorder_cache(past, idx: Tensor):
     return tuple(tuple(t.index_select(0, idx) for t in layer) for layer in past)
 
 
+def sample_next(logits: Tensor, temperature: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Draw one token per row from softmax(logits / temperature); returns (ids, their log-probs under that
+    tempered distribution). The randomness is one uniform per row drawn on the CPU with `generator` (a CPU
+    generator, as `raycap.rl.algorithm.generator` builds) and then moved to the logits' device, so sampling
+    never hands a CPU generator to a CUDA op and the same seed draws the same captions on CPU and GPU."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64).to(logits.device)
+    cdf = logp.double().exp().cumsum(-1)
+    nxt = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+    return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
+
+
 def _pad(rows: list[Tensor], value, dtype, device) -> Tensor:
     T = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), T), value, dtype=dtype, device=device)
@@ -202,7 +215,10 @@ class ClipCap(nn.Module):
     def _step(self, prefix: Tensor, tokens: Tensor, past, use_cache: bool):
         """Next-token logits (N, V) after [prefix; tokens]; with a cache only the last token is fed."""
         if use_cache and past is not None:
-            out = self.lm(input_ids=tokens[:, -1:], past_key_values=past, use_cache=True)
+            # every position is attended (finished rows keep decoding pads that are masked out later): the mask
+            # of ones changes nothing but tells transformers so, instead of its "pass an attention_mask" warning
+            mask = torch.ones(tokens.size(0), prefix.size(1) + tokens.size(1), dtype=torch.long, device=tokens.device)
+            out = self.lm(input_ids=tokens[:, -1:], past_key_values=past, attention_mask=mask, use_cache=True)
         else:
             out = self.lm(inputs_embeds=self._embed(prefix, tokens), use_cache=use_cache)
         return out.logits[:, -1].float(), (out.past_key_values if use_cache else None)
@@ -217,7 +233,8 @@ class ClipCap(nn.Module):
         """Decode captions for (B, clip_dim) embeddings with mode "greedy" | "sample" | "beam".
 
         Returns B*num_samples captions, image-major. For beam search, num_samples (<= num_beams) is the number
-        of best hypotheses returned per image. `logprobs` are under the untempered model distribution.
+        of best hypotheses returned per image. `logprobs` are under the distribution the tokens were drawn from:
+        softmax(logits / temperature) when sampling (the tempered policy), the model's own otherwise.
         """
         max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         prefix = self.prefix(image_embeds)
@@ -241,10 +258,9 @@ class ClipCap(nn.Module):
             logits, past = self._step(prefix, tokens, past, use_cache)
             if mode == "greedy":
                 nxt = logits.argmax(-1)
+                lp = F.log_softmax(logits, -1).gather(1, nxt[:, None]).squeeze(1)
             else:
-                probs = F.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            lp = F.log_softmax(logits, -1).gather(1, nxt[:, None]).squeeze(1)
+                nxt, lp = sample_next(logits, temperature, generator)
             nxt = nxt.masked_fill(done, self.config.pad_token_id)
             tokens = torch.cat([tokens, nxt[:, None]], 1)
             logprobs = torch.cat([logprobs, lp.masked_fill(done, 0.0)[:, None]], 1)
@@ -373,15 +389,20 @@ class ClipCap(nn.Module):
         lm_dir = path / LM_DIR
         if not (lm_dir / "config.json").is_file():
             raise UserError(f"{path} is not a raycap ClipCap checkpoint: missing {LM_DIR}/config.json")
-        if not any(lm_dir.glob("*.safetensors")) and not any(lm_dir.glob("*.bin")):
-            raise UserError(f"{path} is not a raycap ClipCap checkpoint: missing LM weights in {LM_DIR}/")
+        if not any(lm_dir.glob("*.safetensors")):  # raycap writes safetensors; a pickled *.bin could run code
+            pickled = ": pickled *.bin weights are not loaded" if any(lm_dir.glob("*.bin")) else ""
+            raise UserError(f"{path} is not a raycap ClipCap checkpoint: missing LM weights in {LM_DIR}/ "
+                            f"(*.safetensors){pickled}")
         fields = {f.name for f in dataclasses.fields(ClipCapConfig)}
         bad = sorted(set(overrides) - fields)
         if bad:
             raise TypeError(f"unknown ClipCapConfig fields in overrides: {bad}")
         config = ClipCapConfig(**{**{k: v for k, v in d.items() if k in fields}, **overrides})
-        model = cls(config, lm=AutoModelForCausalLM.from_pretrained(lm_dir))
-        model.mapper.load_state_dict(load_file(str(path / MAPPER_NAME)))
+        lm_files = sorted(lm_dir.glob("*.safetensors"))
+        with reading_weights(lm_files[0] if len(lm_files) == 1 else lm_dir):
+            lm = AutoModelForCausalLM.from_pretrained(lm_dir, use_safetensors=True)
+        model = cls(config, lm=lm)
+        model.mapper.load_state_dict(load_weights(path / MAPPER_NAME))
         return model
 
     @classmethod

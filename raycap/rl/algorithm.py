@@ -6,6 +6,10 @@
 - `Advantages`: the baseline (none, running mean, self-critical, leave-one-out);
 - `reinforce_loss` / `gumbel_loss`: the learner's loss, with the KL guard to the frozen reference captioner.
 
+The policy is the distribution rollouts sample from: softmax(logits / temperature) when `rollout: sample`, so
+the REINFORCE log-probs, the KL guard and the entropy all read the tempered logits. Rollouts that an older
+policy sampled (`runtime.max_policy_lag: 1`) are reweighted by a truncated sequence importance ratio.
+
 The reference loop (`raycap.local_trainer`) calls them in one process and `raycap.runtime` calls the very
 same functions inside actors, so the two compute the same update. No Ray here.
 """
@@ -24,12 +28,17 @@ from raycap.rl import baselines, losses, rewards
 from raycap.rl.gumbel import gumbel_decode
 from raycap.rl.self_check import self_check
 
-CANDIDATES, ROLLOUT, SELF_CHECK = 0, 1, 2  # independent random streams of one step
+CANDIDATES, ROLLOUT, SELF_CHECK, GUMBEL = 0, 1, 2, 3  # independent random streams of one step
 
 
 def generator(seed: int, step: int, stream: int, shard: int = 0) -> torch.Generator:
     """The generator of one random stream of one step (and one rollout shard): any process can rebuild it."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, stream, shard]).generate_state(1)[0]))
+
+
+def policy_temperature(cfg: RLConfig) -> float:
+    """The temperature of the policy being trained: the sampling temperature (greedy rollouts: 1)."""
+    return cfg.temperature if cfg.rollout == "sample" else 1.0
 
 
 def rollout(policy: ClipCap, img: torch.Tensor, cfg: RLConfig, step: int, shard: int = 0,
@@ -80,7 +89,7 @@ class Scorer:
         emb = self.retriever.encode_captions(texts)
         task = rewards.compute(cfg.reward, emb, self.images, cands, self.logit_scale, batch=step)
         if cfg.cosine_coef:
-            task = task + cfg.cosine_coef * self.logit_scale * rewards.cosine(emb, self.images[cands[:, 0]])
+            task = task + cfg.cosine_coef * rewards.cosine(emb, self.images[cands[:, 0]], self.logit_scale)
         check, reward = None, task
         if cfg.self_check_coef:
             check = self_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions, self.logit_scale,
@@ -117,7 +126,8 @@ class Advantages:
 
 
 def kl_guard(reference: ClipCap, img, tokens, lengths, logits, token_lp, estimator: str) -> torch.Tensor:
-    """(N,) KL of the policy to the frozen reference captioner on the given tokens."""
+    """(N,) KL(policy || frozen reference captioner) on the given tokens: exact per position ("full"), or the
+    k2 estimate from the sampled tokens ("sampled"), whose gradient is the reverse KL's in expectation."""
     with torch.no_grad():
         ref_logits = reference.logits(img, tokens)
     if estimator == "full":
@@ -126,27 +136,38 @@ def kl_guard(reference: ClipCap, img, tokens, lengths, logits, token_lp, estimat
 
 
 def reinforce_loss(policy: ClipCap, reference: ClipCap, img, tokens, lengths, advantages,
-                   cfg: RLConfig) -> tuple[torch.Tensor, dict]:
-    """REINFORCE `-(R-b) log P(c|i)` by teacher forcing, + kl_coef * KL guard - entropy_coef * entropy."""
+                   cfg: RLConfig, behaviour_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """REINFORCE `-(R-b) log P(c|i)` by teacher forcing, + kl_coef * KL guard - entropy_coef * entropy, all
+    under the tempered policy. `behaviour_logprobs` (N, T): per-token log-probs under the policy that sampled
+    the captions when it is older than this one (off-policy); each caption's term is then weighted by the
+    importance ratio pi(c)/mu(c), truncated at `importance_ratio_cap`."""
     policy.eval()
-    logits = policy.logits(img, tokens)
+    logits = policy.logits(img, tokens) / policy_temperature(cfg)
     token_lp = losses.token_logprobs(logits, tokens)
-    pg = losses.reinforce(token_lp, lengths, advantages, cfg.length_normalise)
+    stats = {}
+    weights = None
+    if behaviour_logprobs is not None:
+        ratio = losses.importance_ratio(token_lp.detach(), behaviour_logprobs.to(token_lp.device), lengths)
+        weights = ratio.clamp(max=cfg.importance_ratio_cap)
+        stats = {"importance_ratio_mean": float(ratio.mean()), "importance_ratio_max": float(ratio.max()),
+                 "importance_ratio_truncated": float((ratio > cfg.importance_ratio_cap).float().mean())}
+    pg = losses.reinforce(token_lp, lengths, advantages, cfg.length_normalise, weights)
     kl = kl_guard(reference, img, tokens, lengths, logits, token_lp, cfg.kl_estimator)
     ent = losses.entropy(logits, lengths)
     loss = pg + cfg.kl_coef * kl.mean()
     if cfg.entropy_coef:
         loss = loss - cfg.entropy_coef * ent.mean()
-    return loss, {"kl": float(kl.detach().mean()), "entropy": float(ent.detach().mean()),
-                  "advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0}
+    return loss, stats | {"kl": float(kl.detach().mean()), "entropy": float(ent.detach().mean()),
+                          "advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0}
 
 
 def gumbel_loss(policy: ClipCap, reference: ClipCap, scorer: Scorer, img, cands, eos_id: int,
-                cfg: RLConfig) -> tuple[torch.Tensor, dict]:
-    """Straight-through Gumbel decode -> frozen CLIP text encoder -> `-cos(v, c)` or the discriminative loss,
-    + kl_coef * KL guard. Gradients reach the captioner; the retriever is frozen."""
+                cfg: RLConfig, step: int, shard: int = 0) -> tuple[torch.Tensor, dict]:
+    """Straight-through Gumbel decode (noise of the step's GUMBEL stream) -> frozen CLIP text encoder ->
+    `-cos(v, c)` or the discriminative loss, + kl_coef * KL guard. Gradients reach the captioner; the retriever
+    is frozen."""
     policy.eval()
-    soft = gumbel_decode(policy, img, eos_id, tau=cfg.gumbel_tau)
+    soft = gumbel_decode(policy, img, eos_id, tau=cfg.gumbel_tau, generator=generator(cfg.seed, step, GUMBEL, shard))
     text_emb = scorer.retriever.encode_soft_tokens(soft.probs, soft.lengths - 1)
     if cfg.gumbel_loss == "relevance":
         task = losses.clip_relevance(text_emb, img)

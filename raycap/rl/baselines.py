@@ -2,7 +2,8 @@
 
 - none: b = 0;
 - running mean of past rewards (exponential with `momentum`, or over a window of the last `window` batches),
-  read before the batch's own rewards are added;
+  read before the batch's own rewards are added; the first batch, with no past, gets its own mean (a baseline
+  of 0 would push every caption of the first updates down while discriminative rewards sit near -4);
 - self-critical: the reward of the greedy caption of the same image;
 - leave-one-out (RLOO, 'new self-critical'): n sampled captions per image, b_i = mean of the other n-1.
 """
@@ -26,7 +27,10 @@ class RunningMean:
         self._recent: deque[float] = deque(maxlen=window or 1)
 
     def __call__(self, rewards: torch.Tensor) -> torch.Tensor:
-        b = torch.full_like(rewards, 0.0 if self.value is None else self.value)
+        if self.value is None:
+            self.update(rewards)
+            return torch.full_like(rewards, self.value)
+        b = torch.full_like(rewards, self.value)
         self.update(rewards)
         return b
 

@@ -20,9 +20,22 @@ class SoftCaptions:
     logits: torch.Tensor      # (N, T, V) policy logits at each step (for the KL guard)
 
 
+def gumbel_softmax(logits: torch.Tensor, tau: float, hard: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """`F.gumbel_softmax` with its noise drawn on the CPU by `generator` and moved to the logits' device, so the
+    same seed gives the same captions on CPU and GPU (and a resumed run the same noise)."""
+    u = torch.rand(logits.shape, generator=generator).to(logits.device)
+    g = -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+    y = F.softmax((logits + g) / tau, dim=-1)
+    if not hard:
+        return y
+    one_hot = torch.zeros_like(y).scatter_(-1, y.argmax(-1, keepdim=True), 1.0)
+    return one_hot - y.detach() + y
+
+
 def gumbel_decode(captioner, image_embeds: torch.Tensor, eos_id: int, tau: float = 1.0, hard: bool = True,
-                  max_new_tokens: int | None = None) -> SoftCaptions:
-    """Decode with Gumbel-softmax; captions that reach max_new_tokens get a forced end token appended."""
+                  max_new_tokens: int | None = None, generator: torch.Generator | None = None) -> SoftCaptions:
+    """Decode with Gumbel-softmax (noise from `generator`, a CPU generator); captions that reach
+    max_new_tokens get a forced end token appended."""
     max_new = max_new_tokens or captioner.config.max_new_tokens
     wte = captioner.lm.get_input_embeddings().weight
     x = captioner.prefix(image_embeds)
@@ -34,7 +47,7 @@ def gumbel_decode(captioner, image_embeds: torch.Tensor, eos_id: int, tau: float
     for _ in range(max_new):
         out = captioner.lm(inputs_embeds=x, past_key_values=past, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1].float()
-        y = F.gumbel_softmax(logits, tau=tau, hard=hard)
+        y = gumbel_softmax(logits, tau, hard, generator)
         y = y * (~done)[:, None]  # finished rows emit nothing
         probs.append(y)
         logits_all.append(logits)

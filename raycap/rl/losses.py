@@ -24,9 +24,21 @@ def sequence_logprob(token_logprobs: torch.Tensor, lengths: torch.Tensor, length
 
 
 def reinforce(token_logprobs: torch.Tensor, lengths: torch.Tensor, advantages: torch.Tensor,
-              length_normalise: bool = False) -> torch.Tensor:
-    """Mean over captions of -(R - b) * log P(c|i); advantages carry no gradient."""
-    return -(advantages.detach() * sequence_logprob(token_logprobs, lengths, length_normalise)).mean()
+              length_normalise: bool = False, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over captions of -w * (R - b) * log P(c|i); advantages and the (importance) weights w carry no
+    gradient."""
+    adv = advantages.detach() if weights is None else advantages.detach() * weights.detach()
+    return -(adv * sequence_logprob(token_logprobs, lengths, length_normalise)).mean()
+
+
+def importance_ratio(policy_token_logprobs: torch.Tensor, behaviour_token_logprobs: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+    """(N,) sequence importance ratios pi(c)/mu(c) from per-token log-probs (no gradient). REINFORCE on
+    captions sampled by mu is unbiased for pi when each term is weighted by this ratio; truncating it (V-trace's
+    rho-bar, verl's truncated IS) trades a little bias for bounded variance."""
+    mask = token_mask(lengths, policy_token_logprobs.shape[1])
+    d = ((policy_token_logprobs.detach() - behaviour_token_logprobs.detach()) * mask).sum(1)
+    return d.clamp(max=80.0).exp()
 
 
 def kl_full(policy_logits: torch.Tensor, reference_logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -40,10 +52,13 @@ def kl_full(policy_logits: torch.Tensor, reference_logits: torch.Tensor, lengths
 
 def kl_sampled(policy_token_logprobs: torch.Tensor, reference_token_logprobs: torch.Tensor,
                lengths: torch.Tensor) -> torch.Tensor:
-    """KL estimate from the sampled tokens only (k3 = exp(q-p) - (q-p) - 1 >= 0), for vocabularies too large
-    for `kl_full`; (N,) summed over positions."""
-    d = reference_token_logprobs.detach() - policy_token_logprobs
-    per_token = d.exp() - d - 1
+    """KL(policy || reference) estimated from the policy's own sampled tokens, for vocabularies too large for
+    `kl_full`; (N,) summed over positions. It is k2 = 0.5 (log p - log q)^2: its gradient,
+    (log p - log q) grad log p, has the expectation of the exact KL's gradient under tokens drawn from p. (k3 =
+    exp(q-p) - (q-p) - 1, an unbiased estimate of the KL's value, has as a loss the gradient of the *forward*
+    KL(reference || policy): Tang & Munos 2025.)"""
+    d = policy_token_logprobs - reference_token_logprobs.detach()
+    per_token = 0.5 * d * d
     return (per_token * token_mask(lengths, per_token.shape[1])).sum(1)
 
 

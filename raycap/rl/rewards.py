@@ -1,9 +1,11 @@
 """Rewards of DiscriTune and CLIP relevance, on L2-normalised embeddings (pure tensor code).
 
+One scale: the retriever's logits, `logit_scale * cos` (CLIP's own; 100 for OpenAI CLIP, as CLIPScore's 100 cos).
 - discriminative: log softmax over candidates of `logit_scale * cos(text, image_j)`, read at the target
   (column 0 of `candidates`): the paper's reward;
 - accuracy: 1 if the target scores strictly above every distractor (a tie is a miss), else 0;
-- cosine: cos(text, target image), CLIPScore-like, no distractors.
+- cosine: `logit_scale * cos(text, target image)`, CLIPScore-like, no distractors (the `cosine_coef` term of
+  the discriminative reward is this same quantity).
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ def accuracy(text_emb, image_emb, candidates) -> torch.Tensor:
     return (s[:, 0] > s[:, 1:].max(dim=1).values).float()
 
 
-def cosine(text_emb, target_emb) -> torch.Tensor:
-    return (text_emb.float() * target_emb.float()).sum(-1)
+def cosine(text_emb, target_emb, logit_scale: float = 1.0) -> torch.Tensor:
+    """`logit_scale * cos(text, target)` (raw cosine with the default scale 1)."""
+    return logit_scale * (text_emb.float() * target_emb.float()).sum(-1)
 
 
 def compute(kind: str, text_emb, image_emb, candidates, logit_scale, batch: int | str = "?") -> torch.Tensor:
@@ -37,7 +40,7 @@ def compute(kind: str, text_emb, image_emb, candidates, logit_scale, batch: int 
     elif kind == "accuracy":
         r = accuracy(text_emb, image_emb, candidates)
     elif kind == "cosine":
-        r = cosine(text_emb, image_emb[candidates[:, 0]])
+        r = cosine(text_emb, image_emb[candidates[:, 0]], logit_scale)
     else:
         raise ValueError(f"unknown reward {kind!r}; choose from {', '.join(REWARDS)}")
     check_finite(r, batch)

@@ -3,12 +3,16 @@
 Swapping two words of a caption keeps its bag of words and changes what it binds: "a red square and a blue
 circle" becomes "a blue square and a red circle". A retriever that scores a caption no higher than such
 variants is not confirming the caption's bindings, so retrieval reward alone lets RL swap attributes between
-objects. The self-check is
+objects. The self-check is the mean over the caption's variants v of
 
-    log softmax_v( s * cos(text_v, image) )[caption]     over v in {caption} + word_swaps(caption),
+    log sigmoid( s * (cos(caption, image) - cos(v, image)) ) + log 2,
 
-plus log(number of texts), so that a caption no better than its variants scores 0 whatever its length, a
-correct one scores up to log(n) and a swapped one below 0. It needs only the frozen retriever, the image
+so a caption no better than its variants scores 0, one that beats each variant by a margin scores up to log 2
+and one that loses below 0, *whatever its length*: a caption that beats each of its variants by the same
+margin gets the same score however many variants it admits. (An earlier form, a log-softmax over the caption
+and its n-1 variants plus log n, let a caption that beats its variants earn up to log n: longer captions, with
+more variants, could earn more, up to log 64 = 4.2 against log 4 = 1.4 for a three-word caption.) It needs
+only the frozen retriever, the image
 embedding and the caption's text, so it runs on real images and captions as well as in the shapes world
 (compare the swap negatives of ARO and SugarCrepe). Pure tensor and string code: the encoder is a callable.
 """
@@ -19,6 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 Encoder = Callable[[Sequence[str]], torch.Tensor]
 
@@ -53,6 +58,7 @@ def self_check(captions: Sequence[str], image_emb: torch.Tensor, encode: Encoder
     out, start = [], 0
     for n, img in zip((len(g) for g in groups), image_emb.float()):
         logits = logit_scale * emb[start:start + n] @ img
-        out.append(torch.log_softmax(logits, dim=0)[0] + math.log(n))
+        margin = logits[0] - logits[1:]
+        out.append(F.logsigmoid(margin).mean() + math.log(2) if n > 1 else logits.new_zeros(()))
         start += n
     return torch.stack(out)

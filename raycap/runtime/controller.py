@@ -10,7 +10,8 @@ restarts of crashed actors and the dashboard metrics.
 from __future__ import annotations
 
 import json
-import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -20,14 +21,14 @@ import torch
 from raycap.config import RLConfig
 from raycap.models.loading import load_world_dir
 from raycap.rl import algorithm
-from raycap.runlog import last_checkpoint, run_updates
+from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
 from raycap.runtime import resources
 from raycap.runtime.learner import Learner
 from raycap.runtime.metrics import DashboardMetrics
 from raycap.runtime.reward import RewardService
 from raycap.runtime.rollout import RolloutWorker
 
-CONTROLLER_STATE = "controller.pt"
+CONTROLLER_STATE = CHECKPOINT_MARKERS["ray"]  # "controller.pt", written last
 
 
 def shards(x: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -35,20 +36,22 @@ def shards(x: torch.Tensor, n: int) -> list[torch.Tensor]:
     return list(torch.tensor_split(x, n))
 
 
-def concat_captions(parts: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def concat_captions(parts: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shards' (tokens, lengths, behaviour log-probs), padded to the longest caption."""
     T = max(p["tokens"].shape[1] for p in parts)
-    tokens = torch.cat([torch.nn.functional.pad(p["tokens"], (0, T - p["tokens"].shape[1]), value=pad_id)
-                        for p in parts])
-    return tokens, torch.cat([p["lengths"] for p in parts])
+
+    def cat(key, value):
+        return torch.cat([torch.nn.functional.pad(p[key], (0, T - p[key].shape[1]), value=value) for p in parts])
+
+    return cat("tokens", pad_id), torch.cat([p["lengths"] for p in parts]), cat("logprobs", 0.0)
 
 
 class Controller:
-    def __init__(self, config: RLConfig, out: Path, log=print):
+    def __init__(self, config: RLConfig, out: Path, log=print, allow_new_config: bool = False):
         self.cfg, self.out, self.log = config, Path(out), log
         rt = config.runtime
+        prepare_run_dir(self.out, config, "ray", allow_new_config)  # before anything loads or is written
         self.pad_id = load_world_dir(config.world_dir).captioner.config.pad_token_id  # bad dirs fail here, not in actors
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(config.model_dump_json(indent=2))
         self.owns_ray, self.dashboard_url = resources.start_ray(rt)
         if self.dashboard_url:
             log(f"Ray dashboard: http://{self.dashboard_url}  (actors under Cluster/Actors; raycap_* metrics on "
@@ -56,7 +59,7 @@ class Controller:
         self.pg = resources.reserve(rt)
         roles = resources.Roles.of(rt)
         cfg_json = config.model_dump_json()
-        threads = config.threads or os.cpu_count()
+        threads = config.threads  # None: each actor gets its CPU share (resources.actor_threads)
         opts = {"max_restarts": rt.max_restarts, "max_task_retries": rt.max_restarts}
         self.reward = ray.remote(RewardService).options(
             **resources.in_bundle(self.pg, roles.learner + roles.rollout, rt.cpus_per_reward, rt.gpus_per_reward,
@@ -107,7 +110,7 @@ class Controller:
         return [w.rollout.remote(step, part, self.version, self.weights, greedy)
                 for w, part in zip(self.decoders, shards(img, len(self.decoders)))]
 
-    def collect(self, refs: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def collect(self, refs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         parts = ray.get(refs)
         for i, p in enumerate(parts):
             if p["pid"] != self.pids[i]:  # the actor was restarted by Ray and the task retried
@@ -115,19 +118,21 @@ class Controller:
                 self.restarts += 1
                 self.metrics.restarted()
                 self.log(f"rollout worker {i} was restarted (pid {p['pid']}); its shard was retried")
-        tokens, lengths = concat_captions(parts, self.pad_id)
+        tokens, lengths, logprobs = concat_captions(parts, self.pad_id)
         info = {"rollout_version": min(p["version"] for p in parts),
                 "rollout_sync_seconds": max(p["sync_seconds"] for p in parts),
                 "decode_seconds": max(p["decode_seconds"] for p in parts)}
-        return tokens, lengths, info
+        return tokens, lengths, logprobs, info
 
-    def learn(self, step: int, img, tokens, lengths, advantages, cands=None) -> dict:
-        """The learner ranks' update on their shards, then the new weights to the rollouts (version + 1)."""
+    def learn(self, step: int, img, tokens, lengths, advantages, cands=None, behaviour_logprobs=None) -> dict:
+        """The learner ranks' update on their shards, then the new weights to the rollouts (version + 1).
+        `behaviour_logprobs` are given when an older policy sampled the captions (importance weighting)."""
         n, mode = len(self.learners), self.cfg.runtime.weight_sync
         rows = [shards(x, n) if x is not None else [None] * n
-                for x in (img, tokens, lengths, advantages, cands)]
-        refs = [lr.update.options(num_returns=2).remote(step, *(r[i] for r in rows),
-                                                        publish=i == 0 and mode == "object_store")
+                for x in (img, tokens, lengths, advantages, cands, behaviour_logprobs)]
+        refs = [lr.update.options(num_returns=2).remote(step, *(r[i] for r in rows[:5]),
+                                                        publish=i == 0 and mode == "object_store",
+                                                        behaviour_logprobs=rows[5][i])
                 for i, lr in enumerate(self.learners)]
         stats = ray.get([r[0] for r in refs])
         self.version += 1
@@ -159,11 +164,11 @@ class Controller:
             return record | {"step_seconds": time.perf_counter() - t}, None
         refs = pending or self.submit_rollouts(step, img)
         greedy_refs = self.submit_rollouts(step, img, greedy=True) if cfg.baseline == "greedy" else None
-        tokens, lengths, info = self.collect(refs)
+        tokens, lengths, behaviour_logprobs, info = self.collect(refs)
         scores = ray.get(self.reward.score.remote(cands, tokens, lengths, step))
         greedy = None
         if greedy_refs:
-            g_tokens, g_lengths, _ = self.collect(greedy_refs)
+            g_tokens, g_lengths, _, _ = self.collect(greedy_refs)
             greedy = ray.get(self.reward.score.remote(cands, g_tokens, g_lengths, step))["reward"]
         r = scores["reward"]
         advantages = r - self.advantages.baseline(r, greedy)
@@ -171,7 +176,8 @@ class Controller:
         if cfg.runtime.max_policy_lag >= 1 and step + 1 < cfg.steps:  # decode t+1 while the learner updates t
             nxt = self.submit_rollouts(step + 1, ray.get(self._next_batch[step + 1])[1])
         policy_lag = self.version - info["rollout_version"]
-        record = self.learn(step, img, tokens, lengths, advantages)
+        record = self.learn(step, img, tokens, lengths, advantages,
+                            behaviour_logprobs=behaviour_logprobs if policy_lag else None)
         record |= {
             "reward_mean": float(r.mean()), "reward_std": float(r.std()),
             "train_p_at_1": float(scores["accuracy"].mean()), "caption_length": float(lengths.float().mean()),
@@ -185,24 +191,33 @@ class Controller:
         return record, nxt
 
     # -- evaluation and checkpoints -----------------------------------------------------------------------
-    def evaluate(self) -> dict:
+    def evaluate(self, split: str = "val") -> dict:
         weights = self.weights if self.cfg.runtime.weight_sync == "object_store" and self.version else None
         if weights is None:
             weights = [self.learners[0].publish.remote()]
-        return ray.get(self.reward.evaluate.remote(weights, self.cfg.eval_images))
+        return ray.get(self.reward.evaluate.remote(weights, self.cfg.eval_images, split))
 
     def save(self, tag: str) -> None:
-        directory = self.out / "checkpoints"
+        """`RUN/checkpoints/<tag>/`: every learner rank's DeepSpeed files and rank 0's loadable captioner/, which
+        the ranks write on their own nodes and return as bytes (the head and the workers need not share a
+        disk: the controller is the only writer of the run dir), then controller.pt, written last."""
+        directory = self.out / "checkpoints" / tag
         state = {"step": self.step, "version": self.version}
-        ray.get([lr.save.remote(str(directory), tag, state) for lr in self.learners])
+        parts = ray.get([lr.save.remote(tag, state) for lr in self.learners])
+        if directory.exists():  # a partial checkpoint of a killed run (no controller.pt): start it afresh
+            shutil.rmtree(directory)
+        for files in parts:
+            write_files(directory, files)
+        tmp = directory / (CONTROLLER_STATE + ".tmp")
         torch.save({"step": self.step, "version": self.version, "baseline": self.advantages.state_dict(),
-                    "restarts": self.restarts}, directory / tag / CONTROLLER_STATE)
+                    "restarts": self.restarts}, tmp)
+        tmp.replace(directory / CONTROLLER_STATE)
 
     def _resume(self) -> None:
         last = last_checkpoint(self.out, CONTROLLER_STATE)
         if last is None:
             return
-        ray.get([lr.load.remote(str(last.parent), last.name) for lr in self.learners])
+        ray.get([lr.load.remote(last.name, rank_files(last, rank)) for rank, lr in enumerate(self.learners)])
         state = torch.load(last / CONTROLLER_STATE, map_location="cpu", weights_only=True)
         self.step, self.version, self.restarts = int(state["step"]), int(state["version"]), int(state["restarts"])
         self.advantages.load_state_dict(state["baseline"])
@@ -231,6 +246,32 @@ class Controller:
         ray.util.remove_placement_group(self.pg)
         if self.owns_ray:
             ray.shutdown()
+
+
+def write_files(directory: Path, files: dict[str, bytes]) -> None:
+    """Write {relative path: bytes} under `directory`."""
+    for rel, data in files.items():
+        path = directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+_ZERO_SHARD = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def rank_files(checkpoint: Path, rank: int) -> dict[str, bytes]:
+    """What learner `rank` loads from a checkpoint dir: the DeepSpeed files (model states, `latest`) and its own
+    ZeRO optimizer shard, not the other ranks' shards, the captioner/ copy or the controller's state."""
+    out = {}
+    for path in sorted(checkpoint.rglob("*")):
+        rel = path.relative_to(checkpoint).as_posix()
+        if not path.is_file() or rel.startswith("captioner/") or rel.startswith(CONTROLLER_STATE):
+            continue
+        shard = _ZERO_SHARD.search(path.name)
+        if shard and int(shard.group(1)) != rank:
+            continue
+        out[rel] = path.read_bytes()
+    return out
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,8 +22,17 @@ import torch
 from raycap.config import RLConfig
 from raycap.models.loading import load_captioner, load_world_dir
 from raycap.rl import algorithm
+from raycap.runtime import resources
 from raycap.runtime.rollout import captions_payload
 from raycap.runtime.weights import BroadcastGroup, flat_weights
+
+
+def scratch_dir() -> str | None:
+    """Where a rank puts its temporary files (checkpoints in transit): $RAYCAP_SCRATCH, else the system temp."""
+    path = os.environ.get("RAYCAP_SCRATCH")
+    if path:
+        os.makedirs(path, exist_ok=True)
+    return path or None
 
 
 def free_port() -> int:
@@ -58,7 +68,7 @@ class Learner:
 
     def __init__(self, config_json: str, rank: int):
         self.cfg = RLConfig.model_validate_json(config_json)
-        torch.set_num_threads(self.cfg.threads or os.cpu_count())
+        self.threads = resources.apply_threads(self.cfg.threads)  # its CPU share, or `threads`
         torch.manual_seed(self.cfg.seed + rank)
         self.rank, self.version = rank, 0
         self.group: BroadcastGroup | None = None
@@ -98,19 +108,22 @@ class Learner:
         return os.getpid()
 
     # -- the update ---------------------------------------------------------------------------------------
-    def update(self, step: int, img, tokens, lengths, advantages, cands=None, publish: bool = False):
+    def update(self, step: int, img, tokens, lengths, advantages, cands=None, publish: bool = False,
+               behaviour_logprobs=None):
         """One optimizer step on this rank's shard. Returns (statistics, the new trainable weights if
         `publish`, else None): the controller calls it with two returns, so under weight_sync=object_store
-        the weights reach the object store without another round trip."""
+        the weights reach the object store without another round trip. `behaviour_logprobs`: the rollouts'
+        per-token log-probs when an older policy sampled them (importance-weighted update)."""
         t = time.perf_counter()
         img = img.to(self.device)
         if self.cfg.method == "gumbel":
             eos = self.tokenizer.eos_token_id
             loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img, cands.to(self.device),
-                                                eos, self.cfg)
+                                                eos, self.cfg, step, self.rank)
         else:
             loss, stats = algorithm.reinforce_loss(self.policy, self.reference, img, tokens.to(self.device),
-                                                   lengths.to(self.device), advantages.to(self.device), self.cfg)
+                                                   lengths.to(self.device), advantages.to(self.device), self.cfg,
+                                                   behaviour_logprobs)
         algorithm.check_loss(loss, step)
         self.engine.backward(loss)
         if not self.cfg.runtime.zero_stage:
@@ -159,17 +172,39 @@ class Learner:
         return self.group.broadcast(self.policy)
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    def save(self, directory: str, tag: str, client_state: dict) -> None:
-        """DeepSpeed checkpoint (model, optimizer, every rank) under `directory/tag`, plus, from rank 0, a
-        loadable captioner with its tokenizer under `directory/tag/captioner`."""
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state | {"torch_rng": torch.get_rng_state()})
-        if self.rank == 0:
-            out = Path(directory) / tag / "captioner"
-            self.policy.save_pretrained(out)
-            self.tokenizer.save_pretrained(str(out / "tokenizer"))
+    def save(self, tag: str, client_state: dict) -> dict[str, bytes]:
+        """This rank's part of a checkpoint as {path relative to the checkpoint dir: bytes}: what its DeepSpeed
+        `save_checkpoint` wrote (model states and `latest` from rank 0, each rank's ZeRO shard) plus, from
+        rank 0, a loadable captioner with its tokenizer under `captioner/`. Written in a private temp dir on
+        this rank's node (under $RAYCAP_SCRATCH if set) and removed: the controller writes the run dir."""
+        with tempfile.TemporaryDirectory(prefix=f"raycap-rank{self.rank}-", dir=scratch_dir()) as tmp:
+            root = Path(tmp)
+            self.engine.save_checkpoint(str(root), tag=tag,
+                                        client_state=client_state | {"torch_rng": torch.get_rng_state()})
+            if self.rank == 0:
+                self.policy.save_pretrained(root / tag / "captioner")
+                self.tokenizer.save_pretrained(str(root / tag / "captioner" / "tokenizer"))
+            files = {p.relative_to(root / tag).as_posix(): p.read_bytes()
+                     for p in sorted((root / tag).rglob("*")) if p.is_file()}
+            if (root / "latest").is_file():
+                files["latest"] = (root / "latest").read_bytes()
+        return files
 
-    def load(self, directory: str, tag: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+    def load(self, tag: str, files: dict[str, bytes]) -> dict:
+        """Resume from this rank's part of a checkpoint (`save`'s files, sent by the controller), written into a
+        private temp dir for DeepSpeed's `load_checkpoint`.
+
+        A run dir is trusted input: `load_checkpoint` unpickles these files (torch.load with pickle), and a
+        crafted checkpoint runs code in this actor, so resume only run dirs you or someone you trust wrote."""
+        with tempfile.TemporaryDirectory(prefix=f"raycap-rank{self.rank}-", dir=scratch_dir()) as tmp:
+            for rel, data in files.items():
+                path = Path(tmp) / (rel if rel == "latest" else f"{tag}/{rel}")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            loaded, client_state = self.engine.load_checkpoint(tmp, tag=tag)
+        if loaded is None:
+            raise RuntimeError(f"learner rank {self.rank}: checkpoint {tag} holds no DeepSpeed model states "
+                               f"(got {sorted(files)})")
         self.version = int(client_state["version"])
         torch.set_rng_state(client_state["torch_rng"])  # Gumbel noise continues where it stopped
         return client_state

@@ -1,7 +1,8 @@
 """RewardService: the frozen CLIP retriever, the image-embedding cache and distractor sampling, as one actor.
 
 It draws each step's batch and candidates (random and hard kNN), scores the captions of all rollout workers in
-one batched call (task reward + optional self-check), and evaluates a published captioner on the test split.
+one batched call (task reward + optional self-check), and evaluates a published captioner (validation split
+during the run, test split once at the end).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from raycap.config import RLConfig
 from raycap.data.cache import world_image_embeddings
 from raycap.models.loading import load_world_dir
 from raycap.rl import algorithm
+from raycap.runtime import resources
 from raycap.runtime.weights import load_flat_weights
 from raycap.supervised.captioner import evaluate_captioner
 
@@ -21,7 +23,7 @@ from raycap.supervised.captioner import evaluate_captioner
 class RewardService:
     def __init__(self, config_json: str):
         self.cfg = RLConfig.model_validate_json(config_json)
-        torch.set_num_threads(self.cfg.threads or os.cpu_count())
+        self.threads = resources.apply_threads(self.cfg.threads)  # its CPU share, or `threads`
         self.pw = load_world_dir(self.cfg.world_dir)
         self.images = world_image_embeddings(self.pw.retriever, self.pw.world, "train")
         self.scorer = algorithm.Scorer(self.pw.retriever, self.images, self.pw.tokenizer,
@@ -44,9 +46,9 @@ class RewardService:
         return {"reward": s.reward, "task": s.task, "check": s.check, "accuracy": s.accuracy, "texts": s.texts,
                 "score_seconds": time.perf_counter() - t}
 
-    def evaluate(self, weights: list, n: int) -> dict:
-        """World test metrics of the captioner with the given trainable weights (greedy captions)."""
+    def evaluate(self, weights: list, n: int, split: str = "val") -> dict:
+        """World metrics on `split` of the captioner with the given trainable weights (greedy captions)."""
         import ray
 
         load_flat_weights(self.pw.captioner, ray.get(weights[0]))
-        return evaluate_captioner(self.pw.captioner, self.pw.retriever, self.pw.world, "test", n, examples=3)
+        return evaluate_captioner(self.pw.captioner, self.pw.retriever, self.pw.world, split, n, examples=3)

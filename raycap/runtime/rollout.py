@@ -10,6 +10,7 @@ import torch
 from raycap.config import RLConfig
 from raycap.models.loading import load_captioner
 from raycap.rl import algorithm
+from raycap.runtime import resources
 from raycap.runtime.weights import BroadcastGroup, flat_weights, load_flat_weights
 
 
@@ -24,7 +25,7 @@ class RolloutWorker:
 
     def __init__(self, config_json: str, shard: int):
         self.cfg = RLConfig.model_validate_json(config_json)
-        torch.set_num_threads(self.cfg.threads or os.cpu_count())
+        self.threads = resources.apply_threads(self.cfg.threads)  # its CPU share, or `threads`
         self.shard, self.version = shard, 0
         self.policy, _ = load_captioner(Path(self.cfg.world_dir) / "captioner")
         self.policy.config.max_new_tokens = self.cfg.max_new_tokens

@@ -54,10 +54,17 @@ def load_flat_weights(model: torch.nn.Module, flat: np.ndarray) -> None:
     total = sum(p.numel() for p in params)
     if flat.size != total:
         raise ValueError(f"flat weights hold {flat.size} values, the model trains {total}")
-    src, offset = torch.from_numpy(flat), 0
+    # `flat` is usually a read-only view of Ray's object store: wrapping it in a tensor (from_numpy, frombuffer)
+    # warns that the tensor would be non-writable, so each parameter copies straight from the numpy slice (one
+    # copy, as before: into a CPU parameter's own memory, or through torch.tensor's copy onto its device)
+    offset = 0
     with torch.no_grad():
         for p in params:
-            p.copy_(src[offset:offset + p.numel()].view_as(p))
+            chunk = flat[offset:offset + p.numel()].reshape(p.shape)
+            if p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64, torch.float16):
+                np.copyto(p.detach().numpy(), chunk)  # casts as copy_ would
+            else:
+                p.copy_(torch.tensor(chunk, device=p.device, dtype=p.dtype))
             offset += p.numel()
 
 

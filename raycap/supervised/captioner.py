@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from raycap.data.grammar import caption_checks
 from raycap.data.world import World
@@ -18,6 +17,7 @@ from raycap.metrics.retrieval import candidate_sets, p_at_1
 from raycap.models.clip import Retriever
 from raycap.models.clipcap import ClipCap, ClipCapConfig
 from raycap.models.tokenizers import decode, encode
+from raycap.progress import progress
 
 
 @dataclass
@@ -72,7 +72,7 @@ def train_captioner(retriever: Retriever, world: World, cfg: CaptionerTraining, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
                                               * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(range(cfg.epochs), desc="captioner", dynamic_ncols=True)
+    bar = progress(range(cfg.epochs), desc="captioner")
     for epoch in bar:
         model.train()
         perm = torch.randperm(len(caps), generator=gen)

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from raycap.data import descriptions as D
 from raycap.data.world import World
 from raycap.metrics.retrieval import binding_accuracy, candidate_sets, p_at_1
 from raycap.models.clip import Retriever
+from raycap.progress import progress
 
 
 @dataclass
@@ -124,7 +124,7 @@ def train_retriever(retriever: Retriever, world: World, cfg: RetrieverTraining, 
     log(f"retriever: {len(images)} training images rendered in {time.time() - t0:.1f}s")
     make_batch = BatchMaker(world, cfg)
     retriever.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="retriever", dynamic_ncols=True)
+    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="retriever")
     for step in bar:
         idx, texts, truth = make_batch(step)
         for group in opt.param_groups:

@@ -1,0 +1,69 @@
+"""Each baseline changes the advantages the way it claims, in a real update of the reference loop: the
+self-critical baseline is the reward of the policy's own greedy caption of the same image, leave-one-out is
+the mean reward of the image's other samples, the running mean starts at the first batch's mean."""
+import torch
+
+from raycap.config import load_config
+from raycap.local_trainer import LocalTrainer
+from raycap.rl import algorithm
+
+
+def one_update(world, tmp_path, monkeypatch, *overrides):
+    cfg = load_config("world-demo", [f"world_dir={world}", "batch_size=12", "num_candidates=12",
+                                     "max_new_tokens=8", "eval_images=100", "threads=2", *overrides])
+    trainer = LocalTrainer(cfg, tmp_path)
+    seen = {"scores": []}
+    score, loss = algorithm.Scorer.score, algorithm.reinforce_loss
+
+    def spy_score(self, *args, **kwargs):
+        out = score(self, *args, **kwargs)
+        seen["scores"].append(out.reward.clone())
+        return out
+
+    def spy_loss(policy, reference, img, tokens, lengths, advantages, cfg, *rest):
+        seen["advantages"], seen["img"] = advantages.clone(), img.clone()
+        return loss(policy, reference, img, tokens, lengths, advantages, cfg, *rest)
+
+    monkeypatch.setattr(algorithm.Scorer, "score", spy_score)
+    monkeypatch.setattr(algorithm, "reinforce_loss", spy_loss)
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    trainer.update(0)
+    return trainer, seen, before
+
+
+def test_self_critical_baseline_is_the_greedy_captions_reward(tiny_world_dir, tmp_path, monkeypatch):
+    trainer, seen, before = one_update(tiny_world_dir, tmp_path, monkeypatch, "baseline=greedy")
+    sampled, greedy_used = seen["scores"]
+    torch.testing.assert_close(seen["advantages"], sampled - greedy_used)
+    # recompute the greedy captions of the policy as it was before the update, independently
+    trainer.policy.load_state_dict(before)
+    _, img, cands = trainer.scorer.batch(0)
+    caps = trainer.policy.generate(img, mode="greedy")
+    expected = score_without_spy(trainer, cands, caps)
+    torch.testing.assert_close(greedy_used, expected)
+    assert not torch.equal(sampled, greedy_used)
+
+
+def score_without_spy(trainer, cands, caps):
+    emb = trainer.retriever.encode_captions(trainer.scorer.texts(caps.tokens, caps.lengths))
+    from raycap.rl import rewards
+
+    task = rewards.compute("discriminative", emb, trainer.scorer.images, cands, trainer.scorer.logit_scale)
+    return task + trainer.cfg.cosine_coef * rewards.cosine(emb, trainer.scorer.images[cands[:, 0]],
+                                                           trainer.scorer.logit_scale)
+
+
+def test_leave_one_out_leaves_each_caption_out(tiny_world_dir, tmp_path, monkeypatch):
+    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "baseline=loo", "num_samples=3")
+    r = seen["scores"][0].view(12, 3)
+    adv = seen["advantages"].view(12, 3)
+    for i in range(3):
+        others = [j for j in range(3) if j != i]
+        torch.testing.assert_close(adv[:, i], r[:, i] - r[:, others].mean(1))
+
+
+def test_mean_baseline_first_update_is_centred(tiny_world_dir, tmp_path, monkeypatch):
+    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "baseline=mean")
+    r = seen["scores"][0]
+    torch.testing.assert_close(seen["advantages"], r - r.mean())
+    assert seen["advantages"].mean().abs() < 1e-5 < r.mean().abs()
