@@ -67,3 +67,22 @@ def test_mean_baseline_first_update_is_centred(tiny_world_dir, tmp_path, monkeyp
     r = seen["scores"][0]
     torch.testing.assert_close(seen["advantages"], r - r.mean())
     assert seen["advantages"].mean().abs() < 1e-5 < r.mean().abs()
+
+
+def test_hard_distractors_are_among_each_steps_candidates(tiny_world_dir, tmp_path):
+    """With hard_distractors=3, columns 1-3 of every candidate row are the target's 3 nearest train images by
+    CLIP image cosine below the near-duplicate threshold (random distractors otherwise)."""
+    from raycap.data import distractors
+
+    cfg = load_config("world-demo", [f"world_dir={tiny_world_dir}", "batch_size=12", "num_candidates=12",
+                                     "hard_distractors=3", "near_duplicate=1.0", "max_new_tokens=8", "eval_images=100",
+                                     "threads=2"])  # the tiny world's untrained images all look alike
+    scorer = LocalTrainer(cfg, tmp_path).scorer
+    idx, _, cands = scorer.batch(0)
+    near = distractors.nearest(idx, scorer.images, 3, cfg.near_duplicate)
+    assert bool((near >= 0).all())
+    assert torch.equal(cands[:, 1:4], near) and torch.equal(cands[:, 0], idx)
+    sims = scorer.images[idx] @ scorer.images.T
+    sims[torch.arange(12), idx] = -2
+    sims[sims > cfg.near_duplicate] = -2
+    assert torch.equal(sims.topk(3).indices.sort(1).values, near.sort(1).values)
