@@ -34,9 +34,10 @@ def pids(title: str) -> list[int]:
     return [int(p) for p in res.stdout.split()]
 
 
-def start(out: Path, steps: int, extra: list[str], log):
+def start(out: Path, steps: int, eval_every: int, extra: list[str], log):
+    """The run, extended later only in `steps` (a re-run with any other change is refused)."""
     cmd = [sys.executable, "-m", "raycap.train", "--config", "world-demo", "--out", str(out),
-           "--set", f"steps={steps}", "--set", "checkpoint_every=10", "--set", f"eval_every={steps}", *extra]
+           "--set", f"steps={steps}", "--set", "checkpoint_every=10", "--set", f"eval_every={eval_every}", *extra]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
 
 
@@ -60,7 +61,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "fault_tolerance.log").open("a")
 
-    proc = start(args.out, args.steps, extra, log)
+    proc = start(args.out, args.steps, args.steps, extra, log)
     wait_for(args.out, args.steps // 4, proc)
     victims = pids("ray::RolloutWorker")
     killed_at = last_step(args.out)
@@ -75,7 +76,7 @@ def main(argv=None):
           f"steps logged 0..{steps[-1]} contiguous: {steps == list(range(args.steps + 1))}")
 
     longer = 2 * args.steps
-    proc = start(args.out, longer, extra, log)
+    proc = start(args.out, longer, args.steps, extra, log)
     wait_for(args.out, int(1.6 * args.steps), proc)
     killed_at = last_step(args.out)
     proc.send_signal(signal.SIGKILL)
@@ -86,7 +87,7 @@ def main(argv=None):
         except ProcessLookupError:
             pass
     time.sleep(2)
-    proc = start(args.out, longer, extra, log)
+    proc = start(args.out, longer, args.steps, extra, log)
     rc = proc.wait()
     text = (args.out / "fault_tolerance.log").read_text()
     resumed = [line for line in text.splitlines() if "resuming from" in line][-1]
