@@ -237,7 +237,7 @@ def test_local_run_output_is_lines_and_raises_no_warning_of_ours(tiny_world_dir,
 
 
 NOTICES = ["Token authentication is enabled", "Setting accelerator to CPU", "No CUDA runtime is found",
-           "attention_mask", "not writable", "Loading weights", "Writing model shards"]
+           "attention_mask", "not writable", "Loading weights", "Writing model shards", "built successfully"]
 
 
 def test_ray_run_output_has_no_harmless_library_notices(tiny_world_dir, tmp_path):

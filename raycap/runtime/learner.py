@@ -10,7 +10,9 @@ into the captioner). In `colocated` mode a rank also decodes its own shard with 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import socket
 import tempfile
@@ -45,6 +47,20 @@ def node_address() -> str:
     import ray
 
     return ray.util.get_node_ip_address()
+
+
+@contextlib.contextmanager
+def _without_build_notice():
+    """DeepSpeed `print`s "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" when it sets up
+    its communication backend: a notice, not a problem. Drop that one line; anything else printed goes through."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        rest = [line for line in buf.getvalue().splitlines() if not line.endswith(" built successfully")]
+        if rest:
+            print("\n".join(rest))
 
 
 CLIP_NORM = 1.0  # as the reference loop
@@ -84,7 +100,8 @@ class Learner:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(rt.learner_workers), LOCAL_RANK="0")
         gpu = rt.gpus_per_learner > 0 and torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False)
+        with _without_build_notice():
+            deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False)
         policy, self.tokenizer = load_captioner(Path(cfg.world_dir) / "captioner")
         policy.config.max_new_tokens = cfg.max_new_tokens
         policy.set_trainable(cfg.train_lm)
