@@ -160,8 +160,7 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
     with evaluations every `eval_every`, checkpoints every `checkpoint_every` (and at the end), the run log,
     and a progress bar (whole lines in a log file: raycap.progress). `evaluate(split)`: the evaluations during
     the run read the validation split (what a user may choose settings on); the test split is read once, at the
-    end. Returns that final test evaluation
-    with `rl_seconds` and `updates`."""
+    end. Returns that final test evaluation with `rl_seconds` and `updates`."""
     import time
 
     from raycap.progress import progress

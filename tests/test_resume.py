@@ -12,10 +12,8 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from raycap.train import main as train_main
+from world_runs import records, run
 
-FAST = ["--set", "eval_images=100", "--set", "max_new_tokens=8", "--set", "eval_every=100", "--set", "threads=1",
-        "--set", "batch_size=24", "--set", "num_candidates=24"]
 KEYS = ("reward_mean", "kl", "loss", "train_p_at_1")
 
 
@@ -36,15 +34,6 @@ def ray_session(tmp_path_factory):
         os.chdir(cwd)
     yield base
     ray.shutdown()
-
-
-def run(world, out, *extra, runtime="ray"):
-    return train_main(["--config", "world-demo", "--out", str(out), "--runtime", runtime,
-                       "--set", f"world_dir={world}", *FAST, *extra])
-
-
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(final):

@@ -1,6 +1,5 @@
 """The Ray runtime on local Ray (num_cpus=2) and the tiny world: same updates as the reference loop, weight
 versions, colocated == object_store, a killed rollout worker, resume, Gumbel on the learner, bad resources."""
-import json
 import os
 import signal
 
@@ -9,10 +8,7 @@ import ray
 
 from raycap.config import load_config
 from raycap.errors import UserError
-from raycap.train import main as train_main
-
-FAST = ["--set", "eval_images=100", "--set", "max_new_tokens=8", "--set", "eval_every=100", "--set", "threads=1",
-        "--set", "batch_size=24", "--set", "num_candidates=24"]
+from world_runs import records, run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,15 +18,6 @@ def ray_session(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def run(world, out, *extra, runtime="ray"):
-    return train_main(["--config", "world-demo", "--out", str(out), "--runtime", runtime,
-                       "--set", f"world_dir={world}", *FAST, *extra])
-
-
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def config(world, *overrides):

@@ -223,5 +223,5 @@ class Learner:
             raise RuntimeError(f"learner rank {self.rank}: checkpoint {tag} holds no DeepSpeed model states "
                                f"(got {sorted(files)})")
         self.version = int(client_state["version"])
-        torch.set_rng_state(client_state["torch_rng"])  # Gumbel noise continues where it stopped
+        torch.set_rng_state(client_state["torch_rng"])  # the global RNG too (raycap draws from per-step streams)
         return client_state
