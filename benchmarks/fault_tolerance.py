@@ -37,7 +37,7 @@ def pids(title: str) -> list[int]:
 def start(out: Path, steps: int, eval_every: int, extra: list[str], log):
     """The run, extended later only in `steps` (a re-run with any other change is refused)."""
     cmd = [sys.executable, "-m", "raycap.train", "--config", "world-demo", "--out", str(out),
-           "--set", f"steps={steps}", "--set", "checkpoint_every=10", "--set", f"eval_every={eval_every}", *extra]
+           "--set", f"rl.steps={steps}", "--set", "checkpoint_every=10", "--set", f"eval.every={eval_every}", *extra]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
 
 

@@ -66,7 +66,7 @@ def main(argv=None):
     p.add_argument("--config", default="world-demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    base = [f"threads={args.threads}", f"steps={args.warmup + args.steps + args.block}", *args.set]
+    base = [f"threads={args.threads}", f"rl.steps={args.warmup + args.steps + args.block}", *args.set]
     variants = {
         "1 rollout worker, object_store": ["runtime.rollout_workers=1"],
         "2 rollout workers, object_store": ["runtime.rollout_workers=2"],
@@ -85,8 +85,8 @@ def main(argv=None):
         cfg = load_config(args.config, base + extra)
         r = compare(reference, cfg, args.steps, args.block, args.warmup, f"{tmp}/{i}")
         ratios[name] = r["ref"] / r["ray"]
-        print(f"ray, {name:36s} {cfg.batch_size / r['ray']:6.1f} images/s vs reference loop "
-              f"{cfg.batch_size / r['ref']:6.1f} (median steps {r['ray'] * 1000:.0f} / {r['ref'] * 1000:.0f} ms, "
+        print(f"ray, {name:36s} {cfg.rl.batch_size / r['ray']:6.1f} images/s vs reference loop "
+              f"{cfg.rl.batch_size / r['ref']:6.1f} (median steps {r['ray'] * 1000:.0f} / {r['ref'] * 1000:.0f} ms, "
               f"{r['n']} each): x{ratios[name]:.2f}; weight movement {100 * r['sync'] / r['ray']:.1f}% of a step",
               flush=True)
     ray.shutdown()

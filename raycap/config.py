@@ -66,12 +66,91 @@ class RuntimeConfig(BaseModel):
         return host
 
 
+SPLIT_ROLES = ("train", "val", "test")
+DEFAULT_SPLITS = {"world": {"train": "train", "val": "val", "test": "test"},
+                  "karpathy": {"train": ["train", "restval"], "val": "val", "test": "test"},
+                  "folder": {"train": "train", "val": "val", "test": "test"}}
+
+
+class DataConfig(BaseModel):
+    """The images (and references) a run reads: the embedded world or a dataset on disk (`raycap.data`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    kind: Literal["world", "karpathy", "coco", "cc", "nocaps", "folder"] = "world"
+    path: str | None = Field(None, description="world: a pretrained world dir or its world.json (default: the "
+                             "shipped world); karpathy: dataset_*.json; coco/nocaps/cc: the dir of the annotation "
+                             "files (or one file); folder: the image folder")
+    image_root: str | None = Field(None, description="where image paths start (default: next to path)")
+    captions: str | None = Field(None, description="folder: an optional captions JSONL ({file, caption} lines)")
+    splits: dict[Literal["train", "val", "test"], str | list[str]] | None = Field(
+        None, description="train/val/test: split names (world, karpathy: e.g. [train, restval]), annotation or TSV "
+        "files as FILE[:IMAGE_DIR] (coco, nocaps, cc) or subfolders (folder); defaults for world, karpathy, folder")
+    on_bad_image: Literal["error", "skip"] = Field("error", description="a missing or corrupt image: stop with "
+                                                    "its name, or leave it out (counted in the log and metrics)")
+    train_images: int | None = Field(None, ge=2, description="use the first N train images (default: all)")
+
+    @model_validator(mode="after")
+    def _splits(self):
+        if self.splits is None:
+            if self.kind not in DEFAULT_SPLITS:
+                raise ValueError(f"data.splits: kind {self.kind!r} has no default splits; name the annotation "
+                                 "file of train, val and test (FILE[:IMAGE_DIR])")
+            self.splits = dict(DEFAULT_SPLITS[self.kind])
+        missing = [r for r in SPLIT_ROLES if r not in self.splits]
+        if missing:
+            raise ValueError(f"data.splits: missing {', '.join(missing)} (a run trains on train, evaluates on val "
+                             "during the run and on test once)")
+        if self.kind != "world" and self.path is None:
+            raise ValueError(f"data.path: kind {self.kind!r} needs a path")
+        return self
+
+
+class RetrieverConfig(BaseModel):
+    """The frozen CLIP judge: an open_clip name + pretrained tag or checkpoint file, or a model directory
+    (a raycap retriever dir or an open_clip `open_clip_config.json` dir)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str | None = Field(None, description="open_clip model name, e.g. ViT-B-32")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag (openai) or a checkpoint file")
+    path: str | None = Field(None, description="a raycap retriever dir or an open_clip model dir "
+                             "(default: the shipped world retriever)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.name and self.path:
+            raise ValueError("retriever: give either name (+ pretrained) or path, not both")
+        if self.pretrained and not self.name:
+            raise ValueError("retriever.pretrained needs retriever.name (the open_clip model it belongs to)")
+        if not self.name and not self.path:
+            self.path = str(ASSETS_DIR / "world" / "retriever")
+        return self
+
+
+class CaptionerConfig(BaseModel):
+    """The captioner RL starts from (and the frozen KL reference)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    path: str = Field(str(ASSETS_DIR / "world" / "captioner"), description="a raycap captioner dir")
+
+
+class EvalConfig(BaseModel):
+    """Evaluations: on the validation split every `every` updates, on the test split once at the end."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    every: int = Field(50, ge=1)
+    images: int = Field(1000, ge=100, description="images per evaluation (P@1 ranks each among 100)")
+    examples: int = Field(3, ge=0, description="captions logged beside their images' references")
+
+
 class RLConfig(BaseModel):
-    """One RL run (DiscriTune or Gumbel CLIP relevance) on the shapes world."""
+    """The algorithm: DiscriTune (REINFORCE on a retrieval reward) or Gumbel CLIP relevance."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite (nan and inf refused)
 
-    world_dir: str = Field(str(ASSETS_DIR / "world"), description="pretrained world: world.json, retriever/, captioner/")
     method: Literal["discritune", "gumbel"] = "discritune"
     reward: Literal["discriminative", "accuracy", "cosine"] = "discriminative"
     baseline: Literal["none", "mean", "greedy", "loo"] = "mean"
@@ -102,14 +181,6 @@ class RLConfig(BaseModel):
     train_lm: bool = True
     gumbel_tau: float = Field(1.0, gt=0)
     gumbel_loss: Literal["relevance", "discriminative"] = "relevance"
-    eval_every: int = Field(50, ge=1)
-    eval_images: int = Field(1000, ge=100)
-    checkpoint_every: int = Field(50, ge=1)
-    seed: int = 0
-    threads: int | None = Field(None, ge=1, description="torch and OpenMP threads of every process, Ray actors "
-                                "included (default: the local runtime uses all cores; each Ray actor its CPU "
-                                "share rounded up, at least 1: raycap.runtime.resources.actor_threads)")
-    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -117,14 +188,37 @@ class RLConfig(BaseModel):
             raise ValueError("baseline 'loo' needs num_samples >= 2")
         if self.num_candidates > self.batch_size + self.hard_distractors:
             raise ValueError(f"num_candidates ({self.num_candidates}) exceeds batch_size + hard_distractors")
-        if self.batch_size % self.runtime.learner_workers:  # all samples of an image stay on one rank
-            raise ValueError(f"runtime.learner_workers ({self.runtime.learner_workers}) must divide batch_size "
-                             f"({self.batch_size}): each learner rank takes whole images with all their samples")
-        if self.runtime.max_policy_lag and self.rollout != "sample":
-            raise ValueError("runtime.max_policy_lag=1 needs rollout: sample (the off-policy correction "
-                             "reweights by the sampling distribution)")
         if self.hard_distractors >= self.num_candidates:
             raise ValueError("hard_distractors must be < num_candidates")
+        return self
+
+
+class RunConfig(BaseModel):
+    """One RL run: which images, which frozen retriever, which captioner, the algorithm, where it runs
+    (`runtime`) and how it is evaluated. Sections are typed; `--set rl.kl_coef=0.3` overrides one field."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch and OpenMP threads of every process, Ray actors "
+                                "included (default: the local runtime uses all cores; each Ray actor its CPU "
+                                "share rounded up, at least 1: raycap.runtime.resources.actor_threads)")
+    data: DataConfig = DataConfig()
+    retriever: RetrieverConfig = RetrieverConfig()
+    captioner: CaptionerConfig = CaptionerConfig()
+    rl: RLConfig = RLConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.rl.batch_size % self.runtime.learner_workers:  # all samples of an image stay on one rank
+            raise ValueError(f"runtime.learner_workers ({self.runtime.learner_workers}) must divide rl.batch_size "
+                             f"({self.rl.batch_size}): each learner rank takes whole images with all their samples")
+        if self.runtime.max_policy_lag and self.rl.rollout != "sample":
+            raise ValueError("runtime.max_policy_lag=1 needs rl.rollout: sample (the off-policy correction "
+                             "reweights by the sampling distribution)")
         return self
 
 
@@ -139,20 +233,35 @@ def set_dotted(data: dict, key: str, value) -> None:
 
 
 def check_override_key(key: str, model: type[BaseModel] | None = None) -> None:
-    """A `--set KEY` must name a field of `model` (default RLConfig), dotted through its sections; otherwise a
+    """A `--set KEY` must name a field of `model` (default RunConfig), dotted through its sections; otherwise a
     UserError naming `--set KEY` and listing the valid keys of that section."""
-    model = model or RLConfig
+    model = model or RunConfig
     parts = key.split(".")
     for i, part in enumerate(parts):
         fields = model.model_fields
         if part not in fields:
             where = f"section {'.'.join(parts[:i])!r}" if i else "the top level"
-            raise UserError(f"--set {key}: unknown key {part!r} in {where}; valid keys: {', '.join(fields)}")
+            hint = moved_key_hint(part) if model is RunConfig else ""
+            raise UserError(f"--set {key}: unknown key {part!r} in {where}{hint}; valid keys: {', '.join(fields)}")
         if i < len(parts) - 1:
             sub = fields[part].annotation
             if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
                 raise UserError(f"--set {key}: {'.'.join(parts[:i + 1])!r} is a setting, not a section")
             model = sub
+
+
+MOVED = {"world_dir": "data.path, retriever.path and captioner.path", "eval_every": "eval.every",
+         "eval_images": "eval.images"}
+
+
+def moved_key_hint(key: str) -> str:
+    """' (now rl.kl_coef)' for a key of the flat pre-sections config, '' otherwise."""
+    if key in MOVED:
+        return f" (now {MOVED[key]})"
+    for section in ("rl", "runtime", "data", "retriever", "captioner", "eval"):
+        if key in RunConfig.model_fields[section].annotation.model_fields:
+            return f" (now {section}.{key})"
+    return ""
 
 
 def yaml_error(e: yaml.YAMLError) -> str:
@@ -184,7 +293,7 @@ def named_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def load_config(name_or_path: str, overrides: list[str] = ()) -> RLConfig:
+def load_config(name_or_path: str, overrides: list[str] = ()) -> RunConfig:
     """A named config (`world-demo`) or a YAML file, with `key=value` overrides."""
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
@@ -200,13 +309,18 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> RLConfig:
         raise UserError(f"{path}: invalid YAML: {yaml_error(e)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping of settings, not a {type(data).__name__}")
+    for key in data:
+        hint = moved_key_hint(str(key)) if key not in RunConfig.model_fields else ""
+        if hint:
+            raise UserError(f"{path}: {key!r} is no longer a top-level setting{hint}; configs have sections "
+                            "data, retriever, captioner, rl, runtime, eval")
     set_keys = set()
     for key, value in parse_overrides(list(overrides)):
         check_override_key(key)
         set_dotted(data, key, value)
         set_keys.add(key)
     try:
-        return RLConfig.model_validate(data)
+        return RunConfig.model_validate(data)
     except ValidationError as e:
         locs = {".".join(str(x) for x in err.get("loc", ())) for err in e.errors()}
         if locs and locs <= set_keys:  # only overridden values are wrong: blame the --set, not the YAML file

@@ -1,8 +1,8 @@
 """The single-process reference trainer: DiscriTune (REINFORCE + KL guard) or Gumbel CLIP relevance.
 
 It is the definition of what a run computes; the Ray runtime must match it. Nothing here reads the world's
-scenes or descriptions: rewards come from the frozen retriever on cached image embeddings, and the world is
-used only by the evaluation (the judge).
+scenes or descriptions: rewards come from the frozen retriever on cached image embeddings (of any image
+source: `raycap.inputs`), and the world's scenes are used only by the evaluation (the judge).
 """
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 
-from raycap.config import RLConfig
-from raycap.data.cache import world_image_embeddings
+from raycap.config import RunConfig
+from raycap.inputs import load_captioner, load_retriever, skipped_counts, split_images
 from raycap.models.clipcap import ClipCap
-from raycap.models.loading import PretrainedWorld, load_world_dir
 from raycap.rl import algorithm
 from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
-from raycap.supervised.captioner import evaluate_captioner
+from raycap.supervised.captioner import evaluate_images
 
 STATE_FILE = CHECKPOINT_MARKERS["local"]  # "trainer_state.pt"
 
@@ -34,21 +33,21 @@ def summarise(scores: algorithm.Scores, lengths: torch.Tensor) -> dict:
 
 
 class LocalTrainer:
-    def __init__(self, config: RLConfig, out: Path, log=print, allow_new_config: bool = False):
+    def __init__(self, config: RunConfig, out: Path, log=print, allow_new_config: bool = False):
         self.cfg, self.out, self.log = config, Path(out), log
         prepare_run_dir(self.out, config, "local", allow_new_config)  # before anything loads or is written
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
-        self.pw: PretrainedWorld = load_world_dir(config.world_dir)
-        self.policy = self.pw.captioner
-        self.policy.config.max_new_tokens = config.max_new_tokens
-        self.policy.set_trainable(config.train_lm)
+        self.policy, self.tokenizer = load_captioner(config.captioner.path)
+        self.policy.config.max_new_tokens = config.rl.max_new_tokens
+        self.policy.set_trainable(config.rl.train_lm)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        self.retriever = self.pw.retriever
-        self.images = world_image_embeddings(self.retriever, self.pw.world, "train")
-        self.scorer = algorithm.Scorer(self.retriever, self.images, self.pw.tokenizer, self.policy.stop_ids, config)
-        self.opt = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=config.lr)
+        self.retriever = load_retriever(config.retriever)
+        self.splits = {role: split_images(config, self.retriever, role, log) for role in ("train", "val", "test")}
+        self.images = self.splits["train"].embeddings
+        self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.policy.stop_ids, config)
+        self.opt = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=config.rl.lr)
         self.advantages = algorithm.Advantages(config)
         self.step = 0
         self._resume()
@@ -68,7 +67,7 @@ class LocalTrainer:
 
     def save(self, path: Path):
         self.policy.save_pretrained(path)
-        self.pw.tokenizer.save_pretrained(str(path / "tokenizer"))
+        self.tokenizer.save_pretrained(str(path / "tokenizer"))
         torch.save({"optimizer": self.opt.state_dict(), "baseline": self.advantages.state_dict(), "step": self.step,
                     "torch_rng": torch.get_rng_state()}, path / STATE_FILE)
 
@@ -76,15 +75,15 @@ class LocalTrainer:
     def update(self, step: int) -> dict:
         cfg = self.cfg
         _, img, cands = self.scorer.batch(step)
-        if cfg.method == "gumbel":
+        if cfg.rl.method == "gumbel":
             loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img, cands,
-                                                self.pw.tokenizer.eos_token_id, cfg, step)
+                                                self.tokenizer.eos_token_id, cfg, step)
             self._step(loss)
             return stats | {"loss": float(loss.detach())}
         caps = algorithm.rollout(self.policy, img, cfg, step)
         scores = self.scorer.score(cands, caps.tokens, caps.lengths, step)
         greedy = None
-        if cfg.baseline == "greedy":
+        if cfg.rl.baseline == "greedy":
             g = algorithm.rollout(self.policy, img, cfg, step, greedy=True)
             greedy = self.scorer.score(cands, g.tokens, g.lengths, step).reward
         r = scores.reward
@@ -103,8 +102,9 @@ class LocalTrainer:
 
     # -- the run --------------------------------------------------------------------------------------
     def evaluate(self, split: str = "val") -> dict:
-        return evaluate_captioner(self.policy, self.retriever, self.pw.world, split, self.cfg.eval_images,
-                                  examples=3)
+        s = self.splits[split]
+        return evaluate_images(self.policy, self.tokenizer, self.retriever, s.source, s.embeddings,
+                               self.cfg.eval.images, examples=self.cfg.eval.examples)
 
     def fit(self) -> dict:
         def update(step):
@@ -115,7 +115,8 @@ class LocalTrainer:
         def checkpoint(step):
             self.save(self.out / "checkpoints" / f"step-{step}")
 
-        final = run_updates(self.cfg, self.out, self.step, update, self.evaluate, checkpoint, self.log)
+        final = run_updates(self.cfg, self.out, self.step, update, self.evaluate, checkpoint, self.log,
+                            skipped=skipped_counts(self.splits))
         self.save(self.out / "final")
         (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
         return final

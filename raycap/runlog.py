@@ -113,7 +113,7 @@ def prepare_run_dir(out: Path, config, runtime: str, allow_new_config: bool = Fa
     A run dir that already holds a run (metrics or checkpoints) is resumed only by the runtime that made it
     and with the config it was made with: anything else is a one-line UserError naming the differences, unless
     `allow_new_config` (`--resume-with-new-config`), which logs the change in `config_changes.jsonl`. A larger
-    `steps` alone extends the run and is allowed (and logged); fewer steps than the last checkpoint holds are
+    `rl.steps` alone extends the run and is allowed (and logged); fewer steps than the last checkpoint holds are
     refused either way."""
     out = Path(out)
     started = (out / "metrics.jsonl").is_file() or any((out / "checkpoints").glob("step-*"))
@@ -125,16 +125,16 @@ def prepare_run_dir(out: Path, config, runtime: str, allow_new_config: bool = Fa
                             f"cannot resume it; re-run with --runtime {recorded} or use a new --out")
         last = last_checkpoint(out, CHECKPOINT_MARKERS[runtime])
         done = int(last.name.split("-")[1]) if last else 0
-        if config.steps < done:
-            raise UserError(f"{out}: steps={config.steps} but its checkpoint {last.name} already holds {done} "
-                            f"updates; pass steps >= {done} or use a new --out")
+        if config.rl.steps < done:
+            raise UserError(f"{out}: rl.steps={config.rl.steps} but its checkpoint {last.name} already holds {done} "
+                            f"updates; pass rl.steps >= {done} or use a new --out")
         if (out / "config.json").is_file():
             try:
                 old = json.loads((out / "config.json").read_text())
             except ValueError:
                 raise UserError(f"{out / 'config.json'}: not valid JSON; fix it or use a new --out") from None
             changes = config_diff(old, config)
-        extension = set(changes) <= {"steps"} and (not changes or changes["steps"][1] > changes["steps"][0])
+        extension = set(changes) <= {"rl.steps"} and (not changes or changes["rl.steps"][1] > changes["rl.steps"][0])
         if changes and not extension and not allow_new_config:
             listed = ", ".join(f"{k}: {a} -> {b}" for k, a, b in ((k, *v) for k, v in changes.items()))
             raise UserError(f"{out}: this run dir was made with a different config ({listed}); pass "
@@ -155,12 +155,14 @@ def prepare_run_dir(out: Path, config, runtime: str, allow_new_config: bool = Fa
     (out / RUN_FILE).write_text(json.dumps({"runtime": runtime}) + "\n")
 
 
-def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=print, on_record=None) -> dict:
+def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=print, on_record=None,
+                skipped: dict | None = None) -> dict:
     """The loop both runtimes share: evaluate at step 0, then `update(step) -> record` for each remaining step
     with evaluations every `eval_every`, checkpoints every `checkpoint_every` (and at the end), the run log,
     and a progress bar (whole lines in a log file: raycap.progress). `evaluate(split)`: the evaluations during
     the run read the validation split (what a user may choose settings on); the test split is read once, at the
-    end. Returns that final test evaluation with `rl_seconds` and `updates`."""
+    end. Returns that final test evaluation with `rl_seconds` and `updates`. `skipped`: images left out per split
+    (`data.on_bad_image: skip`), recorded at step 0 and in the final metrics."""
     import time
 
     from raycap.progress import progress
@@ -168,11 +170,11 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
     runlog = RunLog(out, start)
     if start == 0:
         initial = evaluate("val")
-        runlog.write({"step": 0, "eval": initial})
-        log(f"step 0 (supervised captioner, val): P@1 {initial['p_at_1']:.3f}, wellformed "
-            f"{initial['wellformed']:.3f}, faithful {initial['faithful']:.3f}")
+        runlog.write({"step": 0, "eval": initial} | ({"skipped_images": skipped} if skipped else {}))
+        log("step 0 (supervised captioner, val): " + ", ".join(
+            f"{k} {initial[k]:.3f}" for k in ("p_at_1", "wellformed", "faithful") if k in initial))
     t0 = time.time()
-    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl")
+    bar = progress(range(start, cfg.rl.steps), initial=start, total=cfg.rl.steps, desc="rl")
     for step in bar:
         t = time.time()
         record = update(step)
@@ -182,12 +184,15 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
             on_record(record)
         bar.set_postfix(reward=f"{record.get('reward_mean', record.get('clip_cos', 0)):.3f}",
                         p1=f"{record['train_p_at_1']:.2f}", kl=f"{record['kl']:.3f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.rl.steps:
             record["eval"] = evaluate("val")
             log(f"step {step + 1} (val): " + json.dumps({k: v for k, v in record["eval"].items() if k != "examples"}))
         runlog.write(record)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.rl.steps:
             checkpoint(step + 1)
-    final = evaluate("test") | {"split": "test", "rl_seconds": round(time.time() - t0, 1), "updates": max(0, cfg.steps - start)}
+    final = evaluate("test") | {"split": "test", "rl_seconds": round(time.time() - t0, 1),
+                                "updates": max(0, cfg.rl.steps - start)}
+    if skipped is not None:
+        final["skipped_images"] = skipped
     runlog.close()
     return final

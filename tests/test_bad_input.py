@@ -113,7 +113,7 @@ def test_torn_middle_metrics_line_is_refused_naming_the_line(tmp_path):
 
 
 def test_prepare_run_dir_checks_the_metrics_before_anything_loads(tmp_path, capsys):
-    config = load_config("world-demo", ["steps=4"])
+    config = load_config("world-demo", ["rl.steps=4"])
     (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-2" / "trainer_state.pt").write_bytes(b"")
     (tmp_path / "config.json").write_text(config.model_dump_json())
@@ -190,7 +190,8 @@ def test_pretrain_world_config_that_is_a_list(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, field", [
-    ("lr=.inf", "lr"), ("lr=.nan", "lr"), ("kl_coef=.inf", "kl_coef"), ("temperature=-.inf", "temperature"),
+    ("rl.lr=.inf", "rl.lr"), ("rl.lr=.nan", "rl.lr"), ("rl.kl_coef=.inf", "rl.kl_coef"),
+    ("rl.temperature=-.inf", "rl.temperature"),
     ("runtime.placement_timeout_s=.inf", "runtime.placement_timeout_s"), ("runtime.cpus_per_learner=.nan",
                                                                            "runtime.cpus_per_learner"),
 ])
@@ -210,15 +211,15 @@ def test_bad_set_key_names_the_set_and_lists_the_section_keys():
     with pytest.raises(UserError) as e:
         load_config("world-demo", ["bogus=1"])
     msg = str(e.value)
-    assert msg.startswith("--set bogus: unknown key 'bogus'") and "valid keys: " in msg and " lr," in msg
+    assert msg.startswith("--set bogus: unknown key 'bogus'") and "valid keys: " in msg and " rl," in msg
     assert "site-packages" not in msg and "world-demo.yaml" not in msg
     with pytest.raises(UserError) as e:
         load_config("world-demo", ["runtime.bogus=1"])
     msg = str(e.value)
     assert msg.startswith("--set runtime.bogus: unknown key 'bogus' in section 'runtime'")
     assert "dashboard_port" in msg and " lr," not in msg
-    with pytest.raises(UserError, match=re.escape("--set lr.x: 'lr' is a setting, not a section")):
-        load_config("world-demo", ["lr.x=1"])
+    with pytest.raises(UserError, match=re.escape("--set rl.lr.x: 'rl.lr' is a setting, not a section")):
+        load_config("world-demo", ["rl.lr.x=1"])
 
 
 def test_yaml_syntax_errors_keep_line_and_column(tmp_path):

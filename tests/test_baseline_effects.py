@@ -6,11 +6,12 @@ import torch
 from raycap.config import load_config
 from raycap.local_trainer import LocalTrainer
 from raycap.rl import algorithm
+from world_runs import world_sets
 
 
 def one_update(world, tmp_path, monkeypatch, *overrides):
-    cfg = load_config("world-demo", [f"world_dir={world}", "batch_size=12", "num_candidates=12",
-                                     "max_new_tokens=8", "eval_images=100", "threads=2", *overrides])
+    cfg = load_config("world-demo", [*world_sets(world), "rl.batch_size=12", "rl.num_candidates=12",
+                                     "rl.max_new_tokens=8", "eval.images=100", "threads=2", *overrides])
     trainer = LocalTrainer(cfg, tmp_path)
     seen = {"scores": []}
     score, loss = algorithm.Scorer.score, algorithm.reinforce_loss
@@ -32,7 +33,7 @@ def one_update(world, tmp_path, monkeypatch, *overrides):
 
 
 def test_self_critical_baseline_is_the_greedy_captions_reward(tiny_world_dir, tmp_path, monkeypatch):
-    trainer, seen, before = one_update(tiny_world_dir, tmp_path, monkeypatch, "baseline=greedy")
+    trainer, seen, before = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.baseline=greedy")
     sampled, greedy_used = seen["scores"]
     torch.testing.assert_close(seen["advantages"], sampled - greedy_used)
     # recompute the greedy captions of the policy as it was before the update, independently
@@ -49,12 +50,12 @@ def score_without_spy(trainer, cands, caps):
     from raycap.rl import rewards
 
     task = rewards.compute("discriminative", emb, trainer.scorer.images, cands, trainer.scorer.logit_scale)
-    return task + trainer.cfg.cosine_coef * rewards.cosine(emb, trainer.scorer.images[cands[:, 0]],
+    return task + trainer.cfg.rl.cosine_coef * rewards.cosine(emb, trainer.scorer.images[cands[:, 0]],
                                                            trainer.scorer.logit_scale)
 
 
 def test_leave_one_out_leaves_each_caption_out(tiny_world_dir, tmp_path, monkeypatch):
-    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "baseline=loo", "num_samples=3")
+    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.baseline=loo", "rl.num_samples=3")
     r = seen["scores"][0].view(12, 3)
     adv = seen["advantages"].view(12, 3)
     for i in range(3):
@@ -63,7 +64,7 @@ def test_leave_one_out_leaves_each_caption_out(tiny_world_dir, tmp_path, monkeyp
 
 
 def test_mean_baseline_first_update_is_centred(tiny_world_dir, tmp_path, monkeypatch):
-    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "baseline=mean")
+    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.baseline=mean")
     r = seen["scores"][0]
     torch.testing.assert_close(seen["advantages"], r - r.mean())
     assert seen["advantages"].mean().abs() < 1e-5 < r.mean().abs()
@@ -74,15 +75,15 @@ def test_hard_distractors_are_among_each_steps_candidates(tiny_world_dir, tmp_pa
     CLIP image cosine below the near-duplicate threshold (random distractors otherwise)."""
     from raycap.data import distractors
 
-    cfg = load_config("world-demo", [f"world_dir={tiny_world_dir}", "batch_size=12", "num_candidates=12",
-                                     "hard_distractors=3", "near_duplicate=1.0", "max_new_tokens=8", "eval_images=100",
+    cfg = load_config("world-demo", [*world_sets(tiny_world_dir), "rl.batch_size=12", "rl.num_candidates=12",
+                                     "rl.hard_distractors=3", "rl.near_duplicate=1.0", "rl.max_new_tokens=8", "eval.images=100",
                                      "threads=2"])  # the tiny world's untrained images all look alike
     scorer = LocalTrainer(cfg, tmp_path).scorer
     idx, _, cands = scorer.batch(0)
-    near = distractors.nearest(idx, scorer.images, 3, cfg.near_duplicate)
+    near = distractors.nearest(idx, scorer.images, 3, cfg.rl.near_duplicate)
     assert bool((near >= 0).all())
     assert torch.equal(cands[:, 1:4], near) and torch.equal(cands[:, 0], idx)
     sims = scorer.images[idx] @ scorer.images.T
     sims[torch.arange(12), idx] = -2
-    sims[sims > cfg.near_duplicate] = -2
+    sims[sims > cfg.rl.near_duplicate] = -2
     assert torch.equal(sims.topk(3).indices.sort(1).values, near.sort(1).values)

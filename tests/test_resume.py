@@ -12,7 +12,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from world_runs import records, run
+from world_runs import records, run, world_args, world_sets
 
 KEYS = ("reward_mean", "kl", "loss", "train_p_at_1")
 
@@ -61,28 +61,28 @@ def refused(capsys, *args) -> str:
 # -- 1. resume checks the config and the runtime -------------------------------------------------------------
 def test_resume_refuses_a_changed_config_a_switched_runtime_and_fewer_steps(tiny_world_dir, tmp_path, capsys):
     out, ckpt = tmp_path / "run", ("--set", "checkpoint_every=2")
-    run(tiny_world_dir, out, *ckpt, "--set", "steps=2", runtime="local")
+    run(tiny_world_dir, out, *ckpt, "--set", "rl.steps=2", runtime="local")
     config, log = (out / "config.json").read_text(), (out / "metrics.jsonl").read_text()
     assert json.loads((out / "run.json").read_text()) == {"runtime": "local"}
 
-    err = refused(capsys, tiny_world_dir, out, *ckpt, "--set", "steps=2", "--set", "lr=0.001",
-                  "--set", "train_lm=false", "local")
-    assert "different config (lr: 0.0003 -> 0.001, train_lm: True -> False)" in err
+    err = refused(capsys, tiny_world_dir, out, *ckpt, "--set", "rl.steps=2", "--set", "rl.lr=0.001",
+                  "--set", "rl.train_lm=false", "local")
+    assert "different config (rl.lr: 0.0003 -> 0.001, rl.train_lm: True -> False)" in err
     assert "--resume-with-new-config" in err
-    err = refused(capsys, tiny_world_dir, out, *ckpt, "--set", "steps=2", "ray")  # fails before Ray starts
+    err = refused(capsys, tiny_world_dir, out, *ckpt, "--set", "rl.steps=2", "ray")  # fails before Ray starts
     assert "made by the local runtime" in err and "--runtime ray cannot resume it" in err
-    err = refused(capsys, tiny_world_dir, out, *ckpt, "--set", "steps=1", "--resume-with-new-config", "local")
-    assert "steps=1 but its checkpoint step-2 already holds 2 updates" in err
+    err = refused(capsys, tiny_world_dir, out, *ckpt, "--set", "rl.steps=1", "--resume-with-new-config", "local")
+    assert "rl.steps=1 but its checkpoint step-2 already holds 2 updates" in err
     # nothing was written by a refused run
     assert (out / "config.json").read_text() == config and (out / "metrics.jsonl").read_text() == log
     assert not (out / "config_changes.jsonl").exists()
 
-    final = run(tiny_world_dir, out, *ckpt, "--set", "steps=3", "--set", "lr=0.001", "--resume-with-new-config",
+    final = run(tiny_world_dir, out, *ckpt, "--set", "rl.steps=3", "--set", "rl.lr=0.001", "--resume-with-new-config",
                 runtime="local")
     assert final["updates"] == 1 and "at step 2" in capsys.readouterr().out
-    assert json.loads((out / "config.json").read_text())["lr"] == 0.001
+    assert json.loads((out / "config.json").read_text())["rl"]["lr"] == 0.001
     change = json.loads((out / "config_changes.jsonl").read_text())
-    assert change["changes"] == {"lr": [0.0003, 0.001], "steps": [2, 3]} and change["runtime"] == "local"
+    assert change["changes"] == {"rl.lr": [0.0003, 0.001], "rl.steps": [2, 3]} and change["runtime"] == "local"
     assert [r["step"] for r in records(out)] == [0, 1, 2, 3]
 
 
@@ -101,7 +101,7 @@ def interrupt(src, dst):
 def test_a_resumed_run_equals_an_uninterrupted_one(tiny_world_dir, tmp_path, capsys, runtime, request):
     if runtime == "ray":
         request.getfixturevalue("ray_session")
-    args = ("--set", "steps=4", "--set", "checkpoint_every=2")
+    args = ("--set", "rl.steps=4", "--set", "checkpoint_every=2")
     whole = run(tiny_world_dir, tmp_path / "whole", *args, runtime=runtime)
     interrupt(tmp_path / "whole", tmp_path / "resumed")
     capsys.readouterr()
@@ -132,7 +132,7 @@ def test_learner_checkpoints_reach_the_run_dir_through_the_controller(tiny_world
     assert ray.get(cwd.remote()) == str(worker_cwd)  # workers see another dir than the controller's
     (tmp_path / "head").mkdir()
     monkeypatch.chdir(tmp_path / "head")
-    args = ("--set", "steps=2", "--set", "checkpoint_every=1", "--set", "runtime.learner_workers=2",
+    args = ("--set", "rl.steps=2", "--set", "checkpoint_every=1", "--set", "runtime.learner_workers=2",
             "--set", "runtime.zero_stage=2")
     run(tiny_world_dir, "run", *args)  # a relative run dir: only the controller can resolve it
     step = tmp_path / "head" / "run" / "checkpoints" / "step-1"
@@ -201,8 +201,8 @@ def test_two_processes_build_one_embedding_cache_at_once(tiny_world_dir, tmp_pat
     for p in procs:
         p.join(timeout=60)
     assert outcomes == ["ok", "ok"]
-    files = sorted((tmp_path / "embeddings").iterdir())
-    assert len(files) == len(sizes) and all(f.suffix == ".safetensors" for f in files)  # no temp file left
+    entries = sorted((tmp_path / "embeddings").iterdir())  # one complete entry per size, no temp dir left
+    assert len(entries) == len(sizes) and all((e / "manifest.json").is_file() for e in entries), entries
     pw = load_world_dir(tiny_world_dir)
     os.environ["RAYCAP_CACHE"] = str(tmp_path)  # the autouse fixture restores it
     for n in sizes:
@@ -223,8 +223,8 @@ def test_actor_threads_follow_their_cpu_share(tiny_world_dir, tmp_path, ray_sess
         return ray.get(actor.__ray_call__.remote(lambda self: (torch.get_num_threads(),
                                                                os.environ["OMP_NUM_THREADS"])))
 
-    base = [f"world_dir={tiny_world_dir}", "eval_images=100", "max_new_tokens=8", "batch_size=24",
-            "num_candidates=24", "runtime.cpus_per_learner=1.5", "runtime.cpus_per_rollout=1",
+    base = [*world_sets(tiny_world_dir), "eval.images=100", "rl.max_new_tokens=8", "rl.batch_size=24",
+            "rl.num_candidates=24", "runtime.cpus_per_learner=1.5", "runtime.cpus_per_rollout=1",
             "threads=null"]  # world-demo sets threads: 2
     for overrides, want in [([], {"learner": 2, "rollout": 1, "reward": 1}),
                             (["threads=3"], {"learner": 3, "rollout": 3, "reward": 3})]:

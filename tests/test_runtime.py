@@ -8,7 +8,7 @@ import ray
 
 from raycap.config import load_config
 from raycap.errors import UserError
-from world_runs import records, run
+from world_runs import records, run, world_args, world_sets
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,13 +21,13 @@ def ray_session(tmp_path_factory):
 
 
 def config(world, *overrides):
-    return load_config("world-demo", [f"world_dir={world}", "eval_images=100", "max_new_tokens=8", "threads=1",
-                                      "batch_size=24", "num_candidates=24", *overrides])
+    return load_config("world-demo", [*world_sets(world), "eval.images=100", "rl.max_new_tokens=8", "threads=1",
+                                      "rl.batch_size=24", "rl.num_candidates=24", *overrides])
 
 
 def test_ray_runtime_matches_the_reference_loop(tiny_world_dir, tmp_path):
-    ray_run = run(tiny_world_dir, tmp_path / "ray", "--set", "steps=3")
-    local = run(tiny_world_dir, tmp_path / "local", "--set", "steps=3", runtime="local")
+    ray_run = run(tiny_world_dir, tmp_path / "ray", "--set", "rl.steps=3")
+    local = run(tiny_world_dir, tmp_path / "local", "--set", "rl.steps=3", runtime="local")
     a, b = records(tmp_path / "ray"), records(tmp_path / "local")
     for key in ("reward_mean", "kl", "loss", "train_p_at_1"):
         assert [r[key] for r in a[1:]] == pytest.approx([r[key] for r in b[1:]], rel=1e-4, abs=1e-5), key
@@ -39,7 +39,7 @@ def test_ray_runtime_matches_the_reference_loop(tiny_world_dir, tmp_path):
 def test_two_rollout_workers_use_the_newest_weights(tiny_world_dir, tmp_path):
     from raycap.runtime.controller import Controller
 
-    c = Controller(config(tiny_world_dir, "runtime.rollout_workers=2", "steps=3"), tmp_path)
+    c = Controller(config(tiny_world_dir, "runtime.rollout_workers=2", "rl.steps=3"), tmp_path)
     try:
         for step in range(3):
             record, _ = c.run_step(step, None)
@@ -52,16 +52,16 @@ def test_two_rollout_workers_use_the_newest_weights(tiny_world_dir, tmp_path):
 
 
 def test_colocated_gives_the_same_updates_as_object_store(tiny_world_dir, tmp_path):
-    run(tiny_world_dir, tmp_path / "store", "--set", "steps=3")
-    run(tiny_world_dir, tmp_path / "colo", "--set", "steps=3", "--set", "runtime.weight_sync=colocated")
+    run(tiny_world_dir, tmp_path / "store", "--set", "rl.steps=3")
+    run(tiny_world_dir, tmp_path / "colo", "--set", "rl.steps=3", "--set", "runtime.weight_sync=colocated")
     a, b = records(tmp_path / "store"), records(tmp_path / "colo")
     assert [r["reward_mean"] for r in a[1:]] == pytest.approx([r["reward_mean"] for r in b[1:]], rel=1e-5)
     assert all(r["weight_sync_seconds"] == 0 for r in b[1:])
 
 
 def test_two_deepspeed_learner_ranks_with_zero2_match_one(tiny_world_dir, tmp_path):
-    run(tiny_world_dir, tmp_path / "one", "--set", "steps=3")
-    run(tiny_world_dir, tmp_path / "two", "--set", "steps=3", "--set", "runtime.learner_workers=2",
+    run(tiny_world_dir, tmp_path / "one", "--set", "rl.steps=3")
+    run(tiny_world_dir, tmp_path / "two", "--set", "rl.steps=3", "--set", "runtime.learner_workers=2",
         "--set", "runtime.zero_stage=2")
     a, b = records(tmp_path / "one"), records(tmp_path / "two")
     for key in ("reward_mean", "kl"):
@@ -69,7 +69,7 @@ def test_two_deepspeed_learner_ranks_with_zero2_match_one(tiny_world_dir, tmp_pa
 
 
 def test_policy_lag_one_overlaps_rollouts_with_the_update(tiny_world_dir, tmp_path):
-    run(tiny_world_dir, tmp_path, "--set", "steps=3", "--set", "runtime.max_policy_lag=1")
+    run(tiny_world_dir, tmp_path, "--set", "rl.steps=3", "--set", "runtime.max_policy_lag=1")
     log = records(tmp_path)[1:]
     assert [r["policy_lag"] for r in log] == [0, 1, 1]
     # lagged rollouts are importance-weighted; the ratio pi/mu of a policy one update newer is logged
@@ -83,7 +83,7 @@ def test_broadcast_weight_sync_over_gloo(tiny_world_dir, tmp_path):
     from raycap.runtime.controller import Controller
 
     c = Controller(config(tiny_world_dir, "runtime.weight_sync=nccl", "runtime.collective_backend=gloo",
-                          "runtime.rollout_workers=2", "steps=2"), tmp_path)
+                          "runtime.rollout_workers=2", "rl.steps=2"), tmp_path)
     try:
         for step in range(2):
             c.run_step(step, None)
@@ -99,7 +99,7 @@ def test_broadcast_weight_sync_over_gloo(tiny_world_dir, tmp_path):
 def test_a_killed_rollout_worker_is_restarted_and_the_run_completes(tiny_world_dir, tmp_path):
     from raycap.runtime.controller import Controller
 
-    c = Controller(config(tiny_world_dir, "runtime.rollout_workers=2", "steps=4"), tmp_path)
+    c = Controller(config(tiny_world_dir, "runtime.rollout_workers=2", "rl.steps=4"), tmp_path)
     try:
         c.run_step(0, None)
         os.kill(ray.get(c.rollouts[0].pid.remote()), signal.SIGKILL)
@@ -113,17 +113,17 @@ def test_a_killed_rollout_worker_is_restarted_and_the_run_completes(tiny_world_d
 def test_resume_continues_the_step_counter_and_metrics(tiny_world_dir, tmp_path, capsys):
     import shutil
 
-    run(tiny_world_dir, tmp_path, "--set", "steps=3", "--set", "checkpoint_every=2")
+    run(tiny_world_dir, tmp_path, "--set", "rl.steps=3", "--set", "checkpoint_every=2")
     shutil.rmtree(tmp_path / "checkpoints" / "step-3")  # as if killed after step 3 was logged, before its checkpoint
-    final = run(tiny_world_dir, tmp_path, "--set", "steps=4", "--set", "checkpoint_every=2")
+    final = run(tiny_world_dir, tmp_path, "--set", "rl.steps=4", "--set", "checkpoint_every=2")
     assert "step-2 at step 2" in capsys.readouterr().out and final["updates"] == 2
     assert [r["step"] for r in records(tmp_path)] == [0, 1, 2, 3, 4]
     assert (tmp_path / "checkpoints" / "step-4" / "controller.pt").is_file()
 
 
 def test_gumbel_on_ray_equals_gumbel_in_the_reference_loop(tiny_world_dir, tmp_path):
-    final = run(tiny_world_dir, tmp_path / "ray", "--set", "steps=3", "--set", "method=gumbel")
-    run(tiny_world_dir, tmp_path / "local", "--set", "steps=3", "--set", "method=gumbel", runtime="local")
+    final = run(tiny_world_dir, tmp_path / "ray", "--set", "rl.steps=3", "--set", "rl.method=gumbel")
+    run(tiny_world_dir, tmp_path / "local", "--set", "rl.steps=3", "--set", "rl.method=gumbel", runtime="local")
     assert final["updates"] == 3
     a, b = records(tmp_path / "ray"), records(tmp_path / "local")
     for key in ("clip_cos", "task_loss", "kl", "loss"):

@@ -46,7 +46,7 @@ def test_a_short_seeded_discritune_run_raises_reward_and_stays_wellformed(tmp_pa
     from raycap.config import load_config
     from raycap.local_trainer import LocalTrainer
 
-    cfg = load_config("world-demo", ["steps=20", "eval_images=200", "threads=2", "max_new_tokens=20"])
+    cfg = load_config("world-demo", ["rl.steps=20", "eval.images=200", "threads=2", "rl.max_new_tokens=20"])
     trainer = LocalTrainer(cfg, tmp_path / "run", log=lambda *_: None)
     rewards = [trainer.update(step)["reward_mean"] for step in range(20)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5

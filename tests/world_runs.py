@@ -4,14 +4,23 @@ import json
 
 from raycap.train import main as train_main
 
-FAST = ["--set", "eval_images=100", "--set", "max_new_tokens=8", "--set", "eval_every=100", "--set", "threads=1",
-        "--set", "batch_size=24", "--set", "num_candidates=24"]
+FAST = ["--set", "eval.images=100", "--set", "rl.max_new_tokens=8", "--set", "eval.every=100", "--set", "threads=1",
+        "--set", "rl.batch_size=24", "--set", "rl.num_candidates=24"]
+
+
+def world_sets(world) -> list[str]:
+    """`--set` values that point a run config at a pretrained world dir: its world, retriever and captioner."""
+    return [f"data.path={world}", f"retriever.path={world}/retriever", f"captioner.path={world}/captioner"]
+
+
+def world_args(world) -> list[str]:
+    return [a for s in world_sets(world) for a in ("--set", s)]
 
 
 def run(world, out, *extra, runtime="ray"):
     """`python -m raycap.train` of world-demo on `world` into `out`, with FAST settings and `extra` args."""
     return train_main(["--config", "world-demo", "--out", str(out), "--runtime", runtime,
-                       "--set", f"world_dir={world}", *FAST, *extra])
+                       *world_args(world), *FAST, *extra])
 
 
 def records(out):

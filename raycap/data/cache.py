@@ -1,51 +1,242 @@
-"""Frozen CLIP image embeddings, computed once per (retriever weights, world, split) and cached on disk.
-The RL loop never touches pixels: rewards, distractors and the captioner's prefix all read this cache."""
+"""Frozen CLIP image embeddings of an image source, computed once and cached on disk (the RL loop, hard-distractor
+kNN and evaluation read them; nothing in the loop touches pixels).
+
+A cache entry is a directory `RAYCAP_CACHE/embeddings/<key>/` of safetensors shards plus `manifest.json`; the
+key hashes the dataset's fingerprint (files, sizes, mtimes; or the world's config), the retriever's weights and
+the preprocessing, so a changed dataset or retriever builds a new entry. An entry is built in a private temp
+directory and renamed into place, so a reader never sees a partial one and two runs building the same entry at
+once both succeed (the second rename loses, and that run reads the winner's).
+
+Two builders give the same embeddings: `ray` (Ray Data: decode + the retriever's own transform in tasks, the
+image tower in an actor pool, on GPUs when the cluster has them) for image files, and `local` (in-process) for
+the in-memory world and small sources.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from raycap.data.sources import BadImage, ImageSource, WorldSource
 from raycap.data.world import World
+
+MANIFEST = "manifest.json"
+SHARD_ROWS = 50_000
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RAYCAP_CACHE", Path.home() / ".cache" / "raycap"))
 
 
-def _key(retriever, world: World, split: str, n: int) -> str:
+@dataclass
+class CachedEmbeddings:
+    embeddings: torch.Tensor  # (N_kept, D) float32, L2-normalised, source order
+    kept: torch.Tensor        # (N_kept,) indices into the source
+    skipped: list[dict]       # [{"id", "index", "reason"}]: images that could not be read (on_bad_image: skip)
+    path: Path | None         # the cache entry (None when use_cache=False)
+    built: bool               # built by this call (else read from disk)
+
+
+def retriever_fingerprint(retriever) -> str:
     h = hashlib.sha256()
     for name, t in sorted(retriever.model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    h.update(world.config.model_dump_json().encode())
-    h.update(f"{split}:{n}".encode())
-    return h.hexdigest()[:24]
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(retriever, source: ImageSource) -> tuple[str, dict]:
+    parts = {"dataset": source.fingerprint(), "retriever": retriever_fingerprint(retriever),
+             "preprocess": repr(retriever.preprocess())}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24], parts
+
+
+def image_embeddings(retriever, source: ImageSource, *, on_bad_image: str = "error", builder: str = "auto",
+                     batch_size: int = 256, use_cache: bool = True, shard_rows: int = SHARD_ROWS,
+                     log=print) -> CachedEmbeddings:
+    """The source's image embeddings: read from the cache, or built (and cached). Unreadable images raise
+    `BadImage` naming the file (`on_bad_image="error"`) or are left out and listed (`"skip"`)."""
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    if builder == "auto":
+        builder = "ray" if getattr(source, "paths", None) is not None else "local"
+    key, parts = cache_key(retriever, source) if use_cache else (None, None)
+    final = cache_dir() / "embeddings" / key if use_cache else None
+    if use_cache and (final / MANIFEST).is_file():
+        return _read(final, source, on_bad_image)
+    t = time.perf_counter()
+    build = _build_ray if builder == "ray" else _build_local
+    emb, kept, skipped = build(retriever, source, on_bad_image, batch_size)
+    rate = len(source) / max(time.perf_counter() - t, 1e-9)
+    log(f"embedded {len(kept)} images of {source.name} ({rate:.0f} images/s, {builder} builder)"
+        + (f"; left out {len(skipped)} unreadable" if skipped else ""))
+    if not use_cache:
+        return CachedEmbeddings(emb, kept, skipped, None, True)
+    _write(final, emb, kept, skipped, parts, source, builder, shard_rows)
+    out = _read(final, source, on_bad_image)
+    out.built = True
+    return out
+
+
+def world_image_embeddings(retriever, world: World, split: str, n: int | None = None,
+                           use_cache: bool = True) -> torch.Tensor:
+    """(n, D) embeddings of a world split's first n images."""
+    return image_embeddings(retriever, WorldSource(world, split, n), use_cache=use_cache,
+                            log=lambda *_: None).embeddings
+
+
+# -- reading and writing -----------------------------------------------------------------------------------
+def _read(path: Path, source: ImageSource, on_bad_image: str) -> CachedEmbeddings:
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest["skipped"] and on_bad_image == "error":  # built by a run that skipped: this one must not
+        raise _bad(source, manifest["skipped"])
+    shards = [load_file(str(path / name)) for name in manifest["shards"]]
+    emb = torch.cat([s["embeddings"] for s in shards]) if shards else torch.zeros(0, manifest["dim"])
+    kept = torch.cat([s["kept"] for s in shards]) if shards else torch.zeros(0, dtype=torch.long)
+    return CachedEmbeddings(emb, kept, manifest["skipped"], path, False)
+
+
+def _write(final: Path, emb, kept, skipped, parts, source, builder, shard_rows) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        names = []
+        for k in range(0, max(len(emb), 1), shard_rows):
+            name = f"part-{len(names):05d}.safetensors"
+            save_file({"embeddings": emb[k:k + shard_rows].contiguous(), "kept": kept[k:k + shard_rows].contiguous()},
+                      str(tmp / name))
+            names.append(name)
+        manifest = {"source": source.name, "n": len(source), "kept": len(kept), "dim": int(emb.shape[1]),
+                    "ids_sha256": hashlib.sha256("\n".join(source.ids).encode()).hexdigest(), "shards": names,
+                    "skipped": skipped, "builder": builder, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **parts}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: an entry without it is never read
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another run renamed its (equal) entry first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _bad(source: ImageSource, skipped: list[dict]) -> BadImage:
+    first = skipped[0]
+    more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+    return BadImage(f"{first['reason']}{more}; set data.on_bad_image: skip to leave unreadable images out "
+                    f"(they are counted in the run's log)")
+
+
+def _result(index: np.ndarray, emb: np.ndarray, ok: np.ndarray, reasons, source, on_bad_image):
+    order = np.argsort(index, kind="stable")
+    index, emb, ok = index[order], emb[order], ok[order]
+    reasons = [reasons[i] for i in order]
+    skipped = [{"id": source.ids[int(i)], "index": int(i), "reason": r} for i, r, good in zip(index, reasons, ok)
+               if not good]
+    if skipped and on_bad_image == "error":
+        raise _bad(source, skipped)
+    return torch.from_numpy(emb[ok]).float(), torch.from_numpy(index[ok]).long(), skipped
+
+
+# -- builders ----------------------------------------------------------------------------------------------
+def _decode(source: ImageSource, transform, indices) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Preprocessed pixels of `indices` (zeros where an image is unreadable), ok flags and reasons."""
+    pixels, ok, reasons = [], [], []
+    for i in indices:
+        try:
+            pixels.append(transform(source.image(int(i))).numpy())
+            ok.append(True)
+            reasons.append("")
+        except BadImage as e:
+            pixels.append(None)
+            ok.append(False)
+            reasons.append(str(e))
+    shape = next((p.shape for p in pixels if p is not None), None)
+    if shape is None:  # nothing readable in this batch: any shape will do, the rows are dropped
+        shape = (3, 1, 1)
+    pixels = [p if p is not None else np.zeros(shape, np.float32) for p in pixels]
+    return np.stack(pixels).astype(np.float32), np.asarray(ok), reasons
 
 
 @torch.no_grad()
-def world_image_embeddings(retriever, world: World, split: str, n: int | None = None,
-                           use_cache: bool = True) -> torch.Tensor:
-    """(n, D) L2-normalised embeddings of the split's first n images."""
-    n = min(n or world.config.split_size(split), world.config.split_size(split))
-    path = cache_dir() / "embeddings" / f"{_key(retriever, world, split, n)}.safetensors"
-    if use_cache and path.exists():
-        return load_file(str(path))["embeddings"]
-    out = retriever.encode_pixels(world.images(split, range(n))).float()
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a private temp name in the same dir, then an atomic rename: runs building one cache at once each
-        # write their own file and the last rename wins (both files hold the same embeddings)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"embeddings": out.contiguous()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return out
+def _build_local(retriever, source, on_bad_image, batch_size):
+    n, embs, oks, reasons = len(source), [], [], []
+    device = retriever.pixel_mean.device
+    if isinstance(source, WorldSource):  # no PIL round trip: the exact pixels of the world (chunks of 512)
+        for k in range(0, n, 512):
+            embs.append(retriever.encode_pixels(source.pixels(range(k, min(k + 512, n)))).float().cpu().numpy())
+        emb = np.concatenate(embs) if embs else np.zeros((0, retriever.embed_dim), np.float32)
+        return _result(np.arange(n), emb, np.ones(n, bool), [""] * n, source, on_bad_image)
+    transform = retriever.preprocess()
+    for k in range(0, n, batch_size):
+        pixels, ok, why = _decode(source, transform, range(k, min(k + batch_size, n)))
+        embs.append(retriever.encode_image(torch.from_numpy(pixels).to(device)).float().cpu().numpy())
+        oks.append(ok)
+        reasons += why
+    emb = np.concatenate(embs) if embs else np.zeros((0, retriever.embed_dim), np.float32)
+    return _result(np.arange(n), emb, np.concatenate(oks) if oks else np.zeros(0, bool), reasons, source,
+                   on_bad_image)
+
+
+class _Decode:
+    """Ray Data task: rows of image indices -> preprocessed pixels with ok flags and reasons."""
+
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
+
+    def __call__(self, batch: dict) -> dict:
+        pixels, ok, reasons = _decode(self.source, self.transform, batch["index"])
+        return {"index": batch["index"], "pixels": pixels, "ok": ok, "reason": np.asarray(reasons, dtype=object)}
+
+
+class _Encode:
+    """Ray Data actor: holds the frozen image tower (on the GPU when it was given one)."""
+
+    def __init__(self, retriever):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.retriever = retriever.to(self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
+        emb = self.retriever.encode_image(x).float().cpu().numpy()
+        return {"index": batch["index"], "embedding": emb, "ok": batch["ok"], "reason": batch["reason"]}
+
+
+def _build_ray(retriever, source, on_bad_image, batch_size):
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        raise RuntimeError("the ray builder needs a running Ray (raycap.inputs starts a local one)")
+    gpus = ray.cluster_resources().get("GPU", 0)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    n = len(source)
+    ds = ray.data.from_items([{"index": i} for i in range(n)], override_num_blocks=max(1, min(64, n // batch_size)))
+    ds = ds.map_batches(_Decode, fn_constructor_args=(source, retriever.preprocess()), batch_size=batch_size,
+                        concurrency=1 if gpus else (1, max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)))
+    ds = ds.map_batches(_Encode, fn_constructor_args=(retriever.cpu(),), batch_size=batch_size,
+                        concurrency=max(1, int(gpus)) if gpus else 1, num_gpus=1 if gpus else 0)
+    index, emb, ok, reasons = [], [], [], []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if on_bad_image == "error" and not batch["ok"].all():  # stop at the first unreadable image
+            bad = [{"reason": r} for r, good in zip(batch["reason"], batch["ok"]) if not good]
+            raise _bad(source, bad)
+        index.append(batch["index"])
+        emb.append(batch["embedding"])
+        ok.append(batch["ok"])
+        reasons += list(batch["reason"])
+    if not index:
+        return torch.zeros(0, retriever.embed_dim), torch.zeros(0, dtype=torch.long), []
+    return _result(np.concatenate(index), np.concatenate(emb), np.concatenate(ok).astype(bool), reasons, source,
+                   on_bad_image)

@@ -4,7 +4,10 @@
 through the embedding matrix, for Gumbel-softmax captions) and `logit_scale`. It wraps
 - a tiny custom open_clip CLIP for the shapes world, with the world's word-level tokenizer;
 - any open_clip model by name + pretrained tag (`ViT-B-32`, `openai`) or local checkpoint file;
-- a raycap retriever directory (`raycap_retriever.json` + `model.safetensors` + `tokenizer/`).
+- a raycap retriever directory (`raycap_retriever.json` + `model.safetensors` + `tokenizer/`);
+- an open_clip model directory (`local-dir:PATH`: open_clip_config.json + weights, a HF tokenizer when it names
+  one), such as the world's retriever written by `python -m raycap.data export-world`.
+`Retriever.load(name=..., pretrained=..., path=...)` picks the right one.
 Text runs at the batch's own length (causal mask + end-of-text pooling make this exact), not the full context.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from raycap.models.tokenizers import encode as encode_ids
 from raycap.models.tokenizers import load_tokenizer
 
 META_FILE, WEIGHTS_FILE = "raycap_retriever.json", "model.safetensors"
+OPEN_CLIP_CONFIG, LOCAL_DIR = "open_clip_config.json", "local-dir:"  # an open_clip model directory
 
 
 def world_clip_config(vocab_size: int, image_size: int = 48, context_length: int = 48) -> dict:
@@ -61,7 +65,13 @@ class Retriever(nn.Module):
 
     @classmethod
     def from_open_clip(cls, name: str, pretrained: str | None = None) -> "Retriever":
-        """An open_clip model by name; `pretrained` is a tag ('openai') or a local checkpoint file."""
+        """An open_clip model by name; `pretrained` is a tag ('openai') or a local checkpoint file.
+        `local-dir:PATH` is an open_clip model directory (see `from_open_clip_dir`)."""
+        if name.startswith(LOCAL_DIR):
+            if pretrained is not None:
+                raise UserError(f"{name}: pretrained={pretrained!r} does not apply to a local-dir: model "
+                                "(its weights are in the directory)")
+            return cls.from_open_clip_dir(name[len(LOCAL_DIR):])
         try:
             model = open_clip.create_model(name, pretrained=pretrained)
         except RuntimeError as e:
@@ -70,6 +80,62 @@ class Retriever(nn.Module):
         std = getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD
         meta = {"source": "open_clip", "name": name, "pretrained": pretrained, "mean": list(mean), "std": list(std)}
         return cls(model, OpenClipTokenizer(name), meta)
+
+    @classmethod
+    def from_open_clip_dir(cls, path: str | Path) -> "Retriever":
+        """An open_clip model directory (`open_clip.create_model("local-dir:PATH")`: open_clip_config.json +
+        weights). When its text_cfg names an `hf_tokenizer_name` and the directory holds a `tokenizer.json`, the
+        tokenizer is that HF tokenizer, used through raycap's `encode` exactly as in a raycap retriever directory
+        (`python -m raycap.data export-world` writes such a directory); otherwise open_clip's tokenizer."""
+        path = Path(path)
+        name = f"{LOCAL_DIR}{path}"
+        cfg = read_open_clip_dir(path)
+        try:
+            model = open_clip.create_model(name)
+        except (RuntimeError, ValueError, TypeError, KeyError, OSError) as e:
+            raise UserError(f"{path}: cannot build the open_clip model: {_first_line(e)}") from None
+        if "hf_tokenizer_name" in cfg["model_cfg"].get("text_cfg", {}) and (path / "tokenizer.json").is_file():
+            tok = load_tokenizer(path)
+        else:
+            try:
+                tok = OpenClipTokenizer(name)
+            except (RuntimeError, ValueError, TypeError, KeyError, OSError) as e:
+                raise UserError(f"{path}: cannot load the open_clip tokenizer: {_first_line(e)}") from None
+        pp = dict(model.visual.preprocess_cfg)
+        meta = {"source": "open_clip", "name": name, "pretrained": None, "mean": list(pp["mean"]),
+                "std": list(pp["std"]), "model_cfg": cfg["model_cfg"], "preprocess_cfg": pp}
+        return cls(model, tok, meta)
+
+    @classmethod
+    def load(cls, name: str | None = None, pretrained: str | None = None, path: str | None = None) -> "Retriever":
+        """One entry for every kind of retriever: `path` = a raycap retriever directory (raycap_retriever.json)
+        or an open_clip model directory (open_clip_config.json); or `name` = an open_clip model name (or
+        `local-dir:PATH`) with an optional `pretrained` tag or local checkpoint file. Mistakes: one-line UserError."""
+        if path is not None:
+            p = Path(path)
+            if name is not None or pretrained is not None:
+                raise UserError(f"retriever {p}: give a retriever path or an open_clip name (+ pretrained), not both")
+            if not p.exists():
+                raise UserError(f"retriever {p}: no such directory")
+            if not p.is_dir():
+                raise UserError(f"retriever {p}: is a file, not a retriever directory (a checkpoint file goes with "
+                                "an open_clip model name, as pretrained)")
+            if (p / META_FILE).is_file():
+                return cls.from_pretrained(p)
+            if (p / OPEN_CLIP_CONFIG).is_file():
+                return cls.from_open_clip_dir(p)
+            raise UserError(f"retriever {p}: neither a raycap retriever directory (no {META_FILE}) nor an "
+                            f"open_clip model directory (no {OPEN_CLIP_CONFIG})")
+        if not name:
+            raise UserError("retriever: give a path (a raycap retriever or open_clip model directory) or an "
+                            "open_clip model name")
+        if pretrained is not None and not name.startswith(LOCAL_DIR) and ":" not in name:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if pretrained not in tags and not Path(pretrained).is_file():
+                known = f" (known tags: {', '.join(tags)})" if tags else ""
+                raise UserError(f"retriever {name}: pretrained {pretrained}: no such checkpoint file and not a "
+                                f"known pretrained tag{known}")
+        return cls.from_open_clip(name, pretrained)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Retriever":
@@ -87,6 +153,12 @@ class Retriever(nn.Module):
             if not (path / "tokenizer").is_dir():
                 raise UserError(f"{path} is not a complete retriever checkpoint: missing tokenizer/")
             model, tok = open_clip.CLIP(**meta["model_cfg"]), load_tokenizer(path / "tokenizer")
+        elif "model_cfg" in meta:  # from an open_clip model directory: self-contained, the directory not needed
+            model = _clip_from_cfg(meta["model_cfg"])
+            if meta.get("preprocess_cfg"):
+                open_clip.set_model_preprocess_cfg(model, meta["preprocess_cfg"])
+            tok = load_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() \
+                else OpenClipTokenizer(meta["name"], meta["model_cfg"])
         else:
             model, tok = open_clip.create_model(meta["name"], pretrained=None), OpenClipTokenizer(meta["name"])
         model.load_state_dict(load_weights(path / WEIGHTS_FILE))
@@ -96,7 +168,7 @@ class Retriever(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(path / WEIGHTS_FILE))
-        if self.meta["source"] == "config":
+        if not isinstance(self.tokenizer, OpenClipTokenizer):  # a HF tokenizer (the world's): saved alongside
             self.tokenizer.save_pretrained(str(path / "tokenizer"))
         (path / META_FILE).write_text(json.dumps({"kind": "retriever", **self.meta}, indent=2))
 
@@ -117,6 +189,15 @@ class Retriever(nn.Module):
     def image_size(self) -> int:
         size = self.model.visual.image_size
         return size[0] if isinstance(size, (tuple, list)) else size
+
+    def preprocess(self):
+        """The evaluation transform for PIL images (open_clip's: resize the short side, centre crop, normalise)
+        with this model's input size, mean and std. On uint8 images already at the input size it equals
+        `pixels` exactly (the world's PNG files give the in-memory world's embeddings)."""
+        cfg = getattr(self.model.visual, "preprocess_cfg", None) or {}
+        return open_clip.image_transform(self.image_size, is_train=False, mean=tuple(self.pixel_mean.flatten().tolist()),
+                                         std=tuple(self.pixel_std.flatten().tolist()),
+                                         resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"))
 
     def pixels(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalised float (B, 3, S, S) at the model's input size."""
@@ -181,8 +262,16 @@ class Retriever(nn.Module):
 class OpenClipTokenizer:
     """open_clip's own tokenizer, trimmed to the batch's longest caption."""
 
-    def __init__(self, name: str):
-        self.name, self._tok = name, open_clip.get_tokenizer(name)
+    def __init__(self, name: str, model_cfg: dict | None = None):
+        """`model_cfg` (an open_clip model config) builds open_clip's default tokenizer without looking `name` up
+        (a saved local-dir: retriever whose directory is gone)."""
+        if model_cfg is not None:
+            text_cfg = model_cfg.get("text_cfg", {})
+            tok = open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77),
+                                            **text_cfg.get("tokenizer_kwargs", {}))
+        else:
+            tok = open_clip.get_tokenizer(name)
+        self.name, self._tok = name, tok
 
     def tokenize(self, captions: Sequence[str], context_length: int) -> torch.Tensor:
         ids = self._tok(list(captions), context_length=context_length)
@@ -191,3 +280,37 @@ class OpenClipTokenizer:
 
     def __len__(self) -> int:
         return self._tok.vocab_size
+
+
+def read_open_clip_dir(path: str | Path) -> dict:
+    """The open_clip_config.json of an open_clip model directory, checked: one-line UserError naming the path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such open_clip model directory")
+    cfg_file = path / OPEN_CLIP_CONFIG
+    if not cfg_file.is_file():
+        raise UserError(f"{path} is not an open_clip model directory: missing {OPEN_CLIP_CONFIG}")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{cfg_file}: cannot read: {_first_line(e)}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
+        raise UserError(f"{cfg_file}: no model_cfg mapping (an open_clip model directory's config has one)")
+    if not any(any(path.glob(f"*{ext}")) for ext in (".safetensors", ".bin", ".pth")):
+        raise UserError(f"{path}: no weights file (open_clip_model.safetensors); open_clip would build the model "
+                        "with random weights")
+    return cfg
+
+
+def _clip_from_cfg(model_cfg: dict) -> nn.Module:
+    """The model open_clip.create_model builds from a model config (fp32), without weights."""
+    import copy
+
+    cfg = copy.deepcopy(model_cfg)
+    custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    return (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**cfg)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

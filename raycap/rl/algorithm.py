@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raycap.config import RLConfig
+from raycap.config import RunConfig
 from raycap.data import distractors
 from raycap.models.clipcap import Captions, ClipCap
 from raycap.models.tokenizers import decode
@@ -36,18 +36,18 @@ def generator(seed: int, step: int, stream: int, shard: int = 0) -> torch.Genera
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, stream, shard]).generate_state(1)[0]))
 
 
-def policy_temperature(cfg: RLConfig) -> float:
+def policy_temperature(cfg: RunConfig) -> float:
     """The temperature of the policy being trained: the sampling temperature (greedy rollouts: 1)."""
-    return cfg.temperature if cfg.rollout == "sample" else 1.0
+    return cfg.rl.temperature if cfg.rl.rollout == "sample" else 1.0
 
 
-def rollout(policy: ClipCap, img: torch.Tensor, cfg: RLConfig, step: int, shard: int = 0,
+def rollout(policy: ClipCap, img: torch.Tensor, cfg: RunConfig, step: int, shard: int = 0,
             greedy: bool = False) -> Captions:
     """Captions of one shard of a step's images: `num_samples` sampled per image (image-major), or greedy."""
     policy.eval()  # no dropout in RL: the learner scores exactly the policy that sampled
-    if greedy or cfg.rollout == "greedy":
-        return policy.generate(img, mode="greedy", num_samples=1 if greedy else cfg.num_samples)
-    return policy.generate(img, mode="sample", temperature=cfg.temperature, num_samples=cfg.num_samples,
+    if greedy or cfg.rl.rollout == "greedy":
+        return policy.generate(img, mode="greedy", num_samples=1 if greedy else cfg.rl.num_samples)
+    return policy.generate(img, mode="sample", temperature=cfg.rl.temperature, num_samples=cfg.rl.num_samples,
                            generator=generator(cfg.seed, step, ROLLOUT, shard))
 
 
@@ -63,7 +63,7 @@ class Scores:
 class Scorer:
     """Frozen retriever + cached image embeddings: each step's batch and candidates, and caption rewards."""
 
-    def __init__(self, retriever, images: torch.Tensor, tokenizer, stop_ids, cfg: RLConfig):
+    def __init__(self, retriever, images: torch.Tensor, tokenizer, stop_ids, cfg: RunConfig):
         self.retriever, self.images, self.tokenizer, self.stop_ids, self.cfg = retriever, images, tokenizer, stop_ids, cfg
         self.logit_scale = float(retriever.logit_scale)
 
@@ -71,9 +71,9 @@ class Scorer:
         """(image indices, their embeddings, candidate indices with the target in column 0) of a step."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
-        idx = torch.from_numpy(rng.choice(len(self.images), size=cfg.batch_size, replace=False))
-        cands = distractors.candidates(idx, self.images, cfg.hard_distractors, cfg.near_duplicate,
-                                       cfg.num_candidates, generator=generator(cfg.seed, step, CANDIDATES))
+        idx = torch.from_numpy(rng.choice(len(self.images), size=cfg.rl.batch_size, replace=False))
+        cands = distractors.candidates(idx, self.images, cfg.rl.hard_distractors, cfg.rl.near_duplicate,
+                                       cfg.rl.num_candidates, generator=generator(cfg.seed, step, CANDIDATES))
         return idx, self.images[idx], cands
 
     def texts(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
@@ -87,36 +87,36 @@ class Scorer:
             cands = cands.repeat_interleave(tokens.shape[0] // cands.shape[0], dim=0)
         texts = self.texts(tokens, lengths)
         emb = self.retriever.encode_captions(texts)
-        task = rewards.compute(cfg.reward, emb, self.images, cands, self.logit_scale, batch=step)
-        if cfg.cosine_coef:
-            task = task + cfg.cosine_coef * rewards.cosine(emb, self.images[cands[:, 0]], self.logit_scale)
+        task = rewards.compute(cfg.rl.reward, emb, self.images, cands, self.logit_scale, batch=step)
+        if cfg.rl.cosine_coef:
+            task = task + cfg.rl.cosine_coef * rewards.cosine(emb, self.images[cands[:, 0]], self.logit_scale)
         check, reward = None, task
-        if cfg.self_check_coef:
+        if cfg.rl.self_check_coef:
             check = self_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions, self.logit_scale,
-                               cfg.self_check_variants, generator(cfg.seed, step, SELF_CHECK))
+                               cfg.rl.self_check_variants, generator(cfg.seed, step, SELF_CHECK))
             rewards.check_finite(check, step)
-            reward = task + cfg.self_check_coef * check
+            reward = task + cfg.rl.self_check_coef * check
         return Scores(reward, task, check, rewards.accuracy(emb, self.images, cands), texts)
 
 
 class Advantages:
     """The configured baseline; keeps the running mean's state for checkpoints."""
 
-    def __init__(self, cfg: RLConfig):
+    def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.running = baselines.RunningMean(momentum=cfg.baseline_momentum)
+        self.running = baselines.RunningMean(momentum=cfg.rl.baseline_momentum)
 
     def baseline(self, reward: torch.Tensor, greedy_reward: torch.Tensor | None = None) -> torch.Tensor:
-        kind = self.cfg.baseline
+        kind = self.cfg.rl.baseline
         if kind == "none":
             return torch.zeros_like(reward)
         if kind == "mean":
             return self.running(reward)
         if kind == "loo":
-            return baselines.leave_one_out(reward, self.cfg.num_samples)
+            return baselines.leave_one_out(reward, self.cfg.rl.num_samples)
         if greedy_reward is None:
             raise ValueError("the greedy (self-critical) baseline needs the greedy captions' rewards")
-        return baselines.self_critical(greedy_reward, self.cfg.num_samples)
+        return baselines.self_critical(greedy_reward, self.cfg.rl.num_samples)
 
     def state_dict(self) -> dict:
         return self.running.state_dict()
@@ -136,7 +136,7 @@ def kl_guard(reference: ClipCap, img, tokens, lengths, logits, token_lp, estimat
 
 
 def reinforce_loss(policy: ClipCap, reference: ClipCap, img, tokens, lengths, advantages,
-                   cfg: RLConfig, behaviour_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                   cfg: RunConfig, behaviour_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """REINFORCE `-(R-b) log P(c|i)` by teacher forcing, + kl_coef * KL guard - entropy_coef * entropy, all
     under the tempered policy. `behaviour_logprobs` (N, T): per-token log-probs under the policy that sampled
     the captions when it is older than this one (off-policy); each caption's term is then weighted by the
@@ -148,28 +148,28 @@ def reinforce_loss(policy: ClipCap, reference: ClipCap, img, tokens, lengths, ad
     weights = None
     if behaviour_logprobs is not None:
         ratio = losses.importance_ratio(token_lp.detach(), behaviour_logprobs.to(token_lp.device), lengths)
-        weights = ratio.clamp(max=cfg.importance_ratio_cap)
+        weights = ratio.clamp(max=cfg.rl.importance_ratio_cap)
         stats = {"importance_ratio_mean": float(ratio.mean()), "importance_ratio_max": float(ratio.max()),
-                 "importance_ratio_truncated": float((ratio > cfg.importance_ratio_cap).float().mean())}
-    pg = losses.reinforce(token_lp, lengths, advantages, cfg.length_normalise, weights)
-    kl = kl_guard(reference, img, tokens, lengths, logits, token_lp, cfg.kl_estimator)
+                 "importance_ratio_truncated": float((ratio > cfg.rl.importance_ratio_cap).float().mean())}
+    pg = losses.reinforce(token_lp, lengths, advantages, cfg.rl.length_normalise, weights)
+    kl = kl_guard(reference, img, tokens, lengths, logits, token_lp, cfg.rl.kl_estimator)
     ent = losses.entropy(logits, lengths)
-    loss = pg + cfg.kl_coef * kl.mean()
-    if cfg.entropy_coef:
-        loss = loss - cfg.entropy_coef * ent.mean()
+    loss = pg + cfg.rl.kl_coef * kl.mean()
+    if cfg.rl.entropy_coef:
+        loss = loss - cfg.rl.entropy_coef * ent.mean()
     return loss, stats | {"kl": float(kl.detach().mean()), "entropy": float(ent.detach().mean()),
                           "advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0}
 
 
 def gumbel_loss(policy: ClipCap, reference: ClipCap, scorer: Scorer, img, cands, eos_id: int,
-                cfg: RLConfig, step: int, shard: int = 0) -> tuple[torch.Tensor, dict]:
+                cfg: RunConfig, step: int, shard: int = 0) -> tuple[torch.Tensor, dict]:
     """Straight-through Gumbel decode (noise of the step's GUMBEL stream) -> frozen CLIP text encoder ->
     `-cos(v, c)` or the discriminative loss, + kl_coef * KL guard. Gradients reach the captioner; the retriever
     is frozen."""
     policy.eval()
-    soft = gumbel_decode(policy, img, eos_id, tau=cfg.gumbel_tau, generator=generator(cfg.seed, step, GUMBEL, shard))
+    soft = gumbel_decode(policy, img, eos_id, tau=cfg.rl.gumbel_tau, generator=generator(cfg.seed, step, GUMBEL, shard))
     text_emb = scorer.retriever.encode_soft_tokens(soft.probs, soft.lengths - 1)
-    if cfg.gumbel_loss == "relevance":
+    if cfg.rl.gumbel_loss == "relevance":
         task = losses.clip_relevance(text_emb, img)
     else:
         task = -rewards.discriminative(text_emb, scorer.images, cands, scorer.logit_scale).mean()
@@ -177,8 +177,8 @@ def gumbel_loss(policy: ClipCap, reference: ClipCap, scorer: Scorer, img, cands,
     kl_len = soft.lengths.clamp(max=T)
     tokens = soft.tokens[:, :T]
     kl = kl_guard(reference, img, tokens, kl_len, soft.logits, losses.token_logprobs(soft.logits, tokens),
-                  cfg.kl_estimator)
-    loss = task + cfg.kl_coef * kl.mean()
+                  cfg.rl.kl_estimator)
+    loss = task + cfg.rl.kl_coef * kl.mean()
     with torch.no_grad():
         acc = rewards.accuracy(text_emb, scorer.images, cands)
         cos = (text_emb * img).sum(-1)

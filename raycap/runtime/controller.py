@@ -18,8 +18,8 @@ from pathlib import Path
 import ray
 import torch
 
-from raycap.config import RLConfig
-from raycap.models.loading import load_world_dir
+from raycap.config import RunConfig
+from raycap.inputs import load_captioner, load_retriever, skipped_counts, split_images
 from raycap.rl import algorithm
 from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
 from raycap.runtime import resources
@@ -47,15 +47,20 @@ def concat_captions(parts: list[dict], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 class Controller:
-    def __init__(self, config: RLConfig, out: Path, log=print, allow_new_config: bool = False):
+    def __init__(self, config: RunConfig, out: Path, log=print, allow_new_config: bool = False):
         self.cfg, self.out, self.log = config, Path(out), log
         rt = config.runtime
         prepare_run_dir(self.out, config, "ray", allow_new_config)  # before anything loads or is written
-        self.pad_id = load_world_dir(config.world_dir).captioner.config.pad_token_id  # bad dirs fail here, not in actors
+        self.pad_id = load_captioner(config.captioner.path)[0].config.pad_token_id  # bad dirs fail here, not in actors
+        retriever = load_retriever(config.retriever)
         self.owns_ray, self.dashboard_url = resources.start_ray(rt)
         if self.dashboard_url:
             log(f"Ray dashboard: http://{self.dashboard_url}  (actors under Cluster/Actors; raycap_* metrics on "
                 "its Prometheus endpoint and Metrics tab)")
+        # the images and their embeddings (the cache's Ray Data build has the cluster before the actors hold it);
+        # the reward service gets them through the object store
+        self.splits = {role: split_images(config, retriever, role, log) for role in ("train", "val", "test")}
+        del retriever
         self.pg = resources.reserve(rt)
         roles = resources.Roles.of(rt)
         cfg_json = config.model_dump_json()
@@ -64,8 +69,8 @@ class Controller:
         self.reward = ray.remote(RewardService).options(
             **resources.in_bundle(self.pg, roles.learner + roles.rollout, rt.cpus_per_reward, rt.gpus_per_reward,
                                  threads),
-            **opts).remote(cfg_json)
-        images = self.reward.image_embeddings.remote() if config.method == "gumbel" else None
+            **opts).remote(cfg_json, ray.put(self.splits))
+        images = self.reward.image_embeddings.remote() if config.rl.method == "gumbel" else None
         self.learners = [ray.remote(Learner).options(
             **resources.in_bundle(self.pg, i, rt.cpus_per_learner, rt.gpus_per_learner, threads)).remote(cfg_json, i)
             for i in range(roles.learner)]
@@ -157,13 +162,13 @@ class Controller:
         cfg = self.cfg
         t = time.perf_counter()
         _, img, cands = self._batch(step)
-        if step + 1 < cfg.steps:  # drawn by the reward service while this step runs
+        if step + 1 < cfg.rl.steps:  # drawn by the reward service while this step runs
             self._next_batch[step + 1] = self.reward.batch.remote(step + 1)
-        if cfg.method == "gumbel":
+        if cfg.rl.method == "gumbel":
             record = self.learn(step, img, None, None, None, cands)
             return record | {"step_seconds": time.perf_counter() - t}, None
         refs = pending or self.submit_rollouts(step, img)
-        greedy_refs = self.submit_rollouts(step, img, greedy=True) if cfg.baseline == "greedy" else None
+        greedy_refs = self.submit_rollouts(step, img, greedy=True) if cfg.rl.baseline == "greedy" else None
         tokens, lengths, behaviour_logprobs, info = self.collect(refs)
         scores = ray.get(self.reward.score.remote(cands, tokens, lengths, step))
         greedy = None
@@ -173,7 +178,7 @@ class Controller:
         r = scores["reward"]
         advantages = r - self.advantages.baseline(r, greedy)
         nxt = None
-        if cfg.runtime.max_policy_lag >= 1 and step + 1 < cfg.steps:  # decode t+1 while the learner updates t
+        if cfg.runtime.max_policy_lag >= 1 and step + 1 < cfg.rl.steps:  # decode t+1 while the learner updates t
             nxt = self.submit_rollouts(step + 1, ray.get(self._next_batch[step + 1])[1])
         policy_lag = self.version - info["rollout_version"]
         record = self.learn(step, img, tokens, lengths, advantages,
@@ -195,7 +200,7 @@ class Controller:
         weights = self.weights if self.cfg.runtime.weight_sync == "object_store" and self.version else None
         if weights is None:
             weights = [self.learners[0].publish.remote()]
-        return ray.get(self.reward.evaluate.remote(weights, self.cfg.eval_images, split))
+        return ray.get(self.reward.evaluate.remote(weights, self.cfg.eval.images, split))
 
     def save(self, tag: str) -> None:
         """`RUN/checkpoints/<tag>/`: every learner rank's DeepSpeed files and rank 0's loadable captioner/, which
@@ -234,7 +239,8 @@ class Controller:
             return record
 
         final = run_updates(self.cfg, self.out, self.step, update, self.evaluate,
-                            lambda step: self.save(f"step-{step}"), self.log, self.metrics.record)
+                            lambda step: self.save(f"step-{step}"), self.log, self.metrics.record,
+                            skipped=skipped_counts(self.splits))
         _copy_tree(self.out / "checkpoints" / f"step-{self.step}" / "captioner", self.out / "final")
         final["actor_restarts"] = self.restarts
         (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from raycap.config import RLConfig
-from raycap.models.loading import load_captioner, load_world_dir
+from raycap.config import RunConfig
+from raycap.inputs import load_captioner, load_retriever
 from raycap.rl import algorithm
 from raycap.runtime import resources
 from raycap.runtime.rollout import captions_payload
@@ -66,7 +66,7 @@ def _without_build_notice():
 CLIP_NORM = 1.0  # as the reference loop
 
 
-def deepspeed_config(cfg: RLConfig, rows_per_rank: int) -> dict:
+def deepspeed_config(cfg: RunConfig, rows_per_rank: int) -> dict:
     """Adam (passed in as the client optimizer: plain torch Adam at a constant lr, as the reference loop),
     ZeRO stage from the config, fp32. Gradients are clipped to norm 1.0: by DeepSpeed under ZeRO 1-2 (the
     gradients are partitioned), and without ZeRO by the reference loop's own `clip_grad_norm_` after the
@@ -83,7 +83,7 @@ class Learner:
     `address()` on rank 0's own node) and builds the DeepSpeed engine."""
 
     def __init__(self, config_json: str, rank: int):
-        self.cfg = RLConfig.model_validate_json(config_json)
+        self.cfg = RunConfig.model_validate_json(config_json)
         self.threads = resources.apply_threads(self.cfg.threads)  # its CPU share, or `threads`
         torch.manual_seed(self.cfg.seed + rank)
         self.rank, self.version = rank, 0
@@ -102,20 +102,19 @@ class Learner:
         gpu = rt.gpus_per_learner > 0 and torch.cuda.is_available()
         with _without_build_notice():
             deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False)
-        policy, self.tokenizer = load_captioner(Path(cfg.world_dir) / "captioner")
-        policy.config.max_new_tokens = cfg.max_new_tokens
-        policy.set_trainable(cfg.train_lm)
+        policy, self.tokenizer = load_captioner(cfg.captioner.path)
+        policy.config.max_new_tokens = cfg.rl.max_new_tokens
+        policy.set_trainable(cfg.rl.train_lm)
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
-        rows = cfg.batch_size * (1 if cfg.method == "gumbel" else cfg.num_samples) // rt.learner_workers
+        opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.rl.lr)
+        rows = cfg.rl.batch_size * (1 if cfg.rl.method == "gumbel" else cfg.rl.num_samples) // rt.learner_workers
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, config=deepspeed_config(cfg, rows))
         self.device = self.engine.device
         self.reference.to(self.device)
         self.scorer = None
-        if cfg.method == "gumbel":
-            pw = load_world_dir(cfg.world_dir)
-            self.scorer = algorithm.Scorer(pw.retriever.to(self.device), images.to(self.device), pw.tokenizer,
-                                           policy.stop_ids, cfg)
+        if cfg.rl.method == "gumbel":
+            self.scorer = algorithm.Scorer(load_retriever(cfg.retriever).to(self.device), images.to(self.device),
+                                           self.tokenizer, policy.stop_ids, cfg)
 
     @property
     def policy(self):
@@ -133,7 +132,7 @@ class Learner:
         per-token log-probs when an older policy sampled them (importance-weighted update)."""
         t = time.perf_counter()
         img = img.to(self.device)
-        if self.cfg.method == "gumbel":
+        if self.cfg.rl.method == "gumbel":
             eos = self.tokenizer.eos_token_id
             loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img, cands.to(self.device),
                                                 eos, self.cfg, step, self.rank)

@@ -11,25 +11,26 @@ import time
 
 import torch
 
-from raycap.config import RLConfig
-from raycap.data.cache import world_image_embeddings
-from raycap.models.loading import load_world_dir
+from raycap.config import RunConfig
+from raycap.inputs import SplitImages, load_captioner, load_retriever
 from raycap.rl import algorithm
 from raycap.runtime import resources
 from raycap.runtime.weights import load_flat_weights
-from raycap.supervised.captioner import evaluate_captioner
+from raycap.supervised.captioner import evaluate_images
 
 
 class RewardService:
-    def __init__(self, config_json: str):
-        self.cfg = RLConfig.model_validate_json(config_json)
+    def __init__(self, config_json: str, splits: dict[str, SplitImages]):
+        """`splits`: train/val/test images and embeddings, opened by the controller (`raycap.inputs`)."""
+        self.cfg = RunConfig.model_validate_json(config_json)
         self.threads = resources.apply_threads(self.cfg.threads)  # its CPU share, or `threads`
-        self.pw = load_world_dir(self.cfg.world_dir)
-        self.images = world_image_embeddings(self.pw.retriever, self.pw.world, "train")
-        self.scorer = algorithm.Scorer(self.pw.retriever, self.images, self.pw.tokenizer,
-                                       self.pw.captioner.stop_ids, self.cfg)
-        self.pw.captioner.set_trainable(self.cfg.train_lm)  # evaluations load the learner's flat weights
-        self.pw.captioner.config.max_new_tokens = self.cfg.max_new_tokens
+        self.retriever = load_retriever(self.cfg.retriever)
+        self.captioner, self.tokenizer = load_captioner(self.cfg.captioner.path)
+        self.splits = splits
+        self.images = splits["train"].embeddings
+        self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.captioner.stop_ids, self.cfg)
+        self.captioner.set_trainable(self.cfg.rl.train_lm)  # evaluations load the learner's flat weights
+        self.captioner.config.max_new_tokens = self.cfg.rl.max_new_tokens
 
     def pid(self) -> int:
         return os.getpid()
@@ -47,8 +48,10 @@ class RewardService:
                 "score_seconds": time.perf_counter() - t}
 
     def evaluate(self, weights: list, n: int, split: str = "val") -> dict:
-        """World metrics on `split` of the captioner with the given trainable weights (greedy captions)."""
+        """Metrics on `split` of the captioner with the given trainable weights (greedy captions)."""
         import ray
 
-        load_flat_weights(self.pw.captioner, ray.get(weights[0]))
-        return evaluate_captioner(self.pw.captioner, self.pw.retriever, self.pw.world, split, n, examples=3)
+        load_flat_weights(self.captioner, ray.get(weights[0]))
+        s = self.splits[split]
+        return evaluate_images(self.captioner, self.tokenizer, self.retriever, s.source, s.embeddings, n,
+                               examples=self.cfg.eval.examples)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from raycap.config import RLConfig
-from raycap.models.loading import load_captioner
+from raycap.config import RunConfig
+from raycap.inputs import load_captioner
 from raycap.rl import algorithm
 from raycap.runtime import resources
 from raycap.runtime.weights import BroadcastGroup, flat_weights, load_flat_weights
@@ -24,12 +24,12 @@ class RolloutWorker:
     """Holds a frozen copy of the captioner; decodes greedy / sampled (KV cache) for one shard of each batch."""
 
     def __init__(self, config_json: str, shard: int):
-        self.cfg = RLConfig.model_validate_json(config_json)
+        self.cfg = RunConfig.model_validate_json(config_json)
         self.threads = resources.apply_threads(self.cfg.threads)  # its CPU share, or `threads`
         self.shard, self.version = shard, 0
-        self.policy, _ = load_captioner(Path(self.cfg.world_dir) / "captioner")
-        self.policy.config.max_new_tokens = self.cfg.max_new_tokens
-        self.policy.set_trainable(self.cfg.train_lm)  # the learner's trainable set, addressed by weight movement
+        self.policy, _ = load_captioner(self.cfg.captioner.path)
+        self.policy.config.max_new_tokens = self.cfg.rl.max_new_tokens
+        self.policy.set_trainable(self.cfg.rl.train_lm)  # the learner's trainable set, addressed by weight movement
         self.device = torch.device("cuda" if self.cfg.runtime.gpus_per_rollout and torch.cuda.is_available() else "cpu")
         self.policy.to(self.device).eval()
         self.group: BroadcastGroup | None = None

@@ -108,17 +108,44 @@ def world_captions(captioner: ClipCap, retriever: Retriever, world: World, split
 
 
 @torch.no_grad()
-def score_captions(captions, retriever: Retriever, image_emb, scenes, seed: int = 0, examples: int = 8) -> dict:
-    """Retrieval P@1 among 100 (target + 99 random images of the split, fixed seed), the world's caption
-    checks and vocabulary statistics, with the first `examples` captions beside their full descriptions."""
+def score_captions(captions, retriever: Retriever, image_emb, scenes, seed: int = 0, examples: int = 8,
+                   references=None) -> dict:
+    """Retrieval P@1 among 100 (target + 99 random images of the split, fixed seed) and vocabulary statistics;
+    with `scenes` (the world's images) the world's caption checks. The first `examples` captions are listed
+    beside their full descriptions (world) or references."""
     text_emb = retriever.encode_captions(captions)
-    return {"p_at_1": p_at_1(text_emb, image_emb, candidate_sets(len(scenes), 100, seed)),
-            **caption_checks(captions, scenes), **vocabulary_metrics(captions),
-            "examples": [{"full": s.full_description, "caption": c} for s, c in zip(scenes[:examples], captions[:examples])]}
+    out = {"p_at_1": p_at_1(text_emb, image_emb, candidate_sets(len(captions), 100, seed))}
+    if scenes is not None:
+        out |= caption_checks(captions, scenes)
+    out |= vocabulary_metrics(captions)
+    shown = []
+    for i, c in enumerate(captions[:examples]):
+        item = {"caption": c}
+        if scenes is not None:
+            item["full"] = scenes[i].full_description
+        elif references is not None:
+            item["references"] = references[i]
+        shown.append(item)
+    return out | {"examples": shown}
 
 
 def evaluate_captioner(captioner: ClipCap, retriever: Retriever, world: World, split: str = "test",
                        n: int | None = None, mode: str = "greedy", seed: int = 0, examples: int = 8) -> dict:
-    """Greedy captions of a split, scored by `score_captions`."""
+    """Greedy captions of a world split, scored by `score_captions`."""
     captions, image_emb, scenes = world_captions(captioner, retriever, world, split, n, mode)
     return score_captions(captions, retriever, image_emb, scenes, seed, examples)
+
+
+@torch.no_grad()
+def evaluate_images(captioner: ClipCap, tokenizer, retriever: Retriever, source, image_emb: torch.Tensor,
+                    n: int | None = None, mode: str = "greedy", seed: int = 0, examples: int = 8) -> dict:
+    """Captions of the first n images of any image source (`raycap.data.sources`) from their cached embeddings,
+    scored by `score_captions`; the world's checks when the source knows its scenes."""
+    n = min(n or len(source), len(source))
+    image_emb = image_emb[:n]
+    out = captioner.generate(image_emb.to(next(captioner.parameters()).device), mode=mode)
+    captions = decode(tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+    scenes = source.scenes
+    scenes = None if scenes is None else scenes[:n]
+    refs = [source.references(i) for i in range(min(n, examples))] if source.labelled else None
+    return score_captions(captions, retriever, image_emb, scenes, seed, examples, refs) | {"n_images": n}

@@ -1,0 +1,68 @@
+"""The sectioned run config: sections, overrides, named configs and one-line errors."""
+import pytest
+
+from raycap.config import ASSETS_DIR, RunConfig, load_config, named_configs
+from raycap.errors import UserError
+
+
+def test_named_configs_load_with_their_sections():
+    assert {"world-demo", "world-files", "world-gpu"} <= set(named_configs())
+    demo = load_config("world-demo")
+    assert demo.data.kind == "world" and demo.data.splits == {"train": "train", "val": "val", "test": "test"}
+    assert demo.retriever.path == str(ASSETS_DIR / "world" / "retriever") and demo.rl.cosine_coef == 0.2
+    files = load_config("world-files")
+    assert files.data.kind == "karpathy" and files.retriever.path == "world-files/retriever"
+    # world-files runs what world-demo runs, only from files
+    assert files.rl == demo.rl and files.eval == demo.eval and files.seed == demo.seed
+
+
+def test_set_overrides_a_field_of_a_section():
+    cfg = load_config("world-demo", ["rl.kl_coef=0.3", "eval.every=10", "data.on_bad_image=skip", "seed=4"])
+    assert (cfg.rl.kl_coef, cfg.eval.every, cfg.data.on_bad_image, cfg.seed) == (0.3, 10, "skip", 4)
+
+
+@pytest.mark.parametrize("key, hint", [("kl_coef=0.3", "now rl.kl_coef"), ("eval_every=5", "now eval.every"),
+                                       ("world_dir=x", "data.path, retriever.path and captioner.path")])
+def test_a_flat_key_of_the_old_config_names_its_new_place(key, hint):
+    with pytest.raises(UserError) as e:
+        load_config("world-demo", [key])
+    assert hint in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_flat_yaml_file_names_the_section_to_use(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("kl_coef: 0.3\nsteps: 10\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(path))
+    assert str(path) in str(e.value) and "now rl.kl_coef" in str(e.value)
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"kind": "coco", "path": "x"}, ["data.splits", "coco"]),
+    ({"kind": "karpathy"}, ["data.path", "karpathy"]),
+    ({"kind": "karpathy", "path": "d.json", "splits": {"train": "train", "val": "val"}}, ["missing test"]),
+    ({"kind": "imagenet"}, ["kind", "imagenet"]),
+    ({"on_bad_image": "ignore"}, ["on_bad_image"]),
+])
+def test_bad_data_sections_are_one_line(tmp_path, data, words):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": data}))
+    with pytest.raises(UserError) as e:
+        load_config(str(path))
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_retriever_section_takes_a_name_or_a_path():
+    assert RunConfig.model_validate({"retriever": {"name": "ViT-B-32", "pretrained": "openai"}}).retriever.path is None
+    with pytest.raises(ValueError, match="not both"):
+        RunConfig.model_validate({"retriever": {"name": "ViT-B-32", "path": "x"}})
+    with pytest.raises(ValueError, match="needs retriever.name"):
+        RunConfig.model_validate({"retriever": {"pretrained": "openai"}})
+
+
+def test_cross_section_checks_name_both_fields():
+    with pytest.raises(UserError, match="runtime.learner_workers .3. must divide rl.batch_size .100."):
+        load_config("world-demo", ["runtime.learner_workers=3"])
