@@ -113,13 +113,35 @@ def open_source(data: DataConfig, role: str) -> tuple[ImageSource, list[dict]]:
     return source, [{"id": s.id, "path": s.path, "reason": s.reason} for s in skipped]
 
 
-def split_images(cfg: RunConfig, retriever, role: str, log=print) -> SplitImages:
-    """A split's images and embeddings (train: the first `data.train_images` if set). Images the reader or the
-    cache left out (`data.on_bad_image: skip`) are reported here and listed in `skipped`."""
-    source, skipped = open_source(cfg.data, role)
-    if role == "train" and cfg.data.train_images:
-        source = source.subset(range(min(cfg.data.train_images, len(source))))
-    cached = _embeddings(cfg, retriever, source, log)
+def open_splits(cfg: RunConfig, retriever, log=print) -> dict[str, SplitImages]:
+    """train, val and test images with their embeddings (train: the first `data.train_images` if set). Image
+    files are embedded with Ray Data, on a local Ray started here (and stopped after) when none is running.
+    Images the reader or the cache left out (`data.on_bad_image: skip`) are reported and listed in `skipped`."""
+    import ray
+
+    opened = {}
+    for role in ("train", "val", "test"):
+        source, skipped = open_source(cfg.data, role)
+        if role == "train" and cfg.data.train_images:
+            source = source.subset(range(min(cfg.data.train_images, len(source))))
+        opened[role] = (source, skipped)
+    started = False
+    if any(getattr(src, "paths", None) is not None for src, _ in opened.values()) and not ray.is_initialized():
+        from raycap.runtime.resources import start_ray
+
+        started, _ = start_ray(cfg.runtime.model_copy(update={"dashboard_port": _free_port()}))
+    try:
+        return {role: _embed(cfg, retriever, role, source, skipped, log)
+                for role, (source, skipped) in opened.items()}
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _embed(cfg: RunConfig, retriever, role: str, source: ImageSource, skipped: list[dict], log) -> SplitImages:
+    from raycap.data.cache import image_embeddings
+
+    cached = image_embeddings(retriever, source, on_bad_image=cfg.data.on_bad_image, log=log)
     skipped = skipped + [dict(s) for s in cached.skipped]
     if len(cached.kept) < len(source):
         source = source.subset(cached.kept.tolist())
@@ -129,25 +151,6 @@ def split_images(cfg: RunConfig, retriever, role: str, log=print) -> SplitImages
     if len(source) < 2:
         raise UserError(f"data.splits.{role}: {len(source)} usable images; a run needs at least 2")
     return SplitImages(role, source, cached.embeddings, skipped)
-
-
-def _embeddings(cfg: RunConfig, retriever, source: ImageSource, log):
-    """The cached embeddings; image files are embedded with Ray Data, on a local Ray started here (and stopped
-    after) when none is running yet."""
-    import ray
-
-    from raycap.data.cache import image_embeddings
-
-    started = False
-    if getattr(source, "paths", None) is not None and not ray.is_initialized():
-        from raycap.runtime.resources import start_ray
-
-        started, _ = start_ray(cfg.runtime.model_copy(update={"dashboard_port": _free_port()}))
-    try:
-        return image_embeddings(retriever, source, on_bad_image=cfg.data.on_bad_image, log=log)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _free_port() -> int:

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from raycap.config import RunConfig
-from raycap.inputs import load_captioner, load_retriever, skipped_counts, split_images
+from raycap.inputs import load_captioner, load_retriever, open_splits, skipped_counts
 from raycap.rl import algorithm
 from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
 from raycap.runtime import resources
@@ -59,7 +59,7 @@ class Controller:
                 "its Prometheus endpoint and Metrics tab)")
         # the images and their embeddings (the cache's Ray Data build has the cluster before the actors hold it);
         # the reward service gets them through the object store
-        self.splits = {role: split_images(config, retriever, role, log) for role in ("train", "val", "test")}
+        self.splits = open_splits(config, retriever, log)
         del retriever
         self.pg = resources.reserve(rt)
         roles = resources.Roles.of(rt)

@@ -1,0 +1,58 @@
+"""The real-data path on files raycap writes itself: the exported world (PNG files, Karpathy JSON, the retriever
+as an open_clip model dir) read through the Karpathy reader and embedded by the Ray Data cache gives the
+in-memory world's embeddings, scenes and run."""
+import json
+
+import pytest
+import torch
+
+from raycap.config import load_config
+from raycap.data.__main__ import main as data_main
+from raycap.inputs import load_retriever, open_splits
+from raycap.train import main as train_main
+from world_runs import FAST, world_sets
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_world_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "world-files"
+    data_main(["export-world", "--out", str(out), "--world-dir", str(tiny_world_dir), "--workers", "2"])
+    return out
+
+
+def file_sets(world, files):
+    return [f"data.path={files}/dataset_world.json", f"retriever.path={files}/retriever",
+            f"captioner.path={world}/captioner"]
+
+
+def test_files_give_the_in_memory_worlds_embeddings_and_scenes(tiny_world_dir, exported):
+    memory = load_config("world-demo", world_sets(tiny_world_dir))
+    files = load_config("world-files", file_sets(tiny_world_dir, exported))
+    a = open_splits(memory, load_retriever(memory.retriever), log=lambda *_: None)
+    b = open_splits(files, load_retriever(files.retriever), log=lambda *_: None)  # Ray Data builds these
+    for role in ("train", "val", "test"):
+        assert len(a[role].source) == len(b[role].source) and not b[role].skipped
+        assert torch.allclose(a[role].embeddings, b[role].embeddings, atol=1e-6), role
+        assert [s.full_description for s in a[role].source.scenes] == \
+            [s.full_description for s in b[role].source.scenes]
+        assert b[role].source.references(3) == a[role].source.references(3)
+
+
+def test_world_files_run_equals_the_in_memory_run(tiny_world_dir, exported, tmp_path):
+    common = ["--runtime", "local", *FAST, "--set", "rl.steps=3", "--set", "eval.every=3"]
+    memory = train_main(["--config", "world-demo", "--out", str(tmp_path / "memory"), *common,
+                         *[x for s in world_sets(tiny_world_dir) for x in ("--set", s)]])
+    files = train_main(["--config", "world-files", "--out", str(tmp_path / "files"), *common,
+                        *[x for s in file_sets(tiny_world_dir, exported) for x in ("--set", s)]])
+    recs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("memory", "files")]
+    for a, b in zip(*recs):
+        for key in ("reward_mean", "train_p_at_1", "loss", "kl", "example"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5) if isinstance(a[key], float) else a[key] == b[key]
+        if "eval" in a:
+            assert a["eval"]["p_at_1"] == pytest.approx(b["eval"]["p_at_1"], abs=1e-9)
+            assert a["eval"]["faithful"] == pytest.approx(b["eval"]["faithful"], abs=1e-9)
+    for key in ("p_at_1", "wellformed", "faithful", "precision", "recall"):
+        assert memory[key] == pytest.approx(files[key], abs=1e-9, nan_ok=True), key
+    assert files["skipped_images"] == {"train": 0, "val": 0, "test": 0}
