@@ -296,7 +296,7 @@ def named_configs() -> list[str]:
 def load_config(name_or_path: str, overrides: list[str] = ()) -> RunConfig:
     """A named config (`world-demo`) or a YAML file, with `key=value` overrides."""
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
+    if not path.suffix and not path.is_file():  # a named config, even beside a dir of that name
         path = CONFIG_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise UserError(f"unknown config {name_or_path!r}; named configs: {', '.join(named_configs())}, "

@@ -52,6 +52,15 @@ def load_captioner(path: str | Path):
     return load(path)
 
 
+def check_compatible(captioner, retriever, cfg: RunConfig) -> None:
+    """The captioner reads the retriever's image embeddings: their widths must agree (one line if not)."""
+    want, have = captioner.config.clip_dim, retriever.embed_dim
+    if want != have:
+        where = cfg.retriever.path or f"{cfg.retriever.name} ({cfg.retriever.pretrained})"
+        raise UserError(f"captioner.path {cfg.captioner.path} reads {want}-d image embeddings but the retriever "
+                        f"{where} gives {have}-d; use a captioner trained on this retriever's embeddings")
+
+
 def load_world(path: str | Path | None) -> World:
     """The world of a pretrained world dir (or its world.json); the shipped world by default."""
     path = Path(path) if path else ASSETS_DIR / "world"

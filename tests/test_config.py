@@ -66,3 +66,14 @@ def test_retriever_section_takes_a_name_or_a_path():
 def test_cross_section_checks_name_both_fields():
     with pytest.raises(UserError, match="runtime.learner_workers .3. must divide rl.batch_size .100."):
         load_config("world-demo", ["runtime.learner_workers=3"])
+
+
+def test_a_captioner_for_another_embedding_width_is_one_line(tmp_path, capsys):
+    """ViT-B-32 (random weights, nothing downloaded) gives 512-d embeddings; the world captioner reads 64-d."""
+    from raycap.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "world-demo", "--runtime", "local", "--out", str(tmp_path / "r"),
+              "--set", "retriever.name=ViT-B-32"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "reads 64-d image embeddings but the retriever ViT-B-32 (None) gives 512-d" in err
