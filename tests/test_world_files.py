@@ -56,3 +56,25 @@ def test_world_files_run_equals_the_in_memory_run(tiny_world_dir, exported, tmp_
     for key in ("p_at_1", "wellformed", "faithful", "precision", "recall"):
         assert memory[key] == pytest.approx(files[key], abs=1e-9, nan_ok=True), key
     assert files["skipped_images"] == {"train": 0, "val": 0, "test": 0}
+
+
+def test_missing_and_corrupt_files_stop_the_run_by_name_or_are_skipped_and_counted(tiny_world_dir, exported,
+                                                                                   tmp_path, capsys):
+    import shutil
+
+    files = tmp_path / "world-files"
+    shutil.copytree(exported, files)
+    (files / "images" / "val" / "000007.png").unlink()
+    (files / "images" / "train" / "000011.png").write_bytes(b"\x89PNG\r\n\x1a\n not the rest")
+    args = ["--config", "world-files", "--runtime", "local", *FAST, "--set", "rl.steps=1",
+            *[x for s in file_sets(tiny_world_dir, files) for x in ("--set", s)]]
+    with pytest.raises(SystemExit) as e:
+        train_main([*args, "--out", str(tmp_path / "stop")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "000007.png: image file not found" in err and "on_bad_image: skip" in err
+    final = train_main([*args, "--out", str(tmp_path / "skip"), "--set", "data.on_bad_image=skip"])
+    assert final["skipped_images"] == {"train": 1, "val": 1, "test": 0}
+    step0 = json.loads((tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step0["skipped_images"] == final["skipped_images"]
+    out = capsys.readouterr().out
+    assert "train: left out 1 images" in out and "000011.png: cannot read image" in out
