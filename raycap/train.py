@@ -1,8 +1,10 @@
 """One RL run: `python -m raycap.train --config world-demo --out DIR [--set key=value ...]`.
 
-`--config` is a named config shipped with raycap (see `--list-configs`) or a YAML path; `--set` overrides any
-field, e.g. `--set rl.kl_coef=0.3` (raycap.config.RunConfig). The run dir gets config.json, metrics.jsonl, TensorBoard logs, checkpoints
-every N steps (resumed automatically), final/ (captioner + tokenizer) and final_metrics.json.
+`--config` is a named config shipped with raycap (see `--list-configs`) or a YAML path, with sections data (the
+images: the world or a dataset on disk), retriever, captioner, rl (the algorithm), runtime and eval; `--set`
+overrides any field, e.g. `--set rl.kl_coef=0.3` (raycap.config.RunConfig). The run dir gets config.json,
+metrics.jsonl, TensorBoard logs, checkpoints every N steps (resumed automatically), final/ (captioner +
+tokenizer) and final_metrics.json.
 
 By default the run goes on Ray (`raycap.runtime`: rollout workers, a reward service and DeepSpeed learner
 ranks, placed by the config's `runtime` section; a local Ray is started unless `runtime.address` names a
