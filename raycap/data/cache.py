@@ -202,6 +202,10 @@ class _Encode:
     """Ray Data actor: holds the frozen image tower (on the GPU when it was given one)."""
 
     def __init__(self, retriever):
+        import ray
+
+        if isinstance(retriever, ray.ObjectRef):  # passed by reference: the tower is not pickled with the UDF
+            retriever = ray.get(retriever)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.retriever = retriever.to(self.device).eval()
 
@@ -223,10 +227,12 @@ def _build_ray(retriever, source, on_bad_image, batch_size):
     ctx.enable_progress_bars = True
     n = len(source)
     ds = ray.data.from_items([{"index": i} for i in range(n)], override_num_blocks=max(1, min(64, n // batch_size)))
+    decoders = max(1, int(ray.cluster_resources().get("CPU", 1)) - (0 if gpus else 1))  # one CPU for the encoder
     ds = ds.map_batches(_Decode, fn_constructor_args=(source, retriever.preprocess()), batch_size=batch_size,
-                        concurrency=1 if gpus else (1, max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)))
-    ds = ds.map_batches(_Encode, fn_constructor_args=(retriever.cpu(),), batch_size=batch_size,
-                        concurrency=max(1, int(gpus)) if gpus else 1, num_gpus=1 if gpus else 0)
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders))
+    ds = ds.map_batches(_Encode, fn_constructor_args=(ray.put(retriever.cpu()),), batch_size=batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=max(1, int(gpus)) if gpus else 1),
+                        num_gpus=1 if gpus else 0)
     index, emb, ok, reasons = [], [], [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if on_bad_image == "error" and not batch["ok"].all():  # stop at the first unreadable image
