@@ -1,7 +1,8 @@
 """Evaluate a captioner: `python -m raycap.evaluate --captioner DIR --dataset world:test --json OUT.json`.
 
 Prints and writes: p_at_1 (retrieval among 100 by the frozen retriever: target + 99 random images, fixed seed),
-bleu4 / meteor / rouge_l / cider against the vague references, cider_full against the full descriptions,
+bleu1-4 / meteor / rouge_l / cider against the vague references (exactly pycocoevalcap's COCOEvalCap, PTB
+tokenizer included), cider_full against the full descriptions,
 clipscore, refcompare, vocab_size, unique_caption_ratio, and the world's caption checks (wellformed, faithful,
 precision, recall, multi_object, repetition). SPICE is reported as unavailable with its reason.
 """
@@ -34,11 +35,17 @@ def evaluate_world(captioner_dir: Path, world_dir: Path, split: str, n: int | No
     refs = [world.references(split, i) for i in range(n)]
     result = score_captions(captions, retriever, image_emb, scenes, seed)
     examples = result.pop("examples")
-    result |= ngram_metrics(captions, refs)
-    result["cider_full"] = ngram_metrics(captions, [[s.full_description] for s in scenes], meteor=False)["cider"]
+    ngram = ngram_metrics(captions, refs)
+    unavailable = ngram.pop("unavailable", {}) | {"spice": SPICE_UNAVAILABLE}
+    result |= ngram
+    full = ngram_metrics(captions, [[s.full_description] for s in scenes], meteor=False)
+    if "cider" in full:
+        result["cider_full"] = full["cider"]
+    else:
+        unavailable["cider_full"] = full["unavailable"]["cider"]
     result |= clip_metrics(retriever, captions, image_emb, refs)
     result["spice"] = None
-    result["unavailable"] = {"spice": SPICE_UNAVAILABLE}
+    result["unavailable"] = unavailable
     result["n_images"], result["decoding"] = n, mode if mode != "beam" else f"beam{num_beams}"
     result["examples"] = examples
     return result

@@ -1,4 +1,5 @@
-"""Caption metrics: BLEU-4 / METEOR / ROUGE-L / CIDEr against references (pycocoevalcap), CLIPScore and
+"""Caption metrics: BLEU-1..4 / METEOR / ROUGE-L / CIDEr against references (pycocoevalcap's COCOEvalCap
+computation, PTB tokenizer included), CLIPScore and
 RefCompare with the frozen retriever, and vocabulary statistics. SPICE needs Stanford CoreNLP, which cannot be
 downloaded here: it is reported as unavailable with the reason, never as 0."""
 from __future__ import annotations
@@ -13,28 +14,34 @@ SPICE_UNAVAILABLE = "SPICE needs Stanford CoreNLP 3.6.0 jars, which pycocoevalca
                     "this machine has no internet access"
 
 
-def _prep(captions: Sequence[str]) -> list[str]:
-    """Lowercase, whitespace-tokenised, a space before final punctuation (what PTBTokenizer would give)."""
-    return [" ".join(c.lower().replace(".", " .").replace(",", " ,").split()) or "<empty>" for c in captions]
+JAVA_UNAVAILABLE = "pycocoevalcap's PTB tokenizer and METEOR run on Java, and no `java` is on the PATH"
 
 
 def ngram_metrics(captions: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = True) -> dict:
-    """BLEU-4, ROUGE-L, CIDEr (and METEOR when Java is present) of captions against their references."""
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr of captions against their references, exactly as pycocoevalcap's
+    `COCOEvalCap` computes them: its Stanford PTB tokenizer (Java) on both sides, then its scorers. Without Java
+    the metrics are listed in `unavailable` with the reason, never reported as 0."""
+    if not shutil.which("java"):
+        names = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"] + (["meteor"] if meteor else [])
+        return {"unavailable": {name: JAVA_UNAVAILABLE for name in names}}
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    res = {i: [c] for i, c in enumerate(_prep(captions))}
-    gts = {i: _prep(refs) for i, refs in enumerate(references)}
-    out = {"bleu4": float(Bleu(4).compute_score(gts, res, verbose=0)[0][3]),
-           "rouge_l": float(Rouge().compute_score(gts, res)[0]),
-           "cider": float(Cider().compute_score(gts, res)[0])}
-    if meteor and shutil.which("java"):
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
+    res = tokenizer.tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+    bleu = Bleu(4).compute_score(gts, res, verbose=0)[0]
+    out = {f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}
+    out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    out["cider"] = float(Cider().compute_score(gts, res)[0])
+    if meteor:
         from pycocoevalcap.meteor.meteor import Meteor
 
         m = Meteor()
         out["meteor"] = float(m.compute_score(gts, res)[0])
-        del m
+        del m  # its __del__ stops the METEOR Java process
     return out
 
 
