@@ -99,6 +99,10 @@ def main(argv=None) -> dict:
         quiet_library_progress()
         result = evaluate_world(args.captioner, args.world_dir, split, args.images, args.decoding, args.num_beams)
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
+    if "collapse_warning" in result:
+        import sys
+
+        print(f"warning: {result['collapse_warning']}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

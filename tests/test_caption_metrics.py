@@ -58,3 +58,16 @@ def test_without_java_the_metrics_are_unavailable_not_zero(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     out = ngram_metrics(["a dog."], [["a dog", "a cat"]])
     assert set(out) == {"unavailable"} and "Java" in out["unavailable"]["bleu4"] and "meteor" in out["unavailable"]
+
+
+def test_diversity_on_a_hand_computed_example():
+    from raycap.metrics.captions import vocabulary_metrics
+
+    caps = ["a red dog", "a red dog", "a blue cat", "a dog"]
+    out = vocabulary_metrics(caps)
+    # words: 11, unique 5 (a red dog blue cat); bigrams: 2+2+2+1 = 7, unique: a-red, red-dog, a-blue, blue-cat, a-dog
+    assert out["vocab_size"] == 5 and out["distinct_1"] == pytest.approx(5 / 11)
+    assert out["distinct_2"] == pytest.approx(5 / 7) and out["unique_caption_ratio"] == 0.75
+    assert out["top_caption"] == "a red dog" and out["top_caption_share"] == 0.5
+    assert "50% of the images get the same caption ('a red dog')" in out["collapse_warning"]
+    assert "collapse_warning" not in vocabulary_metrics(["a b", "c d", "e f", "g h", "i j", "k l"])

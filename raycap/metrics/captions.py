@@ -61,7 +61,28 @@ def clip_metrics(retriever, captions: Sequence[str], image_emb: torch.Tensor,
     return out
 
 
+COLLAPSE_SHARE = 0.2  # one caption for more than a fifth of the images: the captioner has collapsed
+
+
+def distinct_n(captions: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): unique n-grams over all n-grams of all captions (lower-cased words)."""
+    grams = [tuple(w[k:k + n]) for c in captions for w in [c.lower().split()] for k in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
 def vocabulary_metrics(captions: Sequence[str]) -> dict:
+    """Diversity: vocabulary size, distinct-1/2, the share of unique captions, the most frequent caption and its
+    share, and a `collapse_warning` when that share exceeds COLLAPSE_SHARE."""
+    from collections import Counter
+
     words = [w for c in captions for w in c.split()]
-    return {"vocab_size": len(set(words)), "unique_caption_ratio": len(set(captions)) / max(1, len(captions)),
-            "mean_length": float(np.mean([len(c.split()) for c in captions])) if captions else 0.0}
+    top, count = Counter(captions).most_common(1)[0] if captions else ("", 0)
+    share = count / max(1, len(captions))
+    out = {"vocab_size": len(set(words)), "unique_caption_ratio": len(set(captions)) / max(1, len(captions)),
+           "mean_length": float(np.mean([len(c.split()) for c in captions])) if captions else 0.0,
+           "distinct_1": distinct_n(captions, 1), "distinct_2": distinct_n(captions, 2),
+           "top_caption": top, "top_caption_share": share}
+    if share > COLLAPSE_SHARE:
+        out["collapse_warning"] = (f"captions collapsed: {share:.0%} of the images get the same caption "
+                                   f"({top!r})")
+    return out
