@@ -1,15 +1,27 @@
-"""Evaluate a captioner: `python -m raycap.evaluate --captioner DIR --dataset world:test --json OUT.json`.
+"""Evaluate a captioner, or captions from any system, on a dataset:
 
-Prints and writes: p_at_1 (retrieval among 100 by the frozen retriever: target + 99 random images, fixed seed),
-bleu1-4 / meteor / rouge_l / cider against the vague references (exactly pycocoevalcap's COCOEvalCap, PTB
-tokenizer included), cider_full against the full descriptions,
-clipscore, refcompare, vocab_size, unique_caption_ratio, and the world's caption checks (wellformed, faithful,
-precision, recall, multi_object, repetition). SPICE is reported as unavailable with its reason.
+    python -m raycap.evaluate --captioner DIR --dataset world:test --json OUT.json
+    python -m raycap.evaluate --captions RESULTS.json --dataset karpathy:dataset_coco.json:test \\
+        --retriever-name ViT-B-32 --pretrained openai
+
+`--dataset`: world:SPLIT | karpathy:DATASET.json[:SPLIT] | coco:ANNOTATIONS.json[:IMAGE_ROOT] |
+nocaps:ANNOTATIONS.json[:IMAGE_ROOT] | cc:FILE.tsv[:IMAGE_ROOT] | folder:DIR[:CAPTIONS.jsonl].
+`--captions`: COCO results format, `[{"image_id": ..., "caption": ...}]`, one per image of the dataset (image_id
+as the dataset's ids: COCO ids, Karpathy cocoid/imgid, file paths for folders and CC, `SPLIT-INDEX` for the
+world).
+
+Prints and writes: p_at_1 (retrieval among 100 by the frozen retriever: target + 99 random images, fixed seed);
+with references bleu1-4 / meteor / rouge_l / cider exactly as pycocoevalcap's COCOEvalCap computes them (PTB
+tokenizer included) and refcompare; clipscore; diversity (vocab_size, distinct_1/2, unique_caption_ratio,
+top_caption and its share, a collapse warning); on the world also cider_full against the full descriptions and
+the caption checks (wellformed, faithful, precision, recall, multi_object, repetition). Metrics that cannot be
+computed are listed under `unavailable` with the reason (SPICE: CoreNLP cannot be downloaded here).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from raycap.config import ASSETS_DIR
@@ -20,71 +32,185 @@ from raycap.progress import quiet_library_progress
 MIN_IMAGES = 100  # P@1 candidates per target (raycap.metrics.retrieval.candidate_sets)
 
 
-def evaluate_world(captioner_dir: Path, world_dir: Path, split: str, n: int | None, mode: str,
-                   num_beams: int, seed: int = 0) -> dict:
-    from raycap.data.cache import world_image_embeddings
-    from raycap.metrics.captions import SPICE_UNAVAILABLE, clip_metrics, ngram_metrics
-    from raycap.models.loading import load_world_dir
-    from raycap.supervised.captioner import score_captions, world_captions
+def open_dataset(spec: str, world_dir: Path, on_bad_image: str):
+    """The image source a `--dataset` string names (world splits from `world_dir`)."""
+    from raycap.data.datasets import open_files, parse_dataset_spec
 
-    pw = load_world_dir(world_dir, captioner=captioner_dir)
-    world, retriever, captioner = pw.world, pw.retriever, pw.captioner.eval()
-    n = min(n or world.config.split_size(split), world.config.split_size(split))
-    image_emb = world_image_embeddings(retriever, world, split, n)
-    captions, _, scenes = world_captions(captioner, retriever, world, split, n, mode, num_beams, image_emb)
-    refs = [world.references(split, i) for i in range(n)]
-    result = score_captions(captions, retriever, image_emb, scenes, seed)
-    examples = result.pop("examples")
-    ngram = ngram_metrics(captions, refs)
-    unavailable = ngram.pop("unavailable", {}) | {"spice": SPICE_UNAVAILABLE}
-    result |= ngram
-    full = ngram_metrics(captions, [[s.full_description] for s in scenes], meteor=False)
-    if "cider" in full:
-        result["cider_full"] = full["cider"]
+    kw = parse_dataset_spec(spec)
+    if kw["kind"] == "world":
+        from raycap.data.sources import WorldSource
+        from raycap.inputs import load_world
+
+        if kw["split"] not in ("train", "labelled", "val", "test"):
+            raise UserError(f"--dataset {spec}: unknown world split {kw['split']!r} (train, labelled, val, test)")
+        return WorldSource(load_world(world_dir), kw["split"]), []
+    source, skipped = open_files(**kw, on_bad_image=on_bad_image)
+    if getattr(source, "world_config", None) and all("world_index" in r.extra for r in source.records):
+        from raycap.inputs import ExportedWorldSource
+
+        source = ExportedWorldSource(source)
+    return source, skipped
+
+
+def read_results(path: Path) -> dict[str, str]:
+    """{image id: caption} of a COCO results file; one line naming the file and the entry when malformed."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"--captions {path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UserError(f"--captions {path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise UserError(f"--captions {path}: expected a list of {{\"image_id\", \"caption\"}} entries")
+    out = {}
+    for k, item in enumerate(data):
+        if not isinstance(item, dict) or "image_id" not in item or not isinstance(item.get("caption"), str):
+            raise UserError(f"--captions {path}: entry {k} needs \"image_id\" and a string \"caption\"")
+        key = str(item["image_id"])
+        if key in out:
+            raise UserError(f"--captions {path}: image_id {item['image_id']!r} appears twice (entry {k})")
+        out[key] = item["caption"]
+    return out
+
+
+def load_retriever(args):
+    from raycap.models.clip import Retriever
+
+    if args.retriever_name:
+        return Retriever.load(name=args.retriever_name, pretrained=args.pretrained).freeze()
+    return Retriever.load(path=str(args.retriever or args.world_dir / "retriever")).freeze()
+
+
+def evaluate_dataset(args) -> dict:
+    import ray
+
+    from raycap.data.cache import image_embeddings
+    from raycap.metrics.captions import SPICE_UNAVAILABLE, clip_metrics, ngram_metrics
+    from raycap.supervised.captioner import score_captions
+
+    source, skipped = open_dataset(args.dataset, args.world_dir, args.on_bad_image)
+    n = min(args.images or len(source), len(source))
+    if n < MIN_IMAGES:
+        raise UserError(f"--dataset {args.dataset}: {n} images; P@1 ranks each among {MIN_IMAGES}, so at least "
+                        f"{MIN_IMAGES} are needed")
+    source = source.subset(range(n)) if n < len(source) else source
+    retriever = load_retriever(args)
+    started = False
+    if getattr(source, "paths", None) is not None and not ray.is_initialized():  # image files: Ray Data embeds them
+        from raycap.config import RuntimeConfig
+        from raycap.inputs import free_port
+        from raycap.runtime.resources import start_ray
+
+        started, _ = start_ray(RuntimeConfig(dashboard_port=free_port()))  # local, on loopback
+    try:
+        cached = image_embeddings(retriever, source, on_bad_image=args.on_bad_image, log=print)
+    finally:
+        if started:
+            ray.shutdown()
+    skipped = [{"id": s.id, "reason": s.reason} for s in skipped] + cached.skipped
+    if len(cached.kept) < len(source):
+        source = source.subset(cached.kept.tolist())
+    image_emb = cached.embeddings
+    if args.captions:
+        results = read_results(args.captions)
+        missing = [i for i in source.ids if i not in results]
+        if missing:
+            raise UserError(f"--captions {args.captions}: no caption for image_id {missing[0]!r} of {args.dataset}"
+                            f" ({len(missing)} of {len(source)} images have none)")
+        captions = [results[i] for i in source.ids]
+        decoding = "given"
     else:
-        unavailable["cider_full"] = full["unavailable"]["cider"]
+        from raycap.inputs import load_captioner
+        from raycap.models.tokenizers import decode
+
+        captioner, tokenizer = load_captioner(args.captioner)
+        if captioner.config.clip_dim != retriever.embed_dim:
+            raise UserError(f"--captioner {args.captioner} reads {captioner.config.clip_dim}-d image embeddings "
+                            f"but the retriever gives {retriever.embed_dim}-d")
+        out = captioner.eval().generate(image_emb, mode=args.decoding, num_beams=args.num_beams)
+        captions = decode(tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+        decoding = args.decoding if args.decoding != "beam" else f"beam{args.num_beams}"
+    scenes = source.scenes
+    refs = [source.references(i) for i in range(len(source))] if source.labelled else None
+    result = score_captions(captions, retriever, image_emb, scenes, args.seed, references=refs)
+    examples = result.pop("examples")
+    unavailable = {"spice": SPICE_UNAVAILABLE}
+    if refs is not None:
+        ngram = ngram_metrics(captions, refs)
+        unavailable |= ngram.pop("unavailable", {})
+        result |= ngram
+    else:
+        unavailable |= {m: "the dataset has no reference captions" for m in
+                        ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "refcompare")}
+    if scenes is not None:
+        full = ngram_metrics(captions, [[s.full_description] for s in scenes], meteor=False)
+        if "cider" in full:
+            result["cider_full"] = full["cider"]
+        else:
+            unavailable["cider_full"] = full["unavailable"]["cider"]
+    else:
+        unavailable["caption checks"] = "they need the world's scenes (world:SPLIT or the exported world)"
     result |= clip_metrics(retriever, captions, image_emb, refs)
     result["spice"] = None
-    result["unavailable"] = unavailable
-    result["n_images"], result["decoding"] = n, mode if mode != "beam" else f"beam{num_beams}"
-    result["examples"] = examples
+    result |= {"unavailable": unavailable, "n_images": len(source), "decoding": decoding, "dataset": args.dataset,
+               "skipped_images": len(skipped), "examples": examples}
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raycap.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--captioner", type=Path, required=True, help="captioner dir (e.g. RUN/final)")
-    p.add_argument("--dataset", default="world:test", help="world:SPLIT (test, val)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--captioner", type=Path, help="captioner dir (e.g. RUN/final)")
+    what.add_argument("--captions", type=Path, help="COCO results JSON: [{\"image_id\", \"caption\"}]")
+    p.add_argument("--dataset", default="world:test", help="world:SPLIT, karpathy:FILE[:SPLIT], coco:FILE[:IMAGES], "
+                   "nocaps:FILE[:IMAGES], cc:TSV[:IMAGES], folder:DIR[:CAPTIONS.jsonl] (default: world:test)")
     p.add_argument("--world-dir", type=Path, default=ASSETS_DIR / "world",
                    help="pretrained world dir with world.json and retriever/ (default: the shipped one)")
+    p.add_argument("--retriever", type=Path, help="retriever dir (raycap or open_clip; default: WORLD_DIR/retriever)")
+    p.add_argument("--retriever-name", help="an open_clip model name instead, e.g. ViT-B-32")
+    p.add_argument("--pretrained", help="its open_clip pretrained tag or checkpoint file, e.g. openai")
     p.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")
     p.add_argument("--num-beams", type=int, default=5)
     p.add_argument("--images", type=int, default=None, help="evaluate the first N images (default: all)")
+    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
+    p.add_argument("--seed", type=int, default=0, help="seed of the P@1 candidate sets")
     p.add_argument("--json", type=Path, help="write the metrics here")
     return p
 
 
-def check_arguments(args, split: str) -> None:
+def check_arguments(args) -> None:
     """One-line UserErrors for arguments that would fail only after the models load or the evaluation ran."""
+    from raycap.data.datasets import parse_dataset_spec
+
     if args.images is not None and args.images < MIN_IMAGES:
         raise UserError(f"--images {args.images}: P@1 ranks each target among {MIN_IMAGES} candidates (target + "
                         f"{MIN_IMAGES - 1} other images), so at least {MIN_IMAGES} images are needed")
     if args.num_beams < 1:
         raise UserError(f"--num-beams {args.num_beams}: must be >= 1")
-    if not args.captioner.is_dir():
+    if args.captioner is not None and not args.captioner.is_dir():
         raise UserError(f"--captioner {args.captioner}: no such directory")
+    if args.captions is not None and not args.captions.is_file():
+        raise UserError(f"--captions {args.captions}: no such file")
+    if args.pretrained and not args.retriever_name:
+        raise UserError("--pretrained needs --retriever-name (the open_clip model it belongs to)")
+    if args.retriever_name and args.retriever:
+        raise UserError("--retriever and --retriever-name: give one of them")
+    spec = parse_dataset_spec(args.dataset)
     world_json = args.world_dir / "world.json"
-    if world_json.is_file():  # cheap: the split's size, before the models load
+    if spec["kind"] == "world" and world_json.is_file():  # cheap: the split's size, before the models load
         from raycap.data.world import WorldConfig
 
         try:
             data = json.loads(world_json.read_text())
         except ValueError as e:
             raise UserError(f"{world_json}: not valid JSON ({e})") from None
-        size = WorldConfig.parse(data, str(world_json)).split_size(split)
-        if size < MIN_IMAGES:
-            raise UserError(f"{world_json}: the {split} split has {size} images; P@1 needs at least {MIN_IMAGES}")
+        split = spec["split"]
+        if split in ("train", "labelled", "val", "test"):
+            size = WorldConfig.parse(data, str(world_json)).split_size(split)
+            if size < MIN_IMAGES:
+                raise UserError(f"{world_json}: the {split} split has {size} images; P@1 needs at least "
+                                f"{MIN_IMAGES}")
     if args.json is not None:
         check_output_file(args.json, "--json")
 
@@ -92,16 +218,11 @@ def check_arguments(args, split: str) -> None:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     with exit_on_user_error():
-        kind, _, split = args.dataset.partition(":")
-        if kind != "world" or split not in ("test", "val", "train"):
-            raise UserError(f"--dataset {args.dataset!r}: expected world:test or world:val")
-        check_arguments(args, split)  # before any model loads, and the --json path before the evaluation runs
+        check_arguments(args)  # before any model loads, and the --json path before the evaluation runs
         quiet_library_progress()
-        result = evaluate_world(args.captioner, args.world_dir, split, args.images, args.decoding, args.num_beams)
+        result = evaluate_dataset(args)
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
     if "collapse_warning" in result:
-        import sys
-
         print(f"warning: {result['collapse_warning']}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,7 @@ def open_splits(cfg: RunConfig, retriever, log=print) -> dict[str, SplitImages]:
     if any(getattr(src, "paths", None) is not None for src, _ in opened.values()) and not ray.is_initialized():
         from raycap.runtime.resources import start_ray
 
-        started, _ = start_ray(cfg.runtime.model_copy(update={"dashboard_port": _free_port()}))
+        started, _ = start_ray(cfg.runtime.model_copy(update={"dashboard_port": free_port()}))
     try:
         return {role: _embed(cfg, retriever, role, source, skipped, log)
                 for role, (source, skipped) in opened.items()}
@@ -162,7 +162,7 @@ def _embed(cfg: RunConfig, retriever, role: str, source: ImageSource, skipped: l
     return SplitImages(role, source, cached.embeddings, skipped)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -137,7 +137,7 @@ def no_heavy_work(monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("heavy work started before the arguments were checked")
-    for mod, name in ((raycap.train, "run_local"), (raycap.train, "run_ray"), (raycap.evaluate, "evaluate_world")):
+    for mod, name in ((raycap.train, "run_local"), (raycap.train, "run_ray"), (raycap.evaluate, "evaluate_dataset")):
         monkeypatch.setattr(mod, name, boom)
 
 

@@ -78,3 +78,37 @@ def test_missing_and_corrupt_files_stop_the_run_by_name_or_are_skipped_and_count
     assert step0["skipped_images"] == final["skipped_images"]
     out = capsys.readouterr().out
     assert "train: left out 1 images" in out and "000011.png: cannot read image" in out
+
+
+def test_evaluate_any_dataset_and_captions_from_any_system(tiny_world_dir, exported, tmp_path):
+    """The exported world through `--dataset karpathy:...` gives the in-memory world's metrics; a COCO results
+    file of the same captions scores the same; a results file missing an image is one line."""
+    from raycap.evaluate import main as evaluate_main
+
+    common = ["--world-dir", str(tiny_world_dir), "--images", "100"]
+    memory = evaluate_main(["--captioner", str(tiny_world_dir / "captioner"), "--dataset", "world:test", *common])
+    files = evaluate_main(["--captioner", str(tiny_world_dir / "captioner"), *common,
+                           "--dataset", f"karpathy:{exported}/dataset_world.json:test",
+                           "--retriever", str(exported / "retriever")])
+    for key in ("p_at_1", "bleu4", "cider", "cider_full", "clipscore", "refcompare", "faithful", "distinct_2"):
+        assert memory[key] == pytest.approx(files[key], abs=1e-6, nan_ok=True), key
+    from raycap.data.cache import world_image_embeddings
+    from raycap.inputs import load_captioner, load_world
+    from raycap.models.clip import Retriever
+    from raycap.models.tokenizers import decode
+
+    captioner, tok = load_captioner(tiny_world_dir / "captioner")
+    emb = world_image_embeddings(Retriever.load(path=str(tiny_world_dir / "retriever")), load_world(tiny_world_dir),
+                                 "test", 100)
+    out = captioner.eval().generate(emb, mode="greedy")
+    captions = decode(tok, out.tokens, out.lengths, captioner.stop_ids)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": f"test-{i}", "caption": c} for i, c in enumerate(captions)]))
+    given = evaluate_main(["--captions", str(results), "--dataset", "world:test", *common])
+    assert given["decoding"] == "given"
+    for key in ("p_at_1", "bleu4", "meteor", "cider", "cider_full", "clipscore", "faithful", "top_caption_share"):
+        assert given[key] == pytest.approx(memory[key], abs=1e-9, nan_ok=True), key
+    results.write_text(json.dumps([{"image_id": f"test-{i}", "caption": c} for i, c in enumerate(captions[:99])]))
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--captions", str(results), "--dataset", "world:test", *common])
+    assert e.value.code == 2
