@@ -18,7 +18,10 @@ import torch
 
 from raycap.config import ASSETS_DIR
 from raycap.errors import UserError, exit_on_user_error
+from raycap.inputs import add_retriever_arguments, check_retriever_arguments
 from raycap.progress import quiet_library_progress
+
+WORLD_RETRIEVER = ASSETS_DIR / "world" / "retriever"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,9 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--captioner", type=Path, default=ASSETS_DIR / "world" / "captioner",
                    help="captioner dir (default: the shipped supervised world captioner)")
-    p.add_argument("--retriever", type=Path, help="retriever dir (default: the shipped world retriever)")
-    p.add_argument("--retriever-name", help="an open_clip model name instead, e.g. ViT-B-32")
-    p.add_argument("--pretrained", help="its open_clip pretrained tag or checkpoint file")
+    add_retriever_arguments(p, WORLD_RETRIEVER)
     p.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")
     p.add_argument("--num-beams", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption} instead of lines")
@@ -40,18 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 def caption_files(args) -> tuple[list[dict], list[str]]:
     """({image, caption} for every readable file, one-line errors for the others)."""
     from raycap.data.sources import BadImage, load_image
-    from raycap.inputs import load_captioner
-    from raycap.models.clip import Retriever
-    from raycap.models.tokenizers import decode
+    from raycap.inputs import check_compatible, load_captioner, retriever_from_arguments
+    from raycap.supervised.captioner import caption_embeddings
 
-    if args.retriever_name:
-        retriever = Retriever.load(name=args.retriever_name, pretrained=args.pretrained).freeze()
-    else:
-        retriever = Retriever.load(path=str(args.retriever or ASSETS_DIR / "world" / "retriever")).freeze()
+    retriever, retriever_label = retriever_from_arguments(args, WORLD_RETRIEVER)
     captioner, tokenizer = load_captioner(args.captioner)
-    if captioner.config.clip_dim != retriever.embed_dim:
-        raise UserError(f"--captioner {args.captioner} reads {captioner.config.clip_dim}-d image embeddings but the "
-                        f"retriever gives {retriever.embed_dim}-d")
+    check_compatible(captioner, retriever, f"--captioner {args.captioner}", retriever_label)
     transform = retriever.preprocess()
     pixels, names, errors = [], [], []
     for path in args.images:
@@ -63,8 +58,7 @@ def caption_files(args) -> tuple[list[dict], list[str]]:
     if not pixels:
         return [], errors
     emb = retriever.encode_image(torch.stack(pixels)).float()
-    out = captioner.eval().generate(emb, mode=args.decoding, num_beams=args.num_beams)
-    captions = decode(tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+    captions = caption_embeddings(captioner.eval(), tokenizer, emb, args.decoding, args.num_beams)
     return [{"image": n, "caption": c} for n, c in zip(names, captions)], errors
 
 
@@ -75,8 +69,7 @@ def main(argv=None) -> list[dict]:
             raise UserError(f"--num-beams {args.num_beams}: must be >= 1")
         if not args.captioner.is_dir():
             raise UserError(f"--captioner {args.captioner}: no such directory")
-        if args.pretrained and not args.retriever_name:
-            raise UserError("--pretrained needs --retriever-name (the open_clip model it belongs to)")
+        check_retriever_arguments(args)
         quiet_library_progress()
         results, errors = caption_files(args)
     for e in errors:

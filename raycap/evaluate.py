@@ -33,23 +33,14 @@ MIN_IMAGES = 100  # P@1 candidates per target (raycap.metrics.retrieval.candidat
 
 
 def open_dataset(spec: str, world_dir: Path, on_bad_image: str):
-    """The image source a `--dataset` string names (world splits from `world_dir`)."""
-    from raycap.data.datasets import open_files, parse_dataset_spec
+    """The image source a `--dataset` string names (world splits from `world_dir`) and the items left out."""
+    from raycap.data.datasets import parse_dataset_spec
+    from raycap.inputs import open_images
 
     kw = parse_dataset_spec(spec)
     if kw["kind"] == "world":
-        from raycap.data.sources import WorldSource
-        from raycap.inputs import load_world
-
-        if kw["split"] not in ("train", "labelled", "val", "test"):
-            raise UserError(f"--dataset {spec}: unknown world split {kw['split']!r} (train, labelled, val, test)")
-        return WorldSource(load_world(world_dir), kw["split"]), []
-    source, skipped = open_files(**kw, on_bad_image=on_bad_image)
-    if getattr(source, "world_config", None) and all("world_index" in r.extra for r in source.records):
-        from raycap.inputs import ExportedWorldSource
-
-        source = ExportedWorldSource(source)
-    return source, skipped
+        kw["path"] = world_dir
+    return open_images(**kw, where=f"--dataset {spec}", on_bad_image=on_bad_image)
 
 
 def read_results(path: Path) -> dict[str, str]:
@@ -73,18 +64,10 @@ def read_results(path: Path) -> dict[str, str]:
     return out
 
 
-def load_retriever(args):
-    from raycap.models.clip import Retriever
-
-    if args.retriever_name:
-        return Retriever.load(name=args.retriever_name, pretrained=args.pretrained).freeze()
-    return Retriever.load(path=str(args.retriever or args.world_dir / "retriever")).freeze()
-
-
 def evaluate_dataset(args) -> dict:
-    import ray
-
+    from raycap.config import RuntimeConfig
     from raycap.data.cache import image_embeddings
+    from raycap.inputs import local_ray_for, retriever_from_arguments
     from raycap.metrics.captions import SPICE_UNAVAILABLE, clip_metrics, ngram_metrics
     from raycap.supervised.captioner import score_captions
 
@@ -94,20 +77,10 @@ def evaluate_dataset(args) -> dict:
         raise UserError(f"--dataset {args.dataset}: {n} images; P@1 ranks each among {MIN_IMAGES}, so at least "
                         f"{MIN_IMAGES} are needed")
     source = source.subset(range(n)) if n < len(source) else source
-    retriever = load_retriever(args)
-    started = False
-    if getattr(source, "paths", None) is not None and not ray.is_initialized():  # image files: Ray Data embeds them
-        from raycap.config import RuntimeConfig
-        from raycap.inputs import free_port
-        from raycap.runtime.resources import start_ray
-
-        started, _ = start_ray(RuntimeConfig(dashboard_port=free_port()))  # local, on loopback
-    try:
+    retriever, retriever_label = retriever_from_arguments(args, args.world_dir / "retriever")
+    with local_ray_for([source], RuntimeConfig()):  # image files: Ray Data embeds them, on a local loopback Ray
         cached = image_embeddings(retriever, source, on_bad_image=args.on_bad_image, log=print)
-    finally:
-        if started:
-            ray.shutdown()
-    skipped = [{"id": s.id, "reason": s.reason} for s in skipped] + cached.skipped
+    skipped = skipped + cached.skipped
     if len(cached.kept) < len(source):
         source = source.subset(cached.kept.tolist())
     image_emb = cached.embeddings
@@ -120,15 +93,12 @@ def evaluate_dataset(args) -> dict:
         captions = [results[i] for i in source.ids]
         decoding = "given"
     else:
-        from raycap.inputs import load_captioner
-        from raycap.models.tokenizers import decode
+        from raycap.inputs import check_compatible, load_captioner
+        from raycap.supervised.captioner import caption_embeddings
 
         captioner, tokenizer = load_captioner(args.captioner)
-        if captioner.config.clip_dim != retriever.embed_dim:
-            raise UserError(f"--captioner {args.captioner} reads {captioner.config.clip_dim}-d image embeddings "
-                            f"but the retriever gives {retriever.embed_dim}-d")
-        out = captioner.eval().generate(image_emb, mode=args.decoding, num_beams=args.num_beams)
-        captions = decode(tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+        check_compatible(captioner, retriever, f"--captioner {args.captioner}", retriever_label)
+        captions = caption_embeddings(captioner.eval(), tokenizer, image_emb, args.decoding, args.num_beams)
         decoding = args.decoding if args.decoding != "beam" else f"beam{args.num_beams}"
     scenes = source.scenes
     refs = [source.references(i) for i in range(len(source))] if source.labelled else None
@@ -158,6 +128,8 @@ def evaluate_dataset(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from raycap.inputs import add_retriever_arguments
+
     p = argparse.ArgumentParser(prog="python -m raycap.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
@@ -167,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "nocaps:FILE[:IMAGES], cc:TSV[:IMAGES], folder:DIR[:CAPTIONS.jsonl] (default: world:test)")
     p.add_argument("--world-dir", type=Path, default=ASSETS_DIR / "world",
                    help="pretrained world dir with world.json and retriever/ (default: the shipped one)")
-    p.add_argument("--retriever", type=Path, help="retriever dir (raycap or open_clip; default: WORLD_DIR/retriever)")
-    p.add_argument("--retriever-name", help="an open_clip model name instead, e.g. ViT-B-32")
-    p.add_argument("--pretrained", help="its open_clip pretrained tag or checkpoint file, e.g. openai")
+    add_retriever_arguments(p, Path("WORLD_DIR/retriever"))
     p.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")
     p.add_argument("--num-beams", type=int, default=5)
     p.add_argument("--images", type=int, default=None, help="evaluate the first N images (default: all)")
@@ -182,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_arguments(args) -> None:
     """One-line UserErrors for arguments that would fail only after the models load or the evaluation ran."""
     from raycap.data.datasets import parse_dataset_spec
+    from raycap.inputs import check_retriever_arguments
 
     if args.images is not None and args.images < MIN_IMAGES:
         raise UserError(f"--images {args.images}: P@1 ranks each target among {MIN_IMAGES} candidates (target + "
@@ -192,10 +163,7 @@ def check_arguments(args) -> None:
         raise UserError(f"--captioner {args.captioner}: no such directory")
     if args.captions is not None and not args.captions.is_file():
         raise UserError(f"--captions {args.captions}: no such file")
-    if args.pretrained and not args.retriever_name:
-        raise UserError("--pretrained needs --retriever-name (the open_clip model it belongs to)")
-    if args.retriever_name and args.retriever:
-        raise UserError("--retriever and --retriever-name: give one of them")
+    check_retriever_arguments(args)
     spec = parse_dataset_spec(args.dataset)
     world_json = args.world_dir / "world.json"
     if spec["kind"] == "world" and world_json.is_file():  # cheap: the split's size, before the models load

@@ -8,12 +8,13 @@ the object store, so no node needs the cache's disk).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from raycap.config import ASSETS_DIR, DataConfig, RetrieverConfig, RunConfig
+from raycap.config import ASSETS_DIR, DataConfig, RetrieverConfig, RunConfig, RuntimeConfig
 from raycap.data.sources import FileSource, ImageSource, WorldSource
 from raycap.data.world import World, WorldConfig
 from raycap.errors import UserError
@@ -27,13 +28,6 @@ class SplitImages:
     source: ImageSource
     embeddings: torch.Tensor
     skipped: list[dict] = field(default_factory=list)
-
-    def first(self, n: int | None) -> "SplitImages":
-        """The first n images (all when n is None or larger)."""
-        n = len(self.source) if n is None else min(n, len(self.source))
-        if n == len(self.source):
-            return self
-        return SplitImages(self.role, self.source.subset(range(n)), self.embeddings[:n], self.skipped)
 
 
 def load_retriever(cfg: RetrieverConfig):
@@ -52,13 +46,41 @@ def load_captioner(path: str | Path):
     return load(path)
 
 
-def check_compatible(captioner, retriever, cfg: RunConfig) -> None:
-    """The captioner reads the retriever's image embeddings: their widths must agree (one line if not)."""
+def check_compatible(captioner, retriever, captioner_label: str, retriever_label: str) -> None:
+    """The captioner reads the retriever's image embeddings: their widths must agree (one line if not, naming
+    both as the user gave them)."""
     want, have = captioner.config.clip_dim, retriever.embed_dim
     if want != have:
-        where = cfg.retriever.path or f"{cfg.retriever.name} ({cfg.retriever.pretrained})"
-        raise UserError(f"captioner.path {cfg.captioner.path} reads {want}-d image embeddings but the retriever "
-                        f"{where} gives {have}-d; use a captioner trained on this retriever's embeddings")
+        raise UserError(f"{captioner_label} reads {want}-d image embeddings but the retriever {retriever_label} "
+                        f"gives {have}-d; use a captioner trained on this retriever's embeddings")
+
+
+def check_run_compatible(captioner, retriever, cfg: RunConfig) -> None:
+    check_compatible(captioner, retriever, f"captioner.path {cfg.captioner.path}",
+                     cfg.retriever.path or f"{cfg.retriever.name} ({cfg.retriever.pretrained})")
+
+
+def add_retriever_arguments(p, default: Path) -> None:
+    """`--retriever DIR` or `--retriever-name NAME [--pretrained TAG]` of a command line."""
+    p.add_argument("--retriever", type=Path, help=f"retriever dir, raycap or open_clip (default: {default})")
+    p.add_argument("--retriever-name", help="an open_clip model name instead, e.g. ViT-B-32")
+    p.add_argument("--pretrained", help="its open_clip pretrained tag or checkpoint file, e.g. openai")
+
+
+def check_retriever_arguments(args) -> None:
+    if args.pretrained and not args.retriever_name:
+        raise UserError("--pretrained needs --retriever-name (the open_clip model it belongs to)")
+    if args.retriever_name and args.retriever:
+        raise UserError("--retriever and --retriever-name: give one of them")
+
+
+def retriever_from_arguments(args, default: Path):
+    """(frozen retriever, how the user named it) from `add_retriever_arguments`' flags."""
+    if args.retriever_name:
+        cfg = RetrieverConfig(name=args.retriever_name, pretrained=args.pretrained)
+        return load_retriever(cfg), f"{args.retriever_name} ({args.pretrained})"
+    path = args.retriever or default
+    return load_retriever(RetrieverConfig(path=str(path))), str(path)
 
 
 def load_world(path: str | Path | None) -> World:
@@ -75,58 +97,72 @@ def load_world(path: str | Path | None) -> World:
     return World(WorldConfig.parse(data, str(file)))
 
 
-class WorldFileScenes:
-    """Scenes of dataset files written by `python -m raycap.data export-world` (the judge of the world's
-    caption checks), rebuilt from the world config and each image's split and index stored in the JSON."""
-
-    def __init__(self, world_config: dict, records):
-        self.world = World(WorldConfig.parse(world_config, "dataset_world.json: world"))
-        self.records = records
-
-    def __call__(self):
-        out = []
-        for r in self.records:
-            split = r.extra.get("split", "train")
-            out.append(self.world.scene("train" if split == "labelled" else split, int(r.extra["world_index"])))
-        return out
-
-
 class ExportedWorldSource(FileSource):
-    """A FileSource of the exported world's files that also knows its scenes (for the world's caption checks)."""
+    """The files written by `python -m raycap.data export-world`, read by the Karpathy reader, that also know
+    their scenes (the judge of the world's caption checks), rebuilt from the world config and each image's split
+    and index stored in the JSON."""
 
     def __init__(self, base: FileSource):
         super().__init__(base.name, base.records, base.labelled)
-        self._scene_fn = WorldFileScenes(base.world_config, base.records)
+        self.world = World(WorldConfig.parse(base.world_config, f"{base.name}: world"))
 
     @property
     def scenes(self):
-        return self._scene_fn()
+        return [self.world.scene(r.extra["split"], int(r.extra["world_index"])) for r in self.records]
+
+
+WORLD_SPLITS = ("train", "labelled", "val", "test")
+
+
+def open_images(kind: str, path: str | Path | None, split, where: str, image_root: str | None = None,
+                captions: str | None = None, on_bad_image: str = "error") -> tuple[ImageSource, list[dict]]:
+    """One split of a dataset (`kind` as in `data.kind`; a world split from the world dir `path`) and the items
+    its reader left out. `where` names the setting in errors (`data.splits.val`, `--dataset world:x`)."""
+    if kind == "world":
+        if not isinstance(split, str):
+            raise UserError(f"{where}: the world takes one split name, got {split!r}")
+        world = load_world(path)
+        if split not in WORLD_SPLITS:
+            raise UserError(f"{where}: unknown world split {split!r} ({', '.join(WORLD_SPLITS)})")
+        return WorldSource(world, split), []
+    from raycap.data.datasets import open_files
+
+    source, skipped = open_files(kind, path, split, image_root=image_root, captions=captions,
+                                 on_bad_image=on_bad_image)
+    if getattr(source, "world_config", None) and all("world_index" in r.extra for r in source.records):
+        source = ExportedWorldSource(source)
+    return source, [{"id": s.id, "path": s.path, "reason": s.reason} for s in skipped]
+
+
+@contextmanager
+def local_ray_for(sources, runtime: RuntimeConfig):
+    """While `sources` are embedded: a local Ray for the cache's Ray Data builder (stopped after), when one of
+    them is image files and no Ray is running yet."""
+    import ray
+
+    started = False
+    if any(getattr(s, "paths", None) is not None for s in sources) and not ray.is_initialized():
+        from raycap.runtime.resources import start_ray
+
+        started, _ = start_ray(runtime.model_copy(update={"dashboard_port": free_port()}))
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def open_source(data: DataConfig, role: str) -> tuple[ImageSource, list[dict]]:
     """The images of one split role (train, val, test) and the reader's skipped items."""
-    split = data.splits[role]
-    if data.kind == "world":
-        if not isinstance(split, str):
-            raise UserError(f"data.splits.{role}: the world takes one split name, got {split!r}")
-        world = load_world(data.path)
-        if split not in ("train", "labelled", "val", "test"):
-            raise UserError(f"data.splits.{role}: unknown world split {split!r} (train, labelled, val, test)")
-        return WorldSource(world, split), []
-    from raycap.data.datasets import open_files
-
-    source, skipped = open_files(data.kind, data.path, split, image_root=data.image_root, captions=data.captions,
-                                 on_bad_image=data.on_bad_image)
-    if getattr(source, "world_config", None) and all("world_index" in r.extra for r in source.records):
-        source = ExportedWorldSource(source)
-    return source, [{"id": s.id, "path": s.path, "reason": s.reason} for s in skipped]
+    return open_images(data.kind, data.path, data.splits[role], f"data.splits.{role}", image_root=data.image_root,
+                       captions=data.captions, on_bad_image=data.on_bad_image)
 
 
 def open_splits(cfg: RunConfig, retriever, log=print) -> dict[str, SplitImages]:
     """train, val and test images with their embeddings (train: the first `data.train_images` if set). Image
     files are embedded with Ray Data, on a local Ray started here (and stopped after) when none is running.
     Images the reader or the cache left out (`data.on_bad_image: skip`) are reported and listed in `skipped`."""
-    import ray
+    from raycap.data.cache import retriever_fingerprint
 
     opened = {}
     for role in ("train", "val", "test"):
@@ -134,23 +170,18 @@ def open_splits(cfg: RunConfig, retriever, log=print) -> dict[str, SplitImages]:
         if role == "train" and cfg.data.train_images:
             source = source.subset(range(min(cfg.data.train_images, len(source))))
         opened[role] = (source, skipped)
-    started = False
-    if any(getattr(src, "paths", None) is not None for src, _ in opened.values()) and not ray.is_initialized():
-        from raycap.runtime.resources import start_ray
-
-        started, _ = start_ray(cfg.runtime.model_copy(update={"dashboard_port": free_port()}))
-    try:
-        return {role: _embed(cfg, retriever, role, source, skipped, log)
+    fingerprint = retriever_fingerprint(retriever)  # once for the three splits' cache keys
+    with local_ray_for([source for source, _ in opened.values()], cfg.runtime):
+        return {role: _embed(cfg, retriever, fingerprint, role, source, skipped, log)
                 for role, (source, skipped) in opened.items()}
-    finally:
-        if started:
-            ray.shutdown()
 
 
-def _embed(cfg: RunConfig, retriever, role: str, source: ImageSource, skipped: list[dict], log) -> SplitImages:
+def _embed(cfg: RunConfig, retriever, fingerprint: str, role: str, source: ImageSource, skipped: list[dict],
+           log) -> SplitImages:
     from raycap.data.cache import image_embeddings
 
-    cached = image_embeddings(retriever, source, on_bad_image=cfg.data.on_bad_image, log=log)
+    cached = image_embeddings(retriever, source, on_bad_image=cfg.data.on_bad_image, log=log,
+                              fingerprint=fingerprint)
     skipped = skipped + [dict(s) for s in cached.skipped]
     if len(cached.kept) < len(source):
         source = source.subset(cached.kept.tolist())

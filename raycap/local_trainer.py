@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from raycap.config import RunConfig
-from raycap.inputs import check_compatible, load_captioner, load_retriever, open_splits, skipped_counts
+from raycap.inputs import check_run_compatible, load_captioner, load_retriever, open_splits, skipped_counts
 from raycap.models.clipcap import ClipCap
 from raycap.rl import algorithm
 from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
@@ -44,7 +44,7 @@ class LocalTrainer:
         self.policy.set_trainable(config.rl.train_lm)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.retriever = load_retriever(config.retriever)
-        check_compatible(self.policy, self.retriever, config)
+        check_run_compatible(self.policy, self.retriever, config)
         self.splits = open_splits(config, self.retriever, log)
         self.images = self.splits["train"].embeddings
         self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.policy.stop_ids, config)

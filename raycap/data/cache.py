@@ -55,22 +55,25 @@ def retriever_fingerprint(retriever) -> str:
     return h.hexdigest()
 
 
-def cache_key(retriever, source: ImageSource) -> tuple[str, dict]:
-    parts = {"dataset": source.fingerprint(), "retriever": retriever_fingerprint(retriever),
+def cache_key(retriever, source: ImageSource, fingerprint: str | None = None) -> tuple[str, dict]:
+    """The entry's name and what it hashes; `fingerprint`: the retriever's, when the caller computed it already."""
+    parts = {"dataset": source.fingerprint(), "retriever": fingerprint or retriever_fingerprint(retriever),
              "preprocess": repr(retriever.preprocess())}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24], parts
 
 
 def image_embeddings(retriever, source: ImageSource, *, on_bad_image: str = "error", builder: str = "auto",
                      batch_size: int = 256, use_cache: bool = True, shard_rows: int = SHARD_ROWS,
-                     log=print) -> CachedEmbeddings:
+                     log=print, fingerprint: str | None = None) -> CachedEmbeddings:
     """The source's image embeddings: read from the cache, or built (and cached). Unreadable images raise
-    `BadImage` naming the file (`on_bad_image="error"`) or are left out and listed (`"skip"`)."""
+    `BadImage` naming the file (`on_bad_image="error"`) or are left out and listed (`"skip"`).
+    `fingerprint`: the retriever's, passed when embedding several sources with one retriever (hashing its weights
+    once)."""
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     if builder == "auto":
         builder = "ray" if getattr(source, "paths", None) is not None else "local"
-    key, parts = cache_key(retriever, source) if use_cache else (None, None)
+    key, parts = cache_key(retriever, source, fingerprint) if use_cache else (None, None)
     final = cache_dir() / "embeddings" / key if use_cache else None
     if use_cache and (final / MANIFEST).is_file():
         return _read(final, source, on_bad_image)
@@ -82,10 +85,8 @@ def image_embeddings(retriever, source: ImageSource, *, on_bad_image: str = "err
         + (f"; left out {len(skipped)} unreadable" if skipped else ""))
     if not use_cache:
         return CachedEmbeddings(emb, kept, skipped, None, True)
-    _write(final, emb, kept, skipped, parts, source, builder, shard_rows)
-    out = _read(final, source, on_bad_image)
-    out.built = True
-    return out
+    _write(final, emb, kept, skipped, parts, source, builder, shard_rows)  # a concurrent winner's entry is equal
+    return CachedEmbeddings(emb, kept, skipped, final, True)
 
 
 def world_image_embeddings(retriever, world: World, split: str, n: int | None = None,

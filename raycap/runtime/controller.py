@@ -19,7 +19,7 @@ import ray
 import torch
 
 from raycap.config import RunConfig
-from raycap.inputs import check_compatible, load_captioner, load_retriever, open_splits, skipped_counts
+from raycap.inputs import check_run_compatible, load_captioner, load_retriever, open_splits, skipped_counts
 from raycap.rl import algorithm
 from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
 from raycap.runtime import resources
@@ -53,7 +53,7 @@ class Controller:
         prepare_run_dir(self.out, config, "ray", allow_new_config)  # before anything loads or is written
         captioner = load_captioner(config.captioner.path)[0]  # bad dirs and mismatches fail here, not in actors
         retriever = load_retriever(config.retriever)
-        check_compatible(captioner, retriever, config)
+        check_run_compatible(captioner, retriever, config)
         self.pad_id = captioner.config.pad_token_id
         del captioner
         self.owns_ray, self.dashboard_url = resources.start_ray(rt)

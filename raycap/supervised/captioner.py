@@ -96,14 +96,21 @@ def train_captioner(retriever: Retriever, world: World, cfg: CaptionerTraining, 
 
 
 @torch.no_grad()
+def caption_embeddings(captioner: ClipCap, tokenizer, image_emb: torch.Tensor, mode: str = "greedy",
+                       num_beams: int = 5) -> list[str]:
+    """Captions decoded (greedy or beam) from image embeddings, on the captioner's device."""
+    out = captioner.generate(image_emb.to(next(captioner.parameters()).device), mode=mode, num_beams=num_beams)
+    return decode(tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+
+
+@torch.no_grad()
 def world_captions(captioner: ClipCap, retriever: Retriever, world: World, split: str = "test",
                    n: int | None = None, mode: str = "greedy", num_beams: int = 5, image_emb=None):
     """Captions of a split's first n images, with their image embeddings and scenes."""
     n = min(n or world.config.split_size(split), world.config.split_size(split))
     if image_emb is None:
         image_emb = retriever.encode_pixels(world.images(split, range(n)))
-    out = captioner.generate(image_emb, mode=mode, num_beams=num_beams)
-    captions = decode(retriever.tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+    captions = caption_embeddings(captioner, retriever.tokenizer, image_emb, mode, num_beams)  # one vocabulary
     return captions, image_emb, [world.scene(split, i) for i in range(n)]
 
 
@@ -143,8 +150,7 @@ def evaluate_images(captioner: ClipCap, tokenizer, retriever: Retriever, source,
     scored by `score_captions`; the world's checks when the source knows its scenes."""
     n = min(n or len(source), len(source))
     image_emb = image_emb[:n]
-    out = captioner.generate(image_emb.to(next(captioner.parameters()).device), mode=mode)
-    captions = decode(tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+    captions = caption_embeddings(captioner, tokenizer, image_emb, mode)
     scenes = source.scenes
     scenes = None if scenes is None else scenes[:n]
     refs = [source.references(i) for i in range(min(n, examples))] if source.labelled else None
