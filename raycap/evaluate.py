@@ -10,9 +10,10 @@ nocaps:ANNOTATIONS.json[:IMAGE_ROOT] | cc:FILE.tsv[:IMAGE_ROOT] | folder:DIR[:CA
 as the dataset's ids: COCO ids, Karpathy cocoid/imgid, file paths for folders and CC, `SPLIT-INDEX` for the
 world).
 
-Prints and writes: p_at_1 (retrieval among 100 by the frozen retriever: target + 99 random images, fixed seed);
-with references bleu1-4 / meteor / rouge_l / cider exactly as pycocoevalcap's COCOEvalCap computes them (PTB
-tokenizer included) and refcompare; clipscore; diversity (vocab_size, distinct_1/2, unique_caption_ratio,
+Prints and writes: p_at_1 (retrieval among 100 by the frozen retriever: target + 99 random images, fixed seed)
+and p_at_1_hardK (K of the 99 replaced by the target's nearest images, `--hard-distractors`); with references
+bleu1-4 / meteor / rouge_l / cider exactly as pycocoevalcap's COCOEvalCap computes them (PTB tokenizer included),
+refclipscore and refcompare; clipscore; with `--instances` (COCO instance annotations) chair_i / chair_s; diversity (vocab_size, distinct_1/2, unique_caption_ratio,
 top_caption and its share, a collapse warning); on the world also cider_full against the full descriptions and
 the caption checks (wellformed, faithful, precision, recall, multi_object, repetition). Metrics that cannot be
 computed are listed under `unavailable` with the reason (SPICE: CoreNLP cannot be downloaded here).
@@ -71,7 +72,9 @@ def evaluate_dataset(args) -> dict:
     from raycap.metrics.captions import SPICE_UNAVAILABLE, clip_metrics, ngram_metrics
     from raycap.supervised.captioner import score_captions
 
-    source, skipped = open_dataset(args.dataset, args.world_dir, args.on_bad_image)
+    source, skipped = open_dataset(args.dataset, args.world_dir, "ignore" if args.text_only else args.on_bad_image)
+    if args.text_only:
+        return evaluate_text(args, source) | {"skipped_images": len(skipped)}
     n = min(args.images or len(source), len(source))
     if n < MIN_IMAGES:
         raise UserError(f"--dataset {args.dataset}: {n} images; P@1 ranks each among {MIN_IMAGES}, so at least "
@@ -85,12 +88,7 @@ def evaluate_dataset(args) -> dict:
         source = source.subset(cached.kept.tolist())
     image_emb = cached.embeddings
     if args.captions:
-        results = read_results(args.captions)
-        missing = [i for i in source.ids if i not in results]
-        if missing:
-            raise UserError(f"--captions {args.captions}: no caption for image_id {missing[0]!r} of {args.dataset}"
-                            f" ({len(missing)} of {len(source)} images have none)")
-        captions = [results[i] for i in source.ids]
+        captions = given_captions(args, source)
         decoding = "given"
     else:
         from raycap.inputs import check_compatible, load_captioner
@@ -111,7 +109,7 @@ def evaluate_dataset(args) -> dict:
         result |= ngram
     else:
         unavailable |= {m: "the dataset has no reference captions" for m in
-                        ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "refcompare")}
+                        ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "refcompare", "refclipscore")}
     if scenes is not None:
         full = ngram_metrics(captions, [[s.full_description] for s in scenes], meteor=False)
         if "cider" in full:
@@ -121,10 +119,81 @@ def evaluate_dataset(args) -> dict:
     else:
         unavailable["caption checks"] = "they need the world's scenes (world:SPLIT or the exported world)"
     result |= clip_metrics(retriever, captions, image_emb, refs)
+    result |= hard_p_at_1(retriever, captions, image_emb, args.hard_distractors, args.near_duplicate, args.seed)
+    if args.instances is not None:
+        from raycap.metrics.chair import chair, chair_truth, read_instances
+
+        truth = chair_truth(source.ids, read_instances(args.instances), refs, f"--dataset {args.dataset}")
+        result |= chair(captions, truth)
+    else:
+        unavailable["chair"] = ("CHAIR needs COCO instance annotations (--instances instances_val2014.json)" +
+                                ("; on the world the grammar's checks (faithful, precision) judge every claim"
+                                 if scenes is not None else ""))
     result["spice"] = None
     result |= {"unavailable": unavailable, "n_images": len(source), "decoding": decoding, "dataset": args.dataset,
                "skipped_images": len(skipped), "examples": examples}
     return result
+
+
+IMAGE_METRICS = ("p_at_1", "p_at_1_hard", "clipscore", "refclipscore", "refcompare")
+
+
+def given_captions(args, source) -> list[str]:
+    """The `--captions` file's caption of every image of the source, in its order (one line if any is missing)."""
+    results = read_results(args.captions)
+    missing = [i for i in source.ids if i not in results]
+    if missing:
+        raise UserError(f"--captions {args.captions}: no caption for image_id {missing[0]!r} of {args.dataset}"
+                        f" ({len(missing)} of {len(source)} images have none)")
+    return [results[i] for i in source.ids]
+
+
+def evaluate_text(args, source) -> dict:
+    """`--text-only`: captions against references with no image read (nothing downloaded but the annotations):
+    the n-gram metrics, diversity, CHAIR with `--instances`, the world's checks on the world; the image metrics
+    are listed as unavailable."""
+    from raycap.data.grammar import caption_checks
+    from raycap.metrics.captions import SPICE_UNAVAILABLE, ngram_metrics, vocabulary_metrics
+
+    if args.images:
+        source = source.subset(range(min(args.images, len(source))))
+    captions = given_captions(args, source)
+    reason = "--text-only: no image is read"
+    unavailable = {m: reason for m in IMAGE_METRICS} | {"spice": SPICE_UNAVAILABLE}
+    result = {}
+    refs = [source.references(i) for i in range(len(source))] if source.labelled else None
+    if refs is None:
+        raise UserError(f"--dataset {args.dataset}: --text-only scores captions against references, and this "
+                        "dataset has none")
+    ngram = ngram_metrics(captions, refs)
+    unavailable |= ngram.pop("unavailable", {})
+    result |= ngram
+    scenes = source.scenes
+    if scenes is not None:
+        result |= caption_checks(captions, scenes)
+    result |= vocabulary_metrics(captions)
+    if args.instances is not None:
+        from raycap.metrics.chair import chair, chair_truth, read_instances
+
+        result |= chair(captions, chair_truth(source.ids, read_instances(args.instances), refs,
+                                              f"--dataset {args.dataset}"))
+    else:
+        unavailable["chair"] = "CHAIR needs COCO instance annotations (--instances instances_val2014.json)"
+    examples = [{"caption": c, "references": r} for c, r in zip(captions[:3], refs[:3])]
+    return result | {"spice": None, "unavailable": unavailable, "n_images": len(source), "decoding": "given",
+                     "dataset": args.dataset, "examples": examples}
+
+
+def hard_p_at_1(retriever, captions, image_emb, ks, max_cos: float, seed: int) -> dict:
+    """`p_at_1_hardK`: P@1 among 100 where K of the 99 random distractors give way to the target's K nearest
+    images by image cosine (near-duplicates above `max_cos` skipped)."""
+    from raycap.metrics.retrieval import hard_candidate_sets, p_at_1
+
+    if not ks:
+        return {}
+    text_emb = retriever.encode_captions(list(captions))
+    return {f"p_at_1_hard{k}": p_at_1(text_emb, image_emb, hard_candidate_sets(image_emb, k, MIN_IMAGES, seed, max_cos))
+            for k in ks}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=None, help="evaluate the first N images (default: all)")
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
     p.add_argument("--seed", type=int, default=0, help="seed of the P@1 candidate sets")
+    p.add_argument("--hard-distractors", type=int, nargs="*", default=[5], metavar="K",
+                   help="also P@1 with K of the 99 distractors the target's nearest images (default: 5; none: off)")
+    p.add_argument("--near-duplicate", type=float, default=0.8,
+                   help="hard distractors skip images with image cosine above this (default: 0.8)")
+    p.add_argument("--text-only", action="store_true", help="with --captions: read no image; the n-gram metrics "
+                   "against the references (and CHAIR), the image metrics listed as unavailable")
+    p.add_argument("--instances", type=Path, help="COCO instance annotations (instances_val2014.json): CHAIR-i/s")
     p.add_argument("--json", type=Path, help="write the metrics here")
     return p
 
@@ -154,9 +230,18 @@ def check_arguments(args) -> None:
     from raycap.data.datasets import parse_dataset_spec
     from raycap.inputs import check_retriever_arguments
 
-    if args.images is not None and args.images < MIN_IMAGES:
+    if args.text_only and args.captions is None:
+        raise UserError("--text-only scores given captions: it needs --captions RESULTS.json")
+    if args.images is not None and args.images < MIN_IMAGES and not args.text_only:
         raise UserError(f"--images {args.images}: P@1 ranks each target among {MIN_IMAGES} candidates (target + "
                         f"{MIN_IMAGES - 1} other images), so at least {MIN_IMAGES} images are needed")
+    bad = [k for k in args.hard_distractors if not 0 < k < MIN_IMAGES]
+    if bad:
+        raise UserError(f"--hard-distractors {bad[0]}: must be between 1 and {MIN_IMAGES - 1}")
+    if not -1 <= args.near_duplicate <= 1:
+        raise UserError(f"--near-duplicate {args.near_duplicate}: a cosine, between -1 and 1")
+    if args.instances is not None and not args.instances.is_file():
+        raise UserError(f"--instances {args.instances}: no such file")
     if args.num_beams < 1:
         raise UserError(f"--num-beams {args.num_beams}: must be >= 1")
     if args.captioner is not None and not args.captioner.is_dir():
@@ -166,7 +251,7 @@ def check_arguments(args) -> None:
     check_retriever_arguments(args)
     spec = parse_dataset_spec(args.dataset)
     world_json = args.world_dir / "world.json"
-    if spec["kind"] == "world" and world_json.is_file():  # cheap: the split's size, before the models load
+    if spec["kind"] == "world" and world_json.is_file() and not args.text_only:  # cheap: the split's size, before the models load
         from raycap.data.world import WorldConfig
 
         try:

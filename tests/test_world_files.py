@@ -90,7 +90,8 @@ def test_evaluate_any_dataset_and_captions_from_any_system(tiny_world_dir, expor
     files = evaluate_main(["--captioner", str(tiny_world_dir / "captioner"), *common,
                            "--dataset", f"karpathy:{exported}/dataset_world.json:test",
                            "--retriever", str(exported / "retriever")])
-    for key in ("p_at_1", "bleu4", "cider", "cider_full", "clipscore", "refcompare", "faithful", "distinct_2"):
+    for key in ("p_at_1", "p_at_1_hard5", "bleu4", "cider", "cider_full", "clipscore", "refclipscore", "refcompare",
+                "faithful", "distinct_2"):
         assert memory[key] == pytest.approx(files[key], abs=1e-6, nan_ok=True), key
     from raycap.data.cache import world_image_embeddings
     from raycap.inputs import load_captioner, load_world

@@ -32,7 +32,11 @@ def field(item: dict, name: str, where: str):
 def check_images(records: list[Record], on_bad_image: str, source_file: Path,
                  always_skip: bool = False) -> tuple[list[Record], list[Skipped]]:
     """The records whose image file exists; the others raise `BadImage` (on_bad_image "error") or are returned
-    as skipped ("skip", or `always_skip` for datasets that are partial by nature, like Conceptual Captions)."""
+    as skipped ("skip", or `always_skip` for datasets that are partial by nature, like Conceptual Captions).
+    "ignore" keeps every record unchecked: for uses that read the annotations and never an image
+    (`raycap.evaluate --text-only`)."""
+    if on_bad_image == "ignore":
+        return list(records), []
     kept, missing = [], []
     for r in records:
         (kept if os.path.isfile(r.path) else missing).append(r)

@@ -1,6 +1,6 @@
 """Caption metrics: BLEU-1..4 / METEOR / ROUGE-L / CIDEr against references (pycocoevalcap's COCOEvalCap
-computation, PTB tokenizer included), CLIPScore and
-RefCompare with the frozen retriever, and vocabulary statistics. SPICE needs Stanford CoreNLP, which cannot be
+computation, PTB tokenizer included), CLIPScore, RefCLIPScore and RefCompare with the frozen retriever, and
+vocabulary statistics. SPICE needs Stanford CoreNLP, which cannot be
 downloaded here: it is reported as unavailable with the reason, never as 0."""
 from __future__ import annotations
 
@@ -48,16 +48,28 @@ def ngram_metrics(captions: Sequence[str], references: Sequence[Sequence[str]], 
 @torch.no_grad()
 def clip_metrics(retriever, captions: Sequence[str], image_emb: torch.Tensor,
                  references: Sequence[Sequence[str]] | None = None) -> dict:
-    """CLIPScore (2.5 * max(cos, 0), Hessel et al. 2021) and RefCompare: per image, the share of its
-    references whose CLIP score is lower than the generated caption's (>= 0.5: as good as the references)."""
-    cos = (retriever.encode_captions(list(captions)) * image_emb).sum(-1)
-    out = {"clipscore": float((2.5 * cos.clamp(min=0)).mean())}
+    """CLIPScore, RefCLIPScore (Hessel et al. 2021) and RefCompare, all with the frozen retriever's embeddings.
+
+    CLIPScore = 2.5 * max(cos(caption, image), 0). RefCLIPScore = the harmonic mean of CLIPScore and
+    max(max over references of cos(caption, reference), 0), per image (0 where both are 0). RefCompare: per
+    image, the share of its references whose CLIP score is lower than the generated caption's (>= 0.5: as good
+    as the references). Each is the mean over images. The captions are encoded as they are (no "A photo depicts"
+    prompt: the world's retriever was never trained on one)."""
+    text = retriever.encode_captions(list(captions))
+    cos = (text * image_emb).sum(-1)
+    clip_s = 2.5 * cos.clamp(min=0)
+    out = {"clipscore": float(clip_s.mean())}
     if references is not None:
-        k = [len(r) for r in references]
+        k = torch.tensor([len(r) for r in references])
         ref_emb = retriever.encode_captions([r for refs in references for r in refs])
-        ref_cos = (ref_emb * image_emb.repeat_interleave(torch.tensor(k), dim=0)).sum(-1)
-        shares = [float((rc < c).float().mean()) for rc, c in zip(ref_cos.split(k), cos)]
+        owner = torch.arange(len(k)).repeat_interleave(k)
+        ref_cos = (ref_emb * image_emb[owner]).sum(-1)
+        shares = [float((rc < c).float().mean()) for rc, c in zip(ref_cos.split(k.tolist()), cos)]
         out["refcompare"] = float(np.mean(shares))
+        text_ref = torch.stack([s.max() for s in (ref_emb * text[owner]).sum(-1).split(k.tolist())]).clamp(min=0)
+        denominator = clip_s + text_ref
+        harmonic = torch.where(denominator > 0, 2 * clip_s * text_ref / denominator.clamp(min=1e-12), 0.0)
+        out["refclipscore"] = float(harmonic.mean())
     return out
 
 

@@ -19,10 +19,40 @@ def candidate_sets(n: int, k: int = 100, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def hard_candidate_sets(image_emb: torch.Tensor, k_hard: int, k: int = 100, seed: int = 0,
+                        max_cos: float = 0.8) -> torch.Tensor:
+    """(n, k) like `candidate_sets` (same seed, same random distractors in the same order), with the first k-1-h
+    random distractors kept and the target's h nearest images by image cosine in front of them (h = k_hard, fewer
+    where fewer have cosine <= max_cos: near-duplicates are skipped as in training); the row stays k distinct
+    images."""
+    from raycap.data.distractors import nearest
+
+    n = len(image_emb)
+    base = candidate_sets(n, k, seed)
+    if not k_hard:
+        return base
+    if not 0 < k_hard < k:
+        raise ValueError(f"{k_hard} hard distractors among {k} candidates")
+    hard = nearest(torch.arange(n), image_emb.float(), k_hard, max_cos)
+    rows = []
+    for i in range(n):
+        found = hard[i][hard[i] >= 0]
+        rest = base[i, 1:][~torch.isin(base[i, 1:], found)][: k - 1 - len(found)]
+        rows.append(torch.cat([base[i, :1], found, rest]))
+    return torch.stack(rows)
+
+
 def target_wins(text_emb: torch.Tensor, image_emb: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Bool (n,): the target scores strictly above every distractor (a tie is a miss)."""
     scores = torch.einsum("nd,nkd->nk", text_emb.float(), image_emb.float()[candidates])
     return scores[:, 0] > scores[:, 1:].max(dim=1).values
+
+
+def target_ranks(text_emb: torch.Tensor, image_emb: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Long (n,): the target's rank among its candidates, 1 + the distractors scoring at least as high (so rank
+    1 is exactly a `target_wins` win)."""
+    scores = torch.einsum("nd,nkd->nk", text_emb.float(), image_emb.float()[candidates])
+    return 1 + (scores[:, 1:] >= scores[:, :1]).sum(dim=1)
 
 
 def p_at_1(text_emb: torch.Tensor, image_emb: torch.Tensor, candidates: torch.Tensor) -> float:
