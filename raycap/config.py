@@ -144,6 +144,8 @@ class EvalConfig(BaseModel):
     every: int = Field(50, ge=1)
     images: int = Field(1000, ge=100, description="images per evaluation (P@1 ranks each among 100)")
     examples: int = Field(3, ge=0, description="captions logged beside their images' references")
+    report: bool = Field(True, description="write the HTML report (RUN/report/index.html) when the run ends")
+    report_gallery: int = Field(24, ge=0, description="test images in the report's gallery")
 
 
 class RLConfig(BaseModel):

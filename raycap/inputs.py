@@ -176,6 +176,15 @@ def open_splits(cfg: RunConfig, retriever, log=print) -> dict[str, SplitImages]:
                 for role, (source, skipped) in opened.items()}
 
 
+def open_split(cfg: RunConfig, retriever, role: str, log=print) -> SplitImages:
+    """One split role's images and embeddings, as `open_splits` opens them (for reading one split alone)."""
+    from raycap.data.cache import retriever_fingerprint
+
+    source, skipped = open_source(cfg.data, role)
+    with local_ray_for([source], cfg.runtime):
+        return _embed(cfg, retriever, retriever_fingerprint(retriever), role, source, skipped, log)
+
+
 def _embed(cfg: RunConfig, retriever, fingerprint: str, role: str, source: ImageSource, skipped: list[dict],
            log) -> SplitImages:
     from raycap.data.cache import image_embeddings

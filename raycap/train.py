@@ -68,10 +68,28 @@ def main(argv=None) -> dict | None:
         quiet_library_progress()
         run = run_local if args.runtime == "local" else run_ray
         final = run(config, args.out, allow_new_config=args.resume_with_new_config)
-    summary = {k: v for k, v in final.items() if k != "examples"}
-    print(json.dumps(summary, indent=2))
+        summary = {k: v for k, v in final.items() if k != "examples"}
+        print(json.dumps(summary, indent=2))
+        if config.eval.report:
+            write_report(args.out, config.eval.report_gallery)
     print(f"run dir: {args.out}  (final captioner: {args.out / 'final'}, metrics: {args.out / 'metrics.jsonl'})")
     return final
+
+
+def write_report(out: Path, gallery: int) -> None:
+    """The run's HTML report. The run is complete whatever happens here, so a failure is a warning that says
+    how to retry, not an error."""
+    import sys
+
+    from raycap.report import build_report
+
+    try:
+        page = build_report(out, gallery=gallery)
+    except Exception as e:  # noqa: BLE001 — the run's results are saved; the report can be rebuilt later
+        print(f"warning: the report failed ({type(e).__name__}: {e}); the run is complete, retry with "
+              f"python -m raycap.report {out}", file=sys.stderr)
+        return
+    print(f"report: {page}  (open it in a browser)")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,20 @@ def test_checks_values_by_hand():
     assert checks["faithful"] == pytest.approx(2 / 5)  # "a green star" and the generic caption
     assert checks["repetition"] == pytest.approx(1 / 5)  # the object stated twice
     assert checks["multi_object"] == multi_object(caps) == pytest.approx(1 / 5)
+
+
+def test_word_verdicts_mark_the_false_claims_on_their_words():
+    from raycap.data.grammar import word_verdicts
+
+    # the star is green and at top left: "red" and "bottom" are wrong for the mention bound to it
+    words = word_verdicts("a large red star at top left and a small red circle at bottom", SCENE)
+    assert [v for _, v in words] == ["", "true", "false", "true", "", "true", "true", "",
+                                     "", "true", "true", "true", "", "true"]
+    swapped = word_verdicts("a large red star at top left and a small green circle at bottom", SCENE)
+    assert [w for w, v in swapped if v == "false"] == ["red", "green"]
+    assert [w for w, v in word_verdicts("a green star at bottom .", SCENE) if v == "false"] == ["bottom"]
+    # a third mention has no object left: its claims are false, the noun "shape" claims nothing
+    third = word_verdicts("a star and a circle and a blue shape", SCENE)
+    assert [(w, v) for w, v in third if v] == [("star", "true"), ("circle", "true"), ("blue", "false")]
+    assert word_verdicts("some shapes", SCENE) == [("some", ""), ("shapes", "")]
+    assert word_verdicts("circle red a", SCENE) == [("circle", "unparsed"), ("red", "unparsed"), ("a", "unparsed")]

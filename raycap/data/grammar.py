@@ -46,19 +46,26 @@ class Mention:
 
 def parse(caption: str) -> tuple[Mention, ...] | None:
     """Claims of a caption, () for a generic caption, None if it is not in the grammar."""
-    words = caption.strip().split()
+    spans = _parse_spans(caption.strip().split())
+    return None if spans is None else tuple(m for m, _ in spans)
+
+
+def _parse_spans(words: list[str]) -> list[tuple[Mention, int]] | None:
+    """Each mention with the index of its first word in `words`; [] for a generic caption, None if not in the
+    grammar."""
     if words and words[-1] == ".":
         words = words[:-1]
     if " ".join(words) in GENERIC_CAPTIONS:
-        return ()
+        return []
     mentions, i = [], 0
     while True:
+        start = i
         m, i = _mention(words, i)
         if m is None:
             return None
-        mentions.append(m)
+        mentions.append((m, start))
         if i == len(words):
-            return tuple(mentions)
+            return mentions
         if words[i] != "and":
             return None
         i += 1
@@ -108,11 +115,47 @@ def _true_claims(m: Mention, scene: Scene, obj) -> int:
 
 def bind(mentions: Sequence[Mention], scene: Scene) -> int:
     """Most claims that can be true when each mention names a distinct object (Hungarian assignment)."""
+    return sum(_true_claims(m, scene, scene.objects[o]) for m, o in zip(mentions, binding(mentions, scene))
+               if o is not None)
+
+
+def binding(mentions: Sequence[Mention], scene: Scene) -> list[int | None]:
+    """The object each mention is bound to by `bind`'s assignment (None: more mentions than objects)."""
     if not mentions:
-        return 0
+        return []
     score = np.array([[_true_claims(m, scene, o) for o in scene.objects] for m in mentions])
     rows, cols = linear_sum_assignment(score, maximize=True)
-    return int(score[rows, cols].sum())
+    bound: list[int | None] = [None] * len(mentions)
+    for r, c in zip(rows, cols):
+        bound[r] = int(c)
+    return bound
+
+
+def word_verdicts(caption: str, scene: Scene) -> list[tuple[str, str]]:
+    """The caption's words, each with a verdict: "true" or "false" for a word that states an attribute (judged
+    on the object its mention is bound to, as `analyse` binds them; every claim of a mention left without an
+    object is false), "" for the other words of a well-formed caption, "unparsed" for every word of a caption
+    outside the grammar. For showing a caption with its false claims marked."""
+    words = caption.strip().split()
+    spans = _parse_spans(words)
+    if spans is None:
+        return [(w, "unparsed") for w in words]
+    verdicts = [""] * len(words)
+    bound = binding([m for m, _ in spans], scene)
+    for (m, start), obj in zip(spans, bound):
+        k = start + 1  # after the article
+        for attr in ("size", "colour", "shape"):
+            value = getattr(m, attr)
+            if attr == "shape" or value is not None:  # the noun is always there ("shape" claims nothing)
+                if value is not None:
+                    true = obj is not None and scene.objects[obj].attr(attr, scene.grid) == value
+                    verdicts[k] = "true" if true else "false"
+                k += 1
+        if m.position is not None:
+            true = obj is not None and scene.objects[obj].attr("position", scene.grid) == m.position
+            for j in range(k + 1, k + 1 + len(m.position.split())):  # the words after "at"
+                verdicts[j] = "true" if true else "false"
+    return list(zip(words, verdicts))
 
 
 def repeats_trigram(words: Sequence[str]) -> bool:
