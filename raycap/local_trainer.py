@@ -14,7 +14,7 @@ import torch
 
 from raycap.config import RunConfig
 from raycap.inputs import check_run_compatible, load_captioner, load_retriever, open_splits, skipped_counts
-from raycap.models.clipcap import ClipCap
+from raycap.models.loading import load_captioner_model
 from raycap.rl import algorithm
 from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
 from raycap.supervised.captioner import evaluate_images
@@ -58,7 +58,7 @@ class LocalTrainer:
         last = last_checkpoint(self.out, STATE_FILE)
         if last is None:
             return
-        self.policy.load_state_dict(ClipCap.from_pretrained(last).state_dict())
+        self.policy.load_state_dict(load_captioner_model(last).state_dict())
         state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
         self.opt.load_state_dict(state["optimizer"])
         self.advantages.load_state_dict(state["baseline"])

@@ -329,3 +329,34 @@ def test_lm_from_local_path(tmp_path):
     assert c.tokens.shape[0] == 2 and c.lengths.max() <= 5
     m.save_pretrained(tmp_path / "ckpt")
     assert_same(ClipCap.from_pretrained(tmp_path / "ckpt").eval().generate(images(2)), c, atol=0)
+
+
+def test_public_clipcap_checkpoint_layout_loads(tmp_path):
+    """A state dict with exactly the key names and shapes of the public `coco_weights.pt` /
+    `conceptual_weights.pt` (MLP mapper, prefix 10, ViT-B/32's 512-d embedding, GPT-2 124M with the attention
+    buffers old transformers saved), random values: it loads through the real loader (torch.load with
+    weights_only=True) with lm="gpt2" and no download, and the model computes with exactly those weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config())  # the architecture of "gpt2" (124M)
+    sd = {f"gpt.{k}": v for k, v in gpt.state_dict().items()}
+    for i in range(12):
+        sd[f"gpt.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1024, 1024)).view(1, 1, 1024, 1024)
+        sd[f"gpt.transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    shapes = {"clip_project.model.0.weight": (3840, 512), "clip_project.model.0.bias": (3840,),
+              "clip_project.model.2.weight": (7680, 3840), "clip_project.model.2.bias": (7680,)}
+    sd |= {k: torch.randn(s) * 0.02 for k, s in shapes.items()}
+    assert sd["gpt.transformer.wte.weight"].shape == (50257, 768) and sd["gpt.lm_head.weight"].shape == (50257, 768)
+    assert len(sd) == 4 + 2 + 12 * 14 + 2 + 1  # mapper, wte/wpe, 12 blocks (12 tensors + 2 buffers), ln_f, head
+    torch.save(sd, tmp_path / "coco_weights.pt")
+    del gpt
+    m = ClipCap.from_original_clipcap(tmp_path / "coco_weights.pt",
+                                      ClipCapConfig(clip_dim=512, prefix_length=10, lm="gpt2")).eval()
+    assert m.lm.transformer.wte.weight.data_ptr() == m.lm.lm_head.weight.data_ptr()  # tied, as GPT-2
+    assert torch.equal(m.lm.transformer.h[11].mlp.c_proj.weight, sd["gpt.transformer.h.11.mlp.c_proj.weight"])
+    x = torch.randn(2, 512)
+    want = (torch.tanh(x @ sd["clip_project.model.0.weight"].T + sd["clip_project.model.0.bias"])
+            @ sd["clip_project.model.2.weight"].T + sd["clip_project.model.2.bias"]).view(2, 10, 768)
+    torch.testing.assert_close(m.prefix(x), want, atol=1e-5, rtol=1e-5)
+    assert m.generate(x, max_new_tokens=3).tokens.shape == (2, 3)

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 from raycap.errors import UserError
 from raycap.models.safetensors_io import load_weights, reading_weights
-from raycap.rl.losses import token_logprobs
+from raycap.models.captioner import Captions, token_logprobs
 
 CONFIG_NAME = "raycap_clipcap.json"
 MAPPER_NAME = "mapper.safetensors"
@@ -45,19 +45,6 @@ class ClipCapConfig:
     stop_token_ids: list[int] = field(default_factory=list)  # extra ids that end a caption
     pad_token_id: int = 0
     max_new_tokens: int = 40
-
-
-@dataclass
-class Captions:
-    """Decoded captions. `tokens`/`logprobs` are (N, T), padded after `lengths` (which count the stop token)."""
-
-    tokens: Tensor
-    lengths: Tensor
-    logprobs: Tensor
-
-    def tolist(self) -> list[list[int]]:
-        """Token ids per caption, trimmed to its length (stop token included if produced)."""
-        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
 
 
 # -----------------------------------------------------------------------------
@@ -123,13 +110,24 @@ def _convert_original_transformer_mapper(sd: dict[str, Tensor]) -> dict[str, Ten
 # helpers
 
 
+GPT2_SMALL_NAMES = ("gpt2", "openai-community/gpt2")  # GPT2Config()'s defaults are exactly this model's
+
+
 def _build_lm(spec: str | dict, weights: bool = True) -> PreTrainedModel:
-    """LM from a HF name/local path (pretrained weights, or config only) or a dict of GPT2Config kwargs."""
+    """LM from a HF name/local path (pretrained weights, or config only) or a dict of GPT2Config kwargs. With
+    `weights=False` (the weights come from elsewhere, e.g. an original ClipCap checkpoint) GPT-2 124M needs no
+    download: its architecture is GPT2Config()'s defaults."""
     if isinstance(spec, dict):
         return GPT2LMHeadModel(GPT2Config(**spec))
-    if weights:
-        return AutoModelForCausalLM.from_pretrained(spec)
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec))
+    try:
+        if weights:
+            return AutoModelForCausalLM.from_pretrained(spec)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec))
+    except OSError as e:
+        if not weights and spec in GPT2_SMALL_NAMES:
+            return GPT2LMHeadModel(GPT2Config())
+        raise UserError(f"lm {spec!r}: cannot load it ({str(e).splitlines()[0]}); give a local directory of an "
+                        "HF causal LM, or download it first (huggingface-cli download NAME) on a machine online") from None
 
 
 def _reorder_cache(past, idx: Tensor):

@@ -9,6 +9,7 @@ from pathlib import Path
 from raycap.data.world import World, WorldConfig
 from raycap.errors import UserError
 from raycap.models.clip import Retriever
+from raycap.models.clipcap import CONFIG_NAME as CLIPCAP_CONFIG
 from raycap.models.clipcap import ClipCap
 from raycap.models.tokenizers import load_tokenizer
 
@@ -22,11 +23,23 @@ class PretrainedWorld:
     path: Path
 
 
+def load_captioner_model(path: str | Path):
+    """The captioner (any implementation of `raycap.models.captioner.Captioner`) saved in a directory."""
+    from raycap.models.captioner import captioner_kind
+
+    path = Path(path)
+    kind = captioner_kind(path)
+    if kind == "clipcap":
+        return ClipCap.from_pretrained(path)
+    raise UserError(f"{path} is not a raycap captioner directory: no {CLIPCAP_CONFIG} in it")
+
+
 def load_captioner(path: str | Path) -> tuple[ClipCap, object]:
+    """(captioner, its tokenizer) of a raycap captioner directory (`save_pretrained` + `tokenizer/`)."""
     path = Path(path)
     if not (path / "tokenizer").is_dir():
         raise UserError(f"{path} is not a raycap captioner directory: missing tokenizer/")
-    return ClipCap.from_pretrained(path), load_tokenizer(path / "tokenizer")
+    return load_captioner_model(path), load_tokenizer(path / "tokenizer")
 
 
 def load_world_dir(path: str | Path, captioner: str | Path | None = None) -> PretrainedWorld:

@@ -22,7 +22,7 @@ import torch
 
 from raycap.config import RunConfig
 from raycap.data import distractors
-from raycap.models.clipcap import Captions, ClipCap
+from raycap.models.captioner import Captioner, Captions
 from raycap.models.tokenizers import decode
 from raycap.rl import baselines, losses, rewards
 from raycap.rl.gumbel import gumbel_decode
@@ -41,7 +41,7 @@ def policy_temperature(cfg: RunConfig) -> float:
     return cfg.rl.temperature if cfg.rl.rollout == "sample" else 1.0
 
 
-def rollout(policy: ClipCap, img: torch.Tensor, cfg: RunConfig, step: int, shard: int = 0,
+def rollout(policy: Captioner, img: torch.Tensor, cfg: RunConfig, step: int, shard: int = 0,
             greedy: bool = False) -> Captions:
     """Captions of one shard of a step's images: `num_samples` sampled per image (image-major), or greedy."""
     policy.eval()  # no dropout in RL: the learner scores exactly the policy that sampled
@@ -125,7 +125,7 @@ class Advantages:
         self.running.load_state_dict(state)
 
 
-def kl_guard(reference: ClipCap, img, tokens, lengths, logits, token_lp, estimator: str) -> torch.Tensor:
+def kl_guard(reference: Captioner, img, tokens, lengths, logits, token_lp, estimator: str) -> torch.Tensor:
     """(N,) KL(policy || frozen reference captioner) on the given tokens: exact per position ("full"), or the
     k2 estimate from the sampled tokens ("sampled"), whose gradient is the reverse KL's in expectation."""
     with torch.no_grad():
@@ -135,7 +135,7 @@ def kl_guard(reference: ClipCap, img, tokens, lengths, logits, token_lp, estimat
     return losses.kl_sampled(token_lp, losses.token_logprobs(ref_logits, tokens), lengths)
 
 
-def reinforce_loss(policy: ClipCap, reference: ClipCap, img, tokens, lengths, advantages,
+def reinforce_loss(policy: Captioner, reference: Captioner, img, tokens, lengths, advantages,
                    cfg: RunConfig, behaviour_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """REINFORCE `-(R-b) log P(c|i)` by teacher forcing, + kl_coef * KL guard - entropy_coef * entropy, all
     under the tempered policy. `behaviour_logprobs` (N, T): per-token log-probs under the policy that sampled
@@ -161,7 +161,7 @@ def reinforce_loss(policy: ClipCap, reference: ClipCap, img, tokens, lengths, ad
                           "advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0}
 
 
-def gumbel_loss(policy: ClipCap, reference: ClipCap, scorer: Scorer, img, cands, eos_id: int,
+def gumbel_loss(policy: Captioner, reference: Captioner, scorer: Scorer, img, cands, eos_id: int,
                 cfg: RunConfig, step: int, shard: int = 0) -> tuple[torch.Tensor, dict]:
     """Straight-through Gumbel decode (noise of the step's GUMBEL stream) -> frozen CLIP text encoder ->
     `-cos(v, c)` or the discriminative loss, + kl_coef * KL guard. Gradients reach the captioner; the retriever

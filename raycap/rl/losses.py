@@ -7,14 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raycap.models.captioner import token_logprobs  # noqa: F401 — the learner's losses read it from here too
+
 
 def token_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return torch.arange(T, device=lengths.device)[None] < lengths[:, None]
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log-softmax of (N, T, V) logits read at the (N, T) tokens."""
-    return torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
 def sequence_logprob(token_logprobs: torch.Tensor, lengths: torch.Tensor, length_normalise: bool = False):

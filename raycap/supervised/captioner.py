@@ -15,6 +15,7 @@ from raycap.data.world import World
 from raycap.metrics.captions import vocabulary_metrics
 from raycap.metrics.retrieval import candidate_sets, p_at_1
 from raycap.models.clip import Retriever
+from raycap.models.captioner import Captioner
 from raycap.models.clipcap import ClipCap, ClipCapConfig
 from raycap.models.tokenizers import decode, encode
 from raycap.progress import progress
@@ -96,7 +97,7 @@ def train_captioner(retriever: Retriever, world: World, cfg: CaptionerTraining, 
 
 
 @torch.no_grad()
-def caption_embeddings(captioner: ClipCap, tokenizer, image_emb: torch.Tensor, mode: str = "greedy",
+def caption_embeddings(captioner: Captioner, tokenizer, image_emb: torch.Tensor, mode: str = "greedy",
                        num_beams: int = 5) -> list[str]:
     """Captions decoded (greedy or beam) from image embeddings, on the captioner's device."""
     out = captioner.generate(image_emb.to(next(captioner.parameters()).device), mode=mode, num_beams=num_beams)
@@ -104,7 +105,7 @@ def caption_embeddings(captioner: ClipCap, tokenizer, image_emb: torch.Tensor, m
 
 
 @torch.no_grad()
-def world_captions(captioner: ClipCap, retriever: Retriever, world: World, split: str = "test",
+def world_captions(captioner: Captioner, retriever: Retriever, world: World, split: str = "test",
                    n: int | None = None, mode: str = "greedy", num_beams: int = 5, image_emb=None):
     """Captions of a split's first n images, with their image embeddings and scenes."""
     n = min(n or world.config.split_size(split), world.config.split_size(split))
@@ -136,7 +137,7 @@ def score_captions(captions, retriever: Retriever, image_emb, scenes, seed: int 
     return out | {"examples": shown}
 
 
-def evaluate_captioner(captioner: ClipCap, retriever: Retriever, world: World, split: str = "test",
+def evaluate_captioner(captioner: Captioner, retriever: Retriever, world: World, split: str = "test",
                        n: int | None = None, mode: str = "greedy", seed: int = 0, examples: int = 8) -> dict:
     """Greedy captions of a world split, scored by `score_captions`."""
     captions, image_emb, scenes = world_captions(captioner, retriever, world, split, n, mode)
@@ -144,7 +145,7 @@ def evaluate_captioner(captioner: ClipCap, retriever: Retriever, world: World, s
 
 
 @torch.no_grad()
-def evaluate_images(captioner: ClipCap, tokenizer, retriever: Retriever, source, image_emb: torch.Tensor,
+def evaluate_images(captioner: Captioner, tokenizer, retriever: Retriever, source, image_emb: torch.Tensor,
                     n: int | None = None, mode: str = "greedy", seed: int = 0, examples: int = 8) -> dict:
     """Captions of the first n images of any image source (`raycap.data.sources`) from their cached embeddings,
     scored by `score_captions`; the world's checks when the source knows its scenes."""
