@@ -1,4 +1,8 @@
-"""Supervised stage for the shapes world: `python -m raycap.pretrain world --out DIR`.
+"""Supervised stages: `python -m raycap.pretrain world --out DIR` (the shapes world's retriever and captioner)
+and `python -m raycap.pretrain captioner --config FILE.yaml --out DIR` (any ClipCap variant over any HF causal LM
+and its tokenizer, on any dataset's references: raycap.supervised.captioner_stage).
+
+`world`:
 
 (1) trains the tiny CLIP retriever (InfoNCE with attribute-swapped hard negatives), (2) trains the tiny
 ClipCap captioner with cross-entropy on the labelled split's vague references, and writes
@@ -53,10 +57,15 @@ def load_world_config(path: str | None, overrides: dict, out: Path) -> WorldConf
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raycap.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["world"], help="what to pretrain on (the embedded shapes world)")
+    p.add_argument("dataset", choices=["world", "captioner"],
+                   help="world: the embedded shapes world's retriever and captioner; captioner: a captioner on any "
+                        "dataset (--config)")
     p.add_argument("--out", required=True, type=Path, help="output directory (resumed if it exists)")
+    p.add_argument("--config", help="captioner: YAML of raycap.supervised.captioner_stage.CaptionerStageConfig "
+                   "(data, retriever, model, training)")
     p.add_argument("--world-config", help="YAML file with world settings (see raycap.data.world.WorldConfig)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a world setting")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a world setting (world) or a config field (captioner: model.lm=DIR)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run (default: all)")
     p.add_argument("--retriever", type=Path, default=None,
                    help="use this trained retriever directory instead of training one (e.g. the shipped "
@@ -78,6 +87,17 @@ def main(argv=None) -> dict:
 
 
 def run(args) -> dict:
+    if args.dataset == "captioner":
+        from raycap.supervised.captioner_stage import load_stage_config, run_captioner_stage
+
+        if not args.config:
+            raise UserError("captioner: --config FILE.yaml is required (sections data, retriever, model, training)")
+        check_output_dir(args.out, "--out")
+        cfg = load_stage_config(args.config, args.set)
+        quiet_library_progress()
+        return run_captioner_stage(cfg, args.out)
+    if args.config:
+        raise UserError("--config is for `pretrain captioner`; the world takes --world-config and --set")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:

@@ -45,29 +45,35 @@ def world_captioner(retriever: Retriever, cfg: CaptionerTraining) -> ClipCap:
                                  max_new_tokens=cfg.max_new_tokens))
 
 
-def _reference_batches(world: World, split: str, n: int):
-    refs = [world.references(split, i) for i in range(n)]
-    owner = np.repeat(np.arange(n), [len(r) for r in refs])
-    return [c for r in refs for c in r], torch.from_numpy(owner)
-
-
 def train_captioner(retriever: Retriever, world: World, cfg: CaptionerTraining, work_dir: Path,
                     log=print) -> ClipCap:
-    """Cross-entropy on (image embedding, vague reference) pairs of the labelled split."""
-    work_dir.mkdir(parents=True, exist_ok=True)
+    """Cross-entropy on (image embedding, vague reference) pairs of the world's labelled split."""
     torch.manual_seed(cfg.seed)
-    tok = retriever.tokenizer
     n_lab, n_val = world.config.n_labelled, min(500, world.config.n_val)
     emb_lab = retriever.encode_pixels(world.images("labelled"))
     emb_val = retriever.encode_pixels(world.images("val", range(n_val)))
-    caps, owner = _reference_batches(world, "labelled", n_lab)
-    val_caps, val_owner = _reference_batches(world, "val", n_val)
-    ids, lengths = encode(tok, caps, cfg.max_new_tokens)
-    val_ids, val_lengths = encode(tok, val_caps, cfg.max_new_tokens)
-    log(f"captioner: {n_lab} labelled images, {len(caps)} references")
-
+    refs = [world.references("labelled", i) for i in range(n_lab)]
+    val_refs = [world.references("val", i) for i in range(n_val)]
     model = world_captioner(retriever, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return train_on_references(model, retriever.tokenizer, emb_lab, refs, emb_val, val_refs, cfg, work_dir, log)
+
+
+def train_on_references(model: ClipCap, tokenizer, train_emb: torch.Tensor, train_refs: list[list[str]],
+                        val_emb: torch.Tensor, val_refs: list[list[str]], cfg: CaptionerTraining, work_dir: Path,
+                        log=print) -> ClipCap:
+    """Cross-entropy on every (image embedding, reference) pair, AdamW with warmup and cosine decay, gradient
+    clipping at 1; the validation loss per epoch goes to `work_dir/log.jsonl`. Any captioner, any tokenizer.
+    The caller seeds torch (before building the model) and this draws dropout from that stream."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    owner = torch.from_numpy(np.repeat(np.arange(len(train_refs)), [len(r) for r in train_refs]))
+    val_owner = torch.from_numpy(np.repeat(np.arange(len(val_refs)), [len(r) for r in val_refs]))
+    caps, val_caps = [c for r in train_refs for c in r], [c for r in val_refs for c in r]
+    ids, lengths = encode(tokenizer, caps, cfg.max_new_tokens)
+    val_ids, val_lengths = encode(tokenizer, val_caps, cfg.max_new_tokens)
+    log(f"captioner: {len(train_refs)} labelled images, {len(caps)} references")
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(caps) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
@@ -79,16 +85,16 @@ def train_captioner(retriever: Retriever, world: World, cfg: CaptionerTraining, 
         perm = torch.randperm(len(caps), generator=gen)
         for k in range(0, len(caps), cfg.batch_size):
             b = perm[k:k + cfg.batch_size]
-            lp = model.log_probs(emb_lab[owner[b]], ids[b], lengths[b], reduction="sum")
+            lp = model.log_probs(train_emb[owner[b]], ids[b], lengths[b], reduction="sum")
             loss = -lp.sum() / lengths[b].sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             sched.step()
         model.eval()
         with torch.no_grad():
-            val_lp = model.log_probs(emb_val[val_owner], val_ids, val_lengths, reduction="sum")
+            val_lp = model.log_probs(val_emb[val_owner], val_ids, val_lengths, reduction="sum")
             val_loss = float(-val_lp.sum() / val_lengths.sum())
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}")
         with (work_dir / "log.jsonl").open("a") as f:

@@ -1,0 +1,145 @@
+"""The supervised stage for any captioner on any dataset: `python -m raycap.pretrain captioner --config FILE.yaml
+--out DIR`.
+
+A ClipCap (MLP or Transformer mapper, LM frozen or trained: the four variants) over any HF causal LM, by name or
+local path, with its own tokenizer (GPT-2's BPE, a LLaMA-style SentencePiece/BPE, or one trained locally), is
+trained with cross-entropy on the references of the config's `data.splits.train` split (any reader: the world's
+`labelled` split, Karpathy, COCO, a captioned folder), reading the frozen retriever's cached image embeddings.
+Writes DIR/captioner/ (the captioner and its tokenizer, loadable by `raycap.train` as `captioner.path`),
+DIR/config.json and DIR/metrics.json (greedy captions of the test split: P@1 among 100 and, on the world, the
+caption checks).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raycap.config import DataConfig, RetrieverConfig, check_override_key, parse_overrides, set_dotted, yaml_error
+from raycap.errors import UserError, format_validation_error
+
+
+class CaptionerModelConfig(BaseModel):
+    """Which captioner to build: ClipCap's mapper over an HF causal LM with its tokenizer."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    lm: str = Field(description="HF causal LM: a name (gpt2) or a local directory")
+    tokenizer: str | None = Field(None, description="HF tokenizer name or directory (default: the LM's)")
+    mapper: Literal["mlp", "transformer"] = "mlp"
+    prefix_length: int = Field(10, ge=1)
+    mapper_layers: int = Field(8, ge=1, description="transformer mapper only")
+    clip_length: int = Field(10, ge=1, description="transformer mapper only")
+    train_lm: bool = Field(True, description="False: the LM is frozen and only the mapper trains")
+
+
+class CaptionerTrainingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=1)
+    max_new_tokens: int = Field(40, ge=2, description="longest caption, in tokens of the captioner's tokenizer")
+    val_images: int = Field(500, ge=1, description="validation images whose loss is logged per epoch")
+
+
+class CaptionerStageConfig(BaseModel):
+    """The supervised captioner stage: which images and references, which frozen retriever, which captioner."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    data: DataConfig = DataConfig(splits={"train": "labelled", "val": "val", "test": "test"})
+    retriever: RetrieverConfig = RetrieverConfig()
+    model: CaptionerModelConfig
+    training: CaptionerTrainingConfig = CaptionerTrainingConfig()
+    eval_images: int = Field(1000, ge=100, description="test images of the final evaluation (P@1 among 100)")
+
+
+def load_stage_config(path: str | Path, overrides: list[str] = ()) -> CaptionerStageConfig:
+    """A YAML file of `CaptionerStageConfig` with `key=value` overrides; every mistake one line."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML: {yaml_error(e)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of settings, not a {type(data).__name__}")
+    for key, value in parse_overrides(list(overrides)):
+        check_override_key(key, CaptionerStageConfig)
+        set_dotted(data, key, value)
+    try:
+        return CaptionerStageConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, str(path))) from None
+
+
+def build_captioner(model: CaptionerModelConfig, clip_dim: int, max_new_tokens: int):
+    """(ClipCap over the configured LM, its tokenizer); the tokenizer must fit the LM's vocabulary."""
+    from raycap.models.clipcap import ClipCap, ClipCapConfig
+    from raycap.models.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(model.tokenizer or model.lm)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model.tokenizer {model.tokenizer or model.lm}: has no eos token, which ends captions")
+    captioner = ClipCap(ClipCapConfig(clip_dim=clip_dim, prefix_length=model.prefix_length, mapper=model.mapper,
+                                      mapper_layers=model.mapper_layers, clip_length=model.clip_length, lm=model.lm,
+                                      train_lm=model.train_lm, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens))
+    vocab = captioner.lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise UserError(f"model.tokenizer {model.tokenizer or model.lm}: {len(tokenizer)} tokens but the LM "
+                        f"{model.lm} embeds only {vocab}")
+    captioner.set_trainable(model.train_lm)
+    return captioner, tokenizer
+
+
+def run_captioner_stage(cfg: CaptionerStageConfig, out: Path, log=print) -> dict:
+    """Train, save and evaluate; returns the test metrics (also in out/metrics.json)."""
+    import torch
+
+    from raycap.config import RunConfig
+    from raycap.inputs import load_retriever, open_split
+    from raycap.supervised.captioner import CaptionerTraining, evaluate_images, train_on_references
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    retriever = load_retriever(cfg.retriever)
+    run = RunConfig(data=cfg.data, retriever=cfg.retriever)  # what open_split reads: data, retriever, runtime
+    splits = {role: open_split(run, retriever, role, log) for role in ("train", "val", "test")}
+    for role in ("train", "val"):
+        if not splits[role].source.labelled:
+            raise UserError(f"data.splits.{role}: the supervised stage needs references, and "
+                            f"{splits[role].source.name} has none")
+    torch.manual_seed(cfg.seed)
+    captioner, tokenizer = build_captioner(cfg.model, retriever.embed_dim, cfg.training.max_new_tokens)
+    t = cfg.training
+    training = CaptionerTraining(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+                                 warmup_steps=t.warmup_steps, max_new_tokens=t.max_new_tokens, seed=cfg.seed)
+    train, val = splits["train"], splits["val"]
+    n_val = min(t.val_images, len(val.source))
+    refs = [train.source.references(i) for i in range(len(train.source))]
+    val_refs = [val.source.references(i) for i in range(n_val)]
+    t0 = time.time()
+    train_on_references(captioner, tokenizer, train.embeddings, refs, val.embeddings[:n_val], val_refs, training,
+                        out / "work", log)
+    seconds = round(time.time() - t0, 1)
+    captioner.save_pretrained(out / "captioner")
+    tokenizer.save_pretrained(str(out / "captioner" / "tokenizer"))
+    test = splits["test"]
+    metrics = evaluate_images(captioner, tokenizer, retriever, test.source, test.embeddings, cfg.eval_images)
+    metrics |= {"train_images": len(refs), "epochs": t.epochs, "train_seconds": seconds}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log("captioner (test): " + json.dumps({k: v for k, v in metrics.items() if k != "examples"}))
+    return metrics
