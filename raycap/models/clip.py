@@ -247,6 +247,11 @@ class Retriever(nn.Module):
         x = probs.to(self.model.token_embedding.weight.dtype) @ self.model.token_embedding.weight
         return self._text_tower(x, eot_index, normalize)
 
+    def encode_soft_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Input embeddings (B, L, width) already in the text tower's token space (`raycap.models.vocab.TokenMap`
+        builds them from another vocabulary's soft tokens) -> embeddings (B, D), pooled at `eot_index`."""
+        return self._text_tower(x, eot_index, normalize)
+
     def _text_tower(self, x: torch.Tensor, eot_index: torch.Tensor, normalize: bool) -> torch.Tensor:
         m, length = self.model, x.shape[1]
         if length > self.context_length:

@@ -66,6 +66,21 @@ class Scorer:
     def __init__(self, retriever, images: torch.Tensor, tokenizer, stop_ids, cfg: RunConfig):
         self.retriever, self.images, self.tokenizer, self.stop_ids, self.cfg = retriever, images, tokenizer, stop_ids, cfg
         self.logit_scale = float(retriever.logit_scale)
+        self._token_map = None
+
+    @property
+    def token_map(self):
+        """The captioner-to-retriever token map for Gumbel captions, built on first use (`raycap.models.vocab`)."""
+        if self._token_map is None:
+            from raycap.models.vocab import build_token_map
+
+            self._token_map = build_token_map(self.tokenizer, self.retriever, self.stop_ids)
+        return self._token_map
+
+    def encode_soft(self, probs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Text embeddings of soft captions in the captioner's vocabulary, through the token map."""
+        x, eot = self.token_map.to_clip(probs, lengths, self.retriever.model.token_embedding.weight)
+        return self.retriever.encode_soft_embeddings(x, eot)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image indices, their embeddings, candidate indices with the target in column 0) of a step."""
@@ -168,7 +183,7 @@ def gumbel_loss(policy: Captioner, reference: Captioner, scorer: Scorer, img, ca
     is frozen."""
     policy.eval()
     soft = gumbel_decode(policy, img, eos_id, tau=cfg.rl.gumbel_tau, generator=generator(cfg.seed, step, GUMBEL, shard))
-    text_emb = scorer.retriever.encode_soft_tokens(soft.probs, soft.lengths - 1)
+    text_emb = scorer.encode_soft(soft.probs, soft.lengths)
     if cfg.rl.gumbel_loss == "relevance":
         task = losses.clip_relevance(text_emb, img)
     else:

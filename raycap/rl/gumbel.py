@@ -2,7 +2,8 @@
 
 Each step samples a straight-through Gumbel-softmax token (one-hot forward, soft gradient backward), feeds
 its embedding (`y @ wte`) back into the LM with the KV cache, and stops a row at the end token. The result
-goes to `Retriever.encode_soft_tokens`; in the shapes world the captioner and CLIP share one vocabulary.
+goes through the LM-to-CLIP token map (`raycap.models.vocab`; the identity in the shapes world, where the
+captioner and CLIP share one vocabulary) into the frozen CLIP text encoder.
 """
 from __future__ import annotations
 
