@@ -48,16 +48,20 @@ def caption_files(args) -> tuple[list[dict], list[str]]:
     captioner, tokenizer = load_captioner(args.captioner)
     check_compatible(captioner, retriever, f"--captioner {args.captioner}", retriever_label)
     transform = retriever.preprocess()
-    pixels, names, errors = [], [], []
+    pixels, names, errors, images = [], [], [], []
+    own_features = not getattr(captioner, "reads_retriever_embeddings", True)  # BLIP reads its own vision tower
     for path in args.images:
         try:
-            pixels.append(transform(load_image(path)))
+            image = load_image(path)
+            pixels.append(transform(image))
             names.append(str(path))
+            if own_features:
+                images.append(image)
         except BadImage as e:
             errors.append(str(e))
     if not pixels:
         return [], errors
-    emb = retriever.encode_image(torch.stack(pixels)).float()
+    emb = captioner.encode_images(images) if own_features else retriever.encode_image(torch.stack(pixels)).float()
     captions = caption_embeddings(captioner.eval(), tokenizer, emb, args.decoding, args.num_beams)
     return [{"image": n, "caption": c} for n, c in zip(names, captions)], errors
 

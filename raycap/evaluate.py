@@ -96,7 +96,10 @@ def evaluate_dataset(args) -> dict:
 
         captioner, tokenizer = load_captioner(args.captioner)
         check_compatible(captioner, retriever, f"--captioner {args.captioner}", retriever_label)
-        captions = caption_embeddings(captioner.eval(), tokenizer, image_emb, args.decoding, args.num_beams)
+        from raycap.inputs import captioner_inputs
+
+        inputs = captioner_inputs(captioner, source, image_emb)
+        captions = caption_embeddings(captioner.eval(), tokenizer, inputs, args.decoding, args.num_beams)
         decoding = args.decoding if args.decoding != "beam" else f"beam{args.num_beams}"
     scenes = source.scenes
     refs = [source.references(i) for i in range(len(source))] if source.labelled else None

@@ -28,6 +28,12 @@ class SplitImages:
     source: ImageSource
     embeddings: torch.Tensor
     skipped: list[dict] = field(default_factory=list)
+    inputs: torch.Tensor | None = None  # what the captioner reads when not the embeddings (BLIP's own features)
+
+    @property
+    def captioner_inputs(self) -> torch.Tensor:
+        """Row i: what the captioner reads for image i (ClipCap: the retriever's embedding)."""
+        return self.embeddings if self.inputs is None else self.inputs
 
 
 def load_retriever(cfg: RetrieverConfig):
@@ -200,6 +206,29 @@ def _embed(cfg: RunConfig, retriever, fingerprint: str, role: str, source: Image
     if len(source) < 2:
         raise UserError(f"data.splits.{role}: {len(source)} usable images; a run needs at least 2")
     return SplitImages(role, source, cached.embeddings, skipped)
+
+
+def captioner_inputs(captioner, source: ImageSource, embeddings: torch.Tensor, batch: int = 256, log=print):
+    """What the captioner reads for each image of `source`: the retriever's embeddings (ClipCap), or, for a
+    captioner with its own frozen vision tower (BLIP: `reads_retriever_embeddings = False`), that tower's
+    features, computed once here in batches (the image side stays frozen, so they hold for the whole run)."""
+    if getattr(captioner, "reads_retriever_embeddings", True):
+        return embeddings
+    from raycap.progress import progress
+
+    parts = [captioner.encode_images([source.image(i) for i in range(k, min(k + batch, len(source)))])
+             for k in progress(range(0, len(source), batch), desc=f"{source.name} features")]
+    features = torch.cat(parts)
+    log(f"{source.name}: {len(source)} images -> captioner features {tuple(features.shape[1:])} "
+        f"({features[0].numel() * features.element_size() / 1024:.1f} KiB per image)")
+    return features
+
+
+def attach_captioner_inputs(captioner, splits: dict[str, SplitImages], log=print) -> None:
+    """Give each split the captioner's own inputs when it does not read the retriever's embeddings."""
+    for s in splits.values():
+        inputs = captioner_inputs(captioner, s.source, s.embeddings, log=log)
+        s.inputs = None if inputs is s.embeddings else inputs
 
 
 def free_port() -> int:

@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 
 from raycap.config import RunConfig
-from raycap.inputs import check_run_compatible, load_captioner, load_retriever, open_splits, skipped_counts
+from raycap.inputs import (
+    attach_captioner_inputs,
+    check_run_compatible,
+    load_captioner,
+    load_retriever,
+    open_splits,
+    skipped_counts,
+)
 from raycap.models.loading import load_captioner_model
 from raycap.rl import algorithm
 from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
@@ -46,8 +53,10 @@ class LocalTrainer:
         self.retriever = load_retriever(config.retriever)
         check_run_compatible(self.policy, self.retriever, config)
         self.splits = open_splits(config, self.retriever, log)
+        attach_captioner_inputs(self.policy, self.splits, log)  # BLIP's own frozen features; ClipCap: nothing
         self.images = self.splits["train"].embeddings
-        self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.policy.stop_ids, config)
+        self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.policy.stop_ids, config,
+                                       inputs=self.splits["train"].inputs)
         self.opt = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=config.rl.lr)
         self.advantages = algorithm.Advantages(config)
         self.step = 0
@@ -105,7 +114,7 @@ class LocalTrainer:
     def evaluate(self, split: str = "val") -> dict:
         s = self.splits[split]
         return evaluate_images(self.policy, self.tokenizer, self.retriever, s.source, s.embeddings,
-                               self.cfg.eval.images, examples=self.cfg.eval.examples)
+                               self.cfg.eval.images, examples=self.cfg.eval.examples, inputs=s.inputs)
 
     def fit(self) -> dict:
         def update(step):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from raycap.config import RunConfig
-from raycap.inputs import load_captioner, load_retriever, open_split
+from raycap.inputs import captioner_inputs, load_captioner, load_retriever, open_split
 from raycap.metrics.retrieval import candidate_sets, target_ranks
 from raycap.supervised.captioner import caption_embeddings, evaluate_images
 
@@ -64,9 +64,12 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
     n = min(cfg.eval.images, len(split.source))
     emb = split.embeddings[:n]
     metrics = {}
+    inputs = {}
     for name, (model, tokenizer) in models.items():
         model.config.max_new_tokens = cfg.rl.max_new_tokens
-        metrics[name] = evaluate_images(model.eval(), tokenizer, retriever, split.source, emb, n, examples=0)
+        inputs[name] = captioner_inputs(model, split.source, split.embeddings, log=log)[:n]
+        metrics[name] = evaluate_images(model.eval(), tokenizer, retriever, split.source, emb, n, examples=0,
+                                        inputs=inputs[name])
         metrics[name].pop("examples", None)
     g = min(n_gallery, n)
     scenes = split.source.scenes
@@ -85,7 +88,7 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
     if g:
         candidates = candidate_sets(n, 100, P_AT_1_SEED)[:g]
         for name, (model, tokenizer) in models.items():
-            texts = caption_embeddings(model, tokenizer, emb[:g])
+            texts = caption_embeddings(model, tokenizer, inputs[name][:g])
             ranks = target_ranks(retriever.encode_captions(texts), emb, candidates)
             for i, (text, rank) in enumerate(zip(texts, ranks.tolist())):
                 view = CaptionView(text, rank)

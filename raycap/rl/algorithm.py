@@ -63,8 +63,12 @@ class Scores:
 class Scorer:
     """Frozen retriever + cached image embeddings: each step's batch and candidates, and caption rewards."""
 
-    def __init__(self, retriever, images: torch.Tensor, tokenizer, stop_ids, cfg: RunConfig):
+    def __init__(self, retriever, images: torch.Tensor, tokenizer, stop_ids, cfg: RunConfig,
+                 inputs: torch.Tensor | None = None):
+        """`images`: the retriever's embeddings of the pool; `inputs`: what the captioner reads per image when
+        not those (BLIP's own frozen features)."""
         self.retriever, self.images, self.tokenizer, self.stop_ids, self.cfg = retriever, images, tokenizer, stop_ids, cfg
+        self.inputs = images if inputs is None else inputs
         self.logit_scale = float(retriever.logit_scale)
         self._token_map = None
 
@@ -83,13 +87,13 @@ class Scorer:
         return self.retriever.encode_soft_embeddings(x, eot)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image indices, their embeddings, candidate indices with the target in column 0) of a step."""
+        """(image indices, what the captioner reads of them, candidate indices with the target in column 0)."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
         idx = torch.from_numpy(rng.choice(len(self.images), size=cfg.rl.batch_size, replace=False))
         cands = distractors.candidates(idx, self.images, cfg.rl.hard_distractors, cfg.rl.near_duplicate,
                                        cfg.rl.num_candidates, generator=generator(cfg.seed, step, CANDIDATES))
-        return idx, self.images[idx], cands
+        return idx, self.inputs[idx], cands
 
     def texts(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         return decode(self.tokenizer, tokens, lengths, self.stop_ids)
@@ -184,8 +188,9 @@ def gumbel_loss(policy: Captioner, reference: Captioner, scorer: Scorer, img, ca
     policy.eval()
     soft = gumbel_decode(policy, img, eos_id, tau=cfg.rl.gumbel_tau, generator=generator(cfg.seed, step, GUMBEL, shard))
     text_emb = scorer.encode_soft(soft.probs, soft.lengths)
+    target = scorer.images[cands[:, 0]]
     if cfg.rl.gumbel_loss == "relevance":
-        task = losses.clip_relevance(text_emb, img)
+        task = losses.clip_relevance(text_emb, target)
     else:
         task = -rewards.discriminative(text_emb, scorer.images, cands, scorer.logit_scale).mean()
     T = soft.logits.shape[1]
@@ -196,7 +201,7 @@ def gumbel_loss(policy: Captioner, reference: Captioner, scorer: Scorer, img, ca
     loss = task + cfg.rl.kl_coef * kl.mean()
     with torch.no_grad():
         acc = rewards.accuracy(text_emb, scorer.images, cands)
-        cos = (text_emb * img).sum(-1)
+        cos = (text_emb * target).sum(-1)
     return loss, {"task_loss": float(task.detach()), "clip_cos": float(cos.mean()), "kl": float(kl.detach().mean()),
                   "train_p_at_1": float(acc.mean()), "caption_length": float(soft.lengths.float().mean())}
 

@@ -19,7 +19,14 @@ import ray
 import torch
 
 from raycap.config import RunConfig
-from raycap.inputs import check_run_compatible, load_captioner, load_retriever, open_splits, skipped_counts
+from raycap.inputs import (
+    attach_captioner_inputs,
+    check_run_compatible,
+    load_captioner,
+    load_retriever,
+    open_splits,
+    skipped_counts,
+)
 from raycap.rl import algorithm
 from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
 from raycap.runtime import resources
@@ -55,7 +62,6 @@ class Controller:
         retriever = load_retriever(config.retriever)
         check_run_compatible(captioner, retriever, config)
         self.pad_id = captioner.config.pad_token_id
-        del captioner
         self.owns_ray, self.dashboard_url = resources.start_ray(rt)
         if self.dashboard_url:
             log(f"Ray dashboard: http://{self.dashboard_url}  (actors under Cluster/Actors; raycap_* metrics on "
@@ -63,7 +69,8 @@ class Controller:
         # the images and their embeddings (the cache's Ray Data build has the cluster before the actors hold it);
         # the reward service gets them through the object store
         self.splits = open_splits(config, retriever, log)
-        del retriever
+        attach_captioner_inputs(captioner, self.splits, log)  # BLIP's own frozen features; ClipCap: nothing
+        del retriever, captioner
         self.pg = resources.reserve(rt)
         roles = resources.Roles.of(rt)
         cfg_json = config.model_dump_json()

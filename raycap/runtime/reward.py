@@ -28,7 +28,8 @@ class RewardService:
         self.captioner, self.tokenizer = load_captioner(self.cfg.captioner.path)
         self.splits = splits
         self.images = splits["train"].embeddings
-        self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.captioner.stop_ids, self.cfg)
+        self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.captioner.stop_ids, self.cfg,
+                                       inputs=splits["train"].inputs)
         self.captioner.set_trainable(self.cfg.rl.train_lm)  # evaluations load the learner's flat weights
         self.captioner.config.max_new_tokens = self.cfg.rl.max_new_tokens
 
@@ -54,4 +55,4 @@ class RewardService:
         load_flat_weights(self.captioner, ray.get(weights[0]))
         s = self.splits[split]
         return evaluate_images(self.captioner, self.tokenizer, self.retriever, s.source, s.embeddings, n,
-                               examples=self.cfg.eval.examples)
+                               examples=self.cfg.eval.examples, inputs=s.inputs)
