@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from raycap.errors import UserError
-from raycap.models.clipcap import Captions, ClipCap, ClipCapConfig
+from raycap.models.captioner import Captions
+from raycap.models.clipcap import ClipCap, ClipCapConfig
 
 CLIP_DIM, P, V, EOS = 16, 4, 50, 2
 LM = dict(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.2,

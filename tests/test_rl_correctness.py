@@ -13,7 +13,8 @@ from torch.overrides import TorchFunctionMode
 from raycap.config import load_config
 from raycap.data import distractors
 from raycap.errors import UserError
-from raycap.models.clipcap import ClipCap, ClipCapConfig, sample_next
+from raycap.models.clipcap import ClipCap, ClipCapConfig
+from raycap.models.decoding import sample_next
 from raycap.rl import algorithm, baselines, losses, rewards
 from raycap.rl.self_check import self_check
 
