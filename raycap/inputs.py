@@ -55,6 +55,8 @@ def load_captioner(path: str | Path):
 def check_compatible(captioner, retriever, captioner_label: str, retriever_label: str) -> None:
     """The captioner reads the retriever's image embeddings: their widths must agree (one line if not, naming
     both as the user gave them)."""
+    if not getattr(captioner, "reads_retriever_embeddings", True):  # BLIP reads its own vision features
+        return
     want, have = captioner.config.clip_dim, retriever.embed_dim
     if want != have:
         raise UserError(f"{captioner_label} reads {want}-d image embeddings but the retriever {retriever_label} "
@@ -64,6 +66,10 @@ def check_compatible(captioner, retriever, captioner_label: str, retriever_label
 def check_run_compatible(captioner, retriever, cfg: RunConfig) -> None:
     check_compatible(captioner, retriever, f"captioner.path {cfg.captioner.path}",
                      cfg.retriever.path or f"{cfg.retriever.name} ({cfg.retriever.pretrained})")
+    if cfg.rl.method == "gumbel" and not hasattr(captioner, "lm"):
+        raise UserError(f"rl.method=gumbel: captioner.path {cfg.captioner.path} is a {type(captioner).__name__}; "
+                        "Gumbel decoding feeds soft tokens through a ClipCap's language model, use rl.method="
+                        "discritune for BLIP")
 
 
 def add_retriever_arguments(p, default: Path) -> None:

@@ -58,8 +58,11 @@ class Captioner(Protocol):
 
 def captioner_kind(path: Path) -> str | None:
     """Which implementation a captioner directory holds, from its config file (None: not a captioner dir)."""
+    from raycap.models.blip import CONFIG_NAME as BLIP_CONFIG
     from raycap.models.clipcap import CONFIG_NAME as CLIPCAP_CONFIG
 
     if (Path(path) / CLIPCAP_CONFIG).is_file():
         return "clipcap"
+    if (Path(path) / BLIP_CONFIG).is_file():
+        return "blip"
     return None

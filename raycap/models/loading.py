@@ -31,7 +31,12 @@ def load_captioner_model(path: str | Path):
     kind = captioner_kind(path)
     if kind == "clipcap":
         return ClipCap.from_pretrained(path)
-    raise UserError(f"{path} is not a raycap captioner directory: no {CLIPCAP_CONFIG} in it")
+    if kind == "blip":
+        from raycap.models.blip import BlipCaptioner
+
+        return BlipCaptioner.from_pretrained(path)
+    raise UserError(f"{path} is not a raycap captioner directory: no {CLIPCAP_CONFIG} (ClipCap) or "
+                    "raycap_blip.json (BLIP) in it")
 
 
 def load_captioner(path: str | Path) -> tuple[ClipCap, object]:

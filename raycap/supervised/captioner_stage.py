@@ -17,24 +17,36 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raycap.config import DataConfig, RetrieverConfig, check_override_key, parse_overrides, set_dotted, yaml_error
 from raycap.errors import UserError, format_validation_error
 
 
 class CaptionerModelConfig(BaseModel):
-    """Which captioner to build: ClipCap's mapper over an HF causal LM with its tokenizer."""
+    """Which captioner to build: ClipCap's mapper over an HF causal LM with its tokenizer, or a BLIP."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    lm: str = Field(description="HF causal LM: a name (gpt2) or a local directory")
+    kind: Literal["clipcap", "blip"] = "clipcap"
+    lm: str | None = Field(None, description="clipcap: HF causal LM, a name (gpt2) or a local directory")
+    blip: str | None = Field(None, description="blip: a BlipForConditionalGeneration name or directory")
+    train_vision: bool = Field(False, description="blip: train its vision tower too in this stage (a BLIP "
+                               "trained from scratch); RL always freezes it")
     tokenizer: str | None = Field(None, description="HF tokenizer name or directory (default: the LM's)")
     mapper: Literal["mlp", "transformer"] = "mlp"
     prefix_length: int = Field(10, ge=1)
     mapper_layers: int = Field(8, ge=1, description="transformer mapper only")
     clip_length: int = Field(10, ge=1, description="transformer mapper only")
     train_lm: bool = Field(True, description="False: the LM is frozen and only the mapper trains")
+
+    @model_validator(mode="after")
+    def _one_model(self):
+        if self.kind == "clipcap" and not self.lm:
+            raise ValueError("model.lm: a ClipCap needs its language model (a name or a directory)")
+        if self.kind == "blip" and not self.blip:
+            raise ValueError("model.blip: a BLIP captioner needs its checkpoint (a name or a directory)")
+        return self
 
 
 class CaptionerTrainingConfig(BaseModel):
@@ -84,10 +96,20 @@ def load_stage_config(path: str | Path, overrides: list[str] = ()) -> CaptionerS
 
 
 def build_captioner(model: CaptionerModelConfig, clip_dim: int, max_new_tokens: int):
-    """(ClipCap over the configured LM, its tokenizer); the tokenizer must fit the LM's vocabulary."""
+    """(ClipCap over the configured LM, or the configured BLIP; its tokenizer), which must fit the vocabulary."""
     from raycap.models.clipcap import ClipCap, ClipCapConfig
     from raycap.models.tokenizers import load_tokenizer
 
+    if model.kind == "blip":
+        from raycap.models.blip import BlipCaptioner
+
+        tokenizer = load_tokenizer(model.tokenizer or model.blip)
+        captioner = BlipCaptioner.from_blip(model.blip, tokenizer, max_new_tokens, model.train_vision)
+        vocab = captioner.model.config.text_config.vocab_size
+        if len(tokenizer) > vocab:
+            raise UserError(f"model.tokenizer {model.tokenizer or model.blip}: {len(tokenizer)} tokens but the BLIP "
+                            f"decoder has {vocab}")
+        return captioner, tokenizer
     tokenizer = load_tokenizer(model.tokenizer or model.lm)
     if tokenizer.eos_token_id is None:
         raise UserError(f"model.tokenizer {model.tokenizer or model.lm}: has no eos token, which ends captions")
@@ -101,6 +123,17 @@ def build_captioner(model: CaptionerModelConfig, clip_dim: int, max_new_tokens: 
                         f"{model.lm} embeds only {vocab}")
     captioner.set_trainable(model.train_lm)
     return captioner, tokenizer
+
+
+def stage_inputs(captioner, source, embeddings, n: int, log=print):
+    """What the stage trains on for the first n images: the retriever's embeddings (ClipCap), BLIP's frozen
+    features, or BLIP's pixel values when its vision tower trains too."""
+    from raycap.inputs import captioner_inputs
+
+    if getattr(captioner.config, "train_vision", False):
+        return captioner.pixels([source.image(i) for i in range(n)])
+    return captioner_inputs(captioner, source.subset(range(n)) if n < len(source) else source, embeddings[:n],
+                            log=log)
 
 
 def run_captioner_stage(cfg: CaptionerStageConfig, out: Path, log=print) -> dict:
@@ -131,14 +164,23 @@ def run_captioner_stage(cfg: CaptionerStageConfig, out: Path, log=print) -> dict
     n_val = min(t.val_images, len(val.source))
     refs = [train.source.references(i) for i in range(len(train.source))]
     val_refs = [val.source.references(i) for i in range(n_val)]
+    train_inputs, val_inputs = (stage_inputs(captioner, s.source, s.embeddings, n, log)
+                                for s, n in ((train, len(train.source)), (val, n_val)))
     t0 = time.time()
-    train_on_references(captioner, tokenizer, train.embeddings, refs, val.embeddings[:n_val], val_refs, training,
-                        out / "work", log)
+    train_on_references(captioner, tokenizer, train_inputs, refs, val_inputs, val_refs, training, out / "work", log)
     seconds = round(time.time() - t0, 1)
+    if getattr(captioner.config, "train_vision", False):  # RL and evaluation read frozen features from here on
+        captioner.config.train_vision = False
+        captioner.set_trainable(True)
     captioner.save_pretrained(out / "captioner")
     tokenizer.save_pretrained(str(out / "captioner" / "tokenizer"))
     test = splits["test"]
-    metrics = evaluate_images(captioner, tokenizer, retriever, test.source, test.embeddings, cfg.eval_images)
+    from raycap.inputs import captioner_inputs
+
+    n_test = min(cfg.eval_images, len(test.source))
+    metrics = evaluate_images(captioner, tokenizer, retriever, test.source, test.embeddings, n_test,
+                              inputs=captioner_inputs(captioner, test.source.subset(range(n_test)),
+                                                      test.embeddings[:n_test], log=log))
     metrics |= {"train_images": len(refs), "epochs": t.epochs, "train_seconds": seconds}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log("captioner (test): " + json.dumps({k: v for k, v in metrics.items() if k != "examples"}))

@@ -1,0 +1,122 @@
+"""BLIP as a raycap captioner: a tiny BlipForConditionalGeneration (random init, saved locally) decodes with the
+shared decoding code (cache == no cache, greedy == beam 1, log-probs == teacher forcing), keeps its vision tower
+frozen in RL, trains from scratch in the supervised stage, and runs DiscriTune on both runtimes with the frozen
+world retriever as reward."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+from make_tiny_blip import save_tiny_blip  # noqa: E402
+
+from raycap.models.blip import BlipCaptioner  # noqa: E402
+from raycap.models.tokenizers import load_tokenizer  # noqa: E402
+from world_runs import world_sets  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def blip_dir(tiny_world_dir, tmp_path_factory):
+    return save_tiny_blip(tmp_path_factory.mktemp("blip") / "blip", tiny_world_dir / "retriever" / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def blip(blip_dir):
+    return BlipCaptioner.from_blip(str(blip_dir), load_tokenizer(blip_dir), max_new_tokens=8).eval()
+
+
+def world_images(tiny_world_dir, n=3):
+    from PIL import Image
+
+    from raycap.inputs import load_world
+
+    world = load_world(tiny_world_dir)
+    return [Image.fromarray(world.image("test", i)) for i in range(n)]
+
+
+def test_decoding_is_consistent_and_the_vision_tower_is_frozen(blip, tiny_world_dir):
+    feats = blip.encode_images(world_images(tiny_world_dir))
+    assert feats.shape == (3, 1 + 36, 64)  # 48 px / 8 px patches + the class token, width 64
+    a, b = blip.generate(feats, mode="greedy"), blip.generate(feats, mode="greedy", use_cache=False)
+    assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    beam1 = blip.generate(feats, mode="beam", num_beams=1)
+    assert beam1.tolist() == a.tolist()
+    g = torch.Generator().manual_seed(0)
+    s = blip.generate(feats, mode="sample", num_samples=2, generator=g)
+    lp = blip.log_probs(feats, s.tokens, s.lengths)
+    torch.testing.assert_close(lp, s.logprobs, atol=1e-5, rtol=1e-4)
+    blip.set_trainable(True)
+    assert not any(p.requires_grad for p in blip.model.vision_model.parameters())
+    assert all(p.requires_grad for p in blip.model.text_decoder.parameters())
+    pixels = blip.pixels(world_images(tiny_world_dir))
+    torch.testing.assert_close(blip.logits(pixels, a.tokens), blip.logits(feats, a.tokens))  # pixels or features
+
+
+def save_captioner(blip, blip_dir, path):
+    """A raycap captioner dir: the captioner and its tokenizer (as the supervised stage writes it)."""
+    blip.save_pretrained(path)
+    load_tokenizer(blip_dir).save_pretrained(str(path / "tokenizer"))
+    return path
+
+
+def test_save_load_round_trip_through_the_captioner_loader(blip, blip_dir, tiny_world_dir, tmp_path):
+    from raycap.inputs import load_captioner
+
+    back, tok = load_captioner(save_captioner(blip, blip_dir, tmp_path / "c"))
+    assert tok.bos_token == "[DEC]"
+    feats = blip.encode_images(world_images(tiny_world_dir))
+    assert isinstance(back, BlipCaptioner) and back.generate(feats).tolist() == blip.generate(feats).tolist()
+
+
+def stage(tmp_path, world, blip_dir):
+    cfg = {"seed": 0, "threads": 2, "data": {"kind": "world", "path": str(world)},
+           "retriever": {"path": str(world / "retriever")},
+           "model": {"kind": "blip", "blip": str(blip_dir), "train_vision": True},
+           "training": {"epochs": 2, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5, "max_new_tokens": 12,
+                        "val_images": 50},
+           "eval_images": 100}
+    (tmp_path / "stage.yaml").write_text(json.dumps(cfg))
+    return tmp_path / "stage.yaml"
+
+
+@pytest.mark.parametrize("runtime", ["local", "ray"])
+def test_supervised_stage_then_discritune(tiny_world_dir, blip_dir, tmp_path, runtime):
+    from transformers import BlipForConditionalGeneration
+
+    from raycap.inputs import free_port
+    from raycap.pretrain import main as pretrain_main
+    from raycap.train import main as train_main
+
+    metrics = pretrain_main(["captioner", "--config", str(stage(tmp_path, tiny_world_dir, blip_dir)),
+                             "--out", str(tmp_path / "sup")])
+    assert "p_at_1" in metrics and "wellformed" in metrics
+    trained = BlipForConditionalGeneration.from_pretrained(tmp_path / "sup" / "captioner" / "blip")
+    fresh = BlipForConditionalGeneration.from_pretrained(blip_dir)
+    assert not torch.equal(trained.vision_model.embeddings.patch_embedding.weight,
+                           fresh.vision_model.embeddings.patch_embedding.weight)  # trained from scratch
+    sets = [a for s in world_sets(tiny_world_dir) if not s.startswith("captioner.path") for a in ("--set", s)]
+    out = tmp_path / "rl"
+    final = train_main(["--config", "world-demo", "--out", str(out), "--runtime", runtime, *sets,
+                        "--set", f"captioner.path={tmp_path / 'sup' / 'captioner'}", "--set", "rl.steps=2",
+                        "--set", "eval.images=100", "--set", "rl.max_new_tokens=8", "--set", "eval.every=2",
+                        "--set", "threads=1", "--set", "eval.report=false", "--set", "rl.batch_size=24",
+                        "--set", "rl.num_candidates=24", "--set", f"runtime.dashboard_port={free_port()}"])
+    assert final["updates"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[2]["kl"] > 0 and isinstance(records[1]["example"], str)
+    rl = BlipForConditionalGeneration.from_pretrained(out / "final" / "blip")
+    assert torch.equal(rl.vision_model.embeddings.patch_embedding.weight,
+                       trained.vision_model.embeddings.patch_embedding.weight)  # RL leaves the vision tower
+
+
+def test_gumbel_with_blip_is_one_line(tiny_world_dir, blip, blip_dir, tmp_path, capsys):
+    from raycap.train import main as train_main
+
+    save_captioner(blip, blip_dir, tmp_path / "c")
+    sets = [a for s in world_sets(tiny_world_dir) if not s.startswith("captioner.path") for a in ("--set", s)]
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", "world-demo", "--out", str(tmp_path / "g"), "--runtime", "local", *sets,
+                    "--set", f"captioner.path={tmp_path / 'c'}", "--set", "rl.method=gumbel"])
+    assert e.value.code == 2 and "use rl.method=discritune for BLIP" in capsys.readouterr().err
