@@ -144,6 +144,9 @@ class EvalConfig(BaseModel):
     every: int = Field(50, ge=1)
     images: int = Field(1000, ge=100, description="images per evaluation (P@1 ranks each among 100)")
     examples: int = Field(3, ge=0, description="captions logged beside their images' references")
+    decoding: Literal["greedy", "beam"] = Field("greedy", description="decoding of the final test evaluation "
+                                                "(the paper: beam 5); validation evaluations decode greedily")
+    num_beams: int = Field(5, ge=1)
     report: bool = Field(True, description="write the HTML report (RUN/report/index.html) when the run ends")
     report_gallery: int = Field(24, ge=0, description="test images in the report's gallery")
 
@@ -202,6 +205,8 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seed: int = 0
+    setup: str | None = Field(None, description="what the config needs on disk and where to put it; said when "
+                              "something it names is missing")
     checkpoint_every: int = Field(50, ge=1)
     threads: int | None = Field(None, ge=1, description="torch and OpenMP threads of every process, Ray actors "
                                 "included (default: the local runtime uses all cores; each Ray actor its CPU "

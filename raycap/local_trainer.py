@@ -113,8 +113,10 @@ class LocalTrainer:
     # -- the run --------------------------------------------------------------------------------------
     def evaluate(self, split: str = "val") -> dict:
         s = self.splits[split]
+        mode = self.cfg.eval.decoding if split == "test" else "greedy"
         return evaluate_images(self.policy, self.tokenizer, self.retriever, s.source, s.embeddings,
-                               self.cfg.eval.images, examples=self.cfg.eval.examples, inputs=s.inputs)
+                               self.cfg.eval.images, examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,
+                               num_beams=self.cfg.eval.num_beams)
 
     def fit(self) -> dict:
         def update(step):

@@ -65,6 +65,7 @@ def main(argv=None) -> dict | None:
             raise UserError("--out: a run directory is required")
         check_output_dir(args.out, "--out")  # before the config, Ray and the models load
         config = load_config(args.config, args.set)
+        check_inputs_exist(config)
         quiet_library_progress()
         run = run_local if args.runtime == "local" else run_ray
         final = run(config, args.out, allow_new_config=args.resume_with_new_config)
@@ -74,6 +75,24 @@ def main(argv=None) -> dict | None:
             write_report(args.out, config.eval.report_gallery)
     print(f"run dir: {args.out}  (final captioner: {args.out / 'final'}, metrics: {args.out / 'metrics.jsonl'})")
     return final
+
+
+def check_inputs_exist(config) -> None:
+    """Before Ray or any model starts: the files a config names (dataset, captioner, retriever directory) are
+    there, or one line names the first one missing and, for a named config, what it needs and where it goes."""
+    from raycap.errors import UserError
+
+    wanted = []
+    if config.data.path is not None:
+        wanted.append(("data.path", Path(config.data.path)))
+    wanted.append(("captioner.path", Path(config.captioner.path)))
+    if config.retriever.path is not None:
+        wanted.append(("retriever.path", Path(config.retriever.path)))
+    for field, path in wanted:
+        if not path.exists():
+            hint = f"; this config needs: {config.setup}" if config.setup else ""
+            kind = "file or directory" if field == "data.path" else "directory"
+            raise UserError(f"{field} {path}: no such {kind}{hint}")
 
 
 def write_report(out: Path, gallery: int) -> None:

@@ -49,10 +49,13 @@ class RewardService:
                 "score_seconds": time.perf_counter() - t}
 
     def evaluate(self, weights: list, n: int, split: str = "val") -> dict:
-        """Metrics on `split` of the captioner with the given trainable weights (greedy captions)."""
+        """Metrics on `split` of the captioner with the given trainable weights (greedy captions; the test split
+        decodes as `eval.decoding` says)."""
         import ray
 
         load_flat_weights(self.captioner, ray.get(weights[0]))
         s = self.splits[split]
+        mode = self.cfg.eval.decoding if split == "test" else "greedy"
         return evaluate_images(self.captioner, self.tokenizer, self.retriever, s.source, s.embeddings, n,
-                               examples=self.cfg.eval.examples, inputs=s.inputs)
+                               examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,
+                               num_beams=self.cfg.eval.num_beams)

@@ -153,13 +153,13 @@ def evaluate_captioner(captioner: Captioner, retriever: Retriever, world: World,
 @torch.no_grad()
 def evaluate_images(captioner: Captioner, tokenizer, retriever: Retriever, source, image_emb: torch.Tensor,
                     n: int | None = None, mode: str = "greedy", seed: int = 0, examples: int = 8,
-                    inputs: torch.Tensor | None = None) -> dict:
+                    inputs: torch.Tensor | None = None, num_beams: int = 5) -> dict:
     """Captions of the first n images of any image source (`raycap.data.sources`) from their cached embeddings
     (or `inputs`, what the captioner reads when not those), scored by `score_captions`; the world's checks when
     the source knows its scenes."""
     n = min(n or len(source), len(source))
     image_emb = image_emb[:n]
-    captions = caption_embeddings(captioner, tokenizer, (image_emb if inputs is None else inputs)[:n], mode)
+    captions = caption_embeddings(captioner, tokenizer, (image_emb if inputs is None else inputs)[:n], mode, num_beams)
     scenes = source.scenes
     scenes = None if scenes is None else scenes[:n]
     refs = [source.references(i) for i in range(min(n, examples))] if source.labelled else None
