@@ -1,0 +1,48 @@
+"""The static-KV-cache decoder equals ClipCap's decoding (and so HF's) token for token, greedy and sampled, on a
+GPT-2 and a LLaMA; its CUDA-graph step is exercised only on CUDA."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from raycap.models.clipcap import ClipCap, ClipCapConfig
+from raycap.models.decode import StaticDecoder
+
+
+def captioner(kind: str) -> ClipCap:
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                        eos_token_id=49, bos_token_id=49))
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          eos_token_id=49, bos_token_id=49, pad_token_id=0))
+    cfg = ClipCapConfig(clip_dim=16, prefix_length=3, lm={} if kind == "gpt2" else "unused", eos_token_id=49,
+                        max_new_tokens=12)
+    return ClipCap(cfg, lm=lm).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_static_decoder_equals_the_reference_decoding(kind):
+    cap = captioner(kind)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    ours = StaticDecoder(cap).generate(x, mode="greedy")
+    ref = cap.generate(x, mode="greedy")
+    assert ours.tolist() == ref.tolist()
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=1e-5, rtol=1e-4)
+    a = StaticDecoder(cap).generate(x, mode="sample", temperature=0.8, num_samples=2,
+                                    generator=torch.Generator().manual_seed(3))
+    b = cap.generate(x, mode="sample", temperature=0.8, num_samples=2, generator=torch.Generator().manual_seed(3))
+    assert a.tolist() == b.tolist()
+    hf = cap.lm.generate(inputs_embeds=cap.prefix(x), max_new_tokens=12, do_sample=False, eos_token_id=49,
+                         pad_token_id=0, attention_mask=torch.ones(5, 3, dtype=torch.long))
+    assert [row[:n] for row, n in zip(hf.tolist(), ours.lengths.tolist())] == ours.tolist()  # HF generate too
+    with pytest.raises(ValueError, match="beam"):
+        StaticDecoder(cap).generate(x, mode="beam")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph step needs a GPU")
+def test_cuda_graph_step_equals_eager():
+    cap = captioner("gpt2").cuda()
+    x = torch.randn(4, 16, device="cuda")
+    assert StaticDecoder(cap, cuda_graph=True).generate(x).tolist() == StaticDecoder(cap, cuda_graph=False).generate(x).tolist()
