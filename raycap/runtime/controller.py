@@ -76,10 +76,11 @@ class Controller:
         cfg_json = config.model_dump_json()
         threads = config.threads  # None: each actor gets its CPU share (resources.actor_threads)
         opts = {"max_restarts": rt.max_restarts, "max_task_retries": rt.max_restarts}
+        self.splits_ref = ray.put(self.splits)  # held for the run: a restarted reward service rebuilds from it
         self.reward = ray.remote(RewardService).options(
             **resources.in_bundle(self.pg, roles.learner + roles.rollout, rt.cpus_per_reward, rt.gpus_per_reward,
                                  threads),
-            **opts).remote(cfg_json, ray.put(self.splits))
+            **opts).remote(cfg_json, self.splits_ref)
         images = self.reward.image_embeddings.remote() if config.rl.method == "gumbel" else None
         self.learners = [ray.remote(Learner).options(
             **resources.in_bundle(self.pg, i, rt.cpus_per_learner, rt.gpus_per_learner, threads)).remote(cfg_json, i)
