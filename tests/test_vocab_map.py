@@ -65,3 +65,7 @@ def test_bpe_to_real_clip_bpe_is_exact_where_it_covers_and_carries_gradient(real
     assert probs.grad is not None and probs.grad.abs().sum() > 0
     # a word-continuing token cannot be exact: its text alone gets CLIP's end-of-word pieces
     assert cov["word_start"] < cov["mapped"]
+    # a caption longer than the text tower's context is cut there, with the end of text last
+    long = torch.nn.functional.one_hot(torch.tensor([ids[0].tolist()[:-1] * 40 + [tok.eos_token_id]]), len(tok)).float()
+    x, eot = m.to_clip(long, torch.tensor([long.shape[1]]), E, max_length=77)
+    assert x.shape[1] == 77 and int(eot[0]) == 76 and r.encode_soft_embeddings(x, eot).shape == (1, 32)

@@ -45,9 +45,11 @@ class TokenMap:
                 "word_start": float((mapped & self.word_start).float().mean()),
                 "max_pieces": int(self.pieces.shape[1]), "identity": self.identity}
 
-    def to_clip(self, probs: Tensor, lengths: Tensor, token_embedding: Tensor) -> tuple[Tensor, Tensor]:
+    def to_clip(self, probs: Tensor, lengths: Tensor, token_embedding: Tensor,
+                max_length: int | None = None) -> tuple[Tensor, Tensor]:
         """Soft LM captions (N, T, V_lm), whose last position (`lengths - 1`) holds the end token, -> CLIP input
-        embeddings (N, L, D) and each row's end-of-text index (N,), differentiable in `probs`."""
+        embeddings (N, L, D) and each row's end-of-text index (N,), differentiable in `probs`. Pieces past
+        `max_length` - 1 (the text tower's context, less the end of text) are cut, as CLIP's tokenizer cuts."""
         if self.identity:
             return probs.to(token_embedding.dtype) @ token_embedding, lengths - 1
         N, dev, D = probs.shape[0], probs.device, token_embedding.shape[1]
@@ -59,6 +61,8 @@ class TokenMap:
             pos = len(self.prefix)
             for t in range(int(lengths_cpu[n]) - 1):
                 for j in range(int(counts[emitted[n, t]])):
+                    if max_length is not None and pos >= max_length - 1:
+                        break
                     entries.append((n, t, j, pos))
                     pos += 1
             eot_pos.append(pos)

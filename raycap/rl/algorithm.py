@@ -83,7 +83,8 @@ class Scorer:
 
     def encode_soft(self, probs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Text embeddings of soft captions in the captioner's vocabulary, through the token map."""
-        x, eot = self.token_map.to_clip(probs, lengths, self.retriever.model.token_embedding.weight)
+        x, eot = self.token_map.to_clip(probs, lengths, self.retriever.model.token_embedding.weight,
+                                        self.retriever.context_length)
         return self.retriever.encode_soft_embeddings(x, eot)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
