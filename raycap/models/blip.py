@@ -5,7 +5,7 @@ are computed once per run and read like ClipCap reads the retriever's embeddings
 is False, so `raycap.inputs.captioner_inputs` computes them); the text decoder, which cross-attends to them, is
 what RL trains. Features take (1 + (image_size / patch_size)^2) * width * 4 bytes per image in fp32: 577 x 768 x
 4 = 1.7 MiB for BLIP-base at 384 px (so a COCO train split of 113K images does not fit in memory, and a user
-would subset or shard it), 37 x 64 x 4 = 9.3 KiB for the tiny world BLIP at 48 px. Decoding (greedy, sampled,
+would subset or shard it), 37 x 64 x 4 = 9.25 KiB for the tiny world BLIP at 48 px. Decoding (greedy, sampled,
 beam, with the KV cache) is `raycap.models.decoding`'s, as for ClipCap: each caption starts from BLIP's decoder
 start token and ends at its end token (`[SEP]` in BLIP's BERT vocabulary). `logits` and `log_probs` also take
 pixel values (N, 3, H, W): the supervised stage of a BLIP trained from scratch runs its vision tower with
