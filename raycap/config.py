@@ -300,6 +300,19 @@ def named_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """A config file's settings: YAML that is a mapping (an empty file is {}), or a one-line UserError."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML: {yaml_error(e)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of settings, not a {type(data).__name__}")
+    return data
+
+
 def load_config(name_or_path: str, overrides: list[str] = ()) -> RunConfig:
     """A named config (`world-demo`) or a YAML file, with `key=value` overrides."""
     path = Path(name_or_path)
@@ -308,14 +321,7 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> RunConfig:
         if not path.exists():
             raise UserError(f"unknown config {name_or_path!r}; named configs: {', '.join(named_configs())}, "
                             "or give a YAML path")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise UserError(f"{path}: cannot read config: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML: {yaml_error(e)}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a config must be a mapping of settings, not a {type(data).__name__}")
+    data = read_yaml_mapping(path)
     for key in data:
         hint = moved_key_hint(str(key)) if key not in RunConfig.model_fields else ""
         if hint:

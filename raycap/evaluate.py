@@ -103,7 +103,8 @@ def evaluate_dataset(args) -> dict:
         decoding = args.decoding if args.decoding != "beam" else f"beam{args.num_beams}"
     scenes = source.scenes
     refs = [source.references(i) for i in range(len(source))] if source.labelled else None
-    result = score_captions(captions, retriever, image_emb, scenes, args.seed, references=refs)
+    text_emb = retriever.encode_captions(captions)  # once, for P@1, the CLIP metrics and the hard P@1
+    result = score_captions(captions, retriever, image_emb, scenes, args.seed, references=refs, text_emb=text_emb)
     examples = result.pop("examples")
     unavailable = {"spice": SPICE_UNAVAILABLE}
     if refs is not None:
@@ -121,8 +122,8 @@ def evaluate_dataset(args) -> dict:
             unavailable["cider_full"] = full["unavailable"]["cider"]
     else:
         unavailable["caption checks"] = "they need the world's scenes (world:SPLIT or the exported world)"
-    result |= clip_metrics(retriever, captions, image_emb, refs)
-    result |= hard_p_at_1(retriever, captions, image_emb, args.hard_distractors, args.near_duplicate, args.seed)
+    result |= clip_metrics(retriever, captions, image_emb, refs, text_emb=text_emb)
+    result |= hard_p_at_1(text_emb, image_emb, args.hard_distractors, args.near_duplicate, args.seed)
     if args.instances is not None:
         from raycap.metrics.chair import chair, chair_truth, read_instances
 
@@ -187,14 +188,13 @@ def evaluate_text(args, source) -> dict:
                      "dataset": args.dataset, "examples": examples}
 
 
-def hard_p_at_1(retriever, captions, image_emb, ks, max_cos: float, seed: int) -> dict:
+def hard_p_at_1(text_emb, image_emb, ks, max_cos: float, seed: int) -> dict:
     """`p_at_1_hardK`: P@1 among 100 where K of the 99 random distractors give way to the target's K nearest
     images by image cosine (near-duplicates above `max_cos` skipped)."""
     from raycap.metrics.retrieval import hard_candidate_sets, p_at_1
 
     if not ks:
         return {}
-    text_emb = retriever.encode_captions(list(captions))
     return {f"p_at_1_hard{k}": p_at_1(text_emb, image_emb, hard_candidate_sets(image_emb, k, MIN_IMAGES, seed, max_cos))
             for k in ks}
 

@@ -47,15 +47,16 @@ def ngram_metrics(captions: Sequence[str], references: Sequence[Sequence[str]], 
 
 @torch.no_grad()
 def clip_metrics(retriever, captions: Sequence[str], image_emb: torch.Tensor,
-                 references: Sequence[Sequence[str]] | None = None) -> dict:
+                 references: Sequence[Sequence[str]] | None = None, text_emb: torch.Tensor | None = None) -> dict:
     """CLIPScore, RefCLIPScore (Hessel et al. 2021) and RefCompare, all with the frozen retriever's embeddings.
 
     CLIPScore = 2.5 * max(cos(caption, image), 0). RefCLIPScore = the harmonic mean of CLIPScore and
     max(max over references of cos(caption, reference), 0), per image (0 where both are 0). RefCompare: per
     image, the share of its references whose CLIP score is lower than the generated caption's (>= 0.5: as good
-    as the references). Each is the mean over images. The captions are encoded as they are (no "A photo depicts"
+    as the references). Each is the mean over images. `text_emb`: the captions' embeddings when already encoded.
+    The captions are encoded as they are (no "A photo depicts"
     prompt: the world's retriever was never trained on one)."""
-    text = retriever.encode_captions(list(captions))
+    text = retriever.encode_captions(list(captions)) if text_emb is None else text_emb
     cos = (text * image_emb).sum(-1)
     clip_s = 2.5 * cos.clamp(min=0)
     out = {"clipscore": float(clip_s.mean())}

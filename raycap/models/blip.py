@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from raycap.errors import UserError
-from raycap.models.decoding import Decoding
+from raycap.models.decoding import Decoding, repeat_rows
 
 CONFIG_NAME = "raycap_blip.json"
 MODEL_DIR = "blip"
@@ -105,12 +105,7 @@ class BlipCaptioner(Decoding, nn.Module):
 
     def logits(self, inputs: Tensor, tokens: Tensor) -> Tensor:
         """Teacher-forced next-token logits (N, T, V), fp32; `inputs` may have N/k rows (num_samples layout)."""
-        N = tokens.shape[0]
-        if inputs.size(0) != N:
-            if inputs.size(0) == 0 or N % inputs.size(0):
-                raise ValueError(f"{inputs.size(0)} image inputs do not divide {N} token rows")
-            inputs = inputs.repeat_interleave(N // inputs.size(0), dim=0)
-        feats = self._start(inputs)
+        feats = self._start(repeat_rows(inputs, tokens.shape[0]))
         ids = self._with_start(tokens.to(feats.device)[:, :-1])
         return self._decoder(feats, ids).logits.float()
 

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 from raycap.errors import UserError
 from raycap.models.safetensors_io import load_weights, reading_weights
-from raycap.models.decoding import Decoding
+from raycap.models.decoding import Decoding, repeat_rows
 
 CONFIG_NAME = "raycap_clipcap.json"
 MAPPER_NAME = "mapper.safetensors"
@@ -202,12 +202,7 @@ class ClipCap(Decoding, nn.Module):
     def logits(self, image_embeds: Tensor, tokens: Tensor) -> Tensor:
         """Teacher-forced next-token logits (N, T, V), fp32: row t predicts tokens[:, t] from the prefix and
         tokens[:, :t]. image_embeds may have N/k rows (repeat_interleaved k times, the num_samples layout)."""
-        N = tokens.shape[0]
-        if image_embeds.size(0) != N:
-            if image_embeds.size(0) == 0 or N % image_embeds.size(0):
-                raise ValueError(f"{image_embeds.size(0)} image embeddings do not divide {N} token rows")
-            image_embeds = image_embeds.repeat_interleave(N // image_embeds.size(0), dim=0)
-        prefix = self.prefix(image_embeds)
+        prefix = self.prefix(repeat_rows(image_embeds, tokens.shape[0]))
         tokens = tokens.to(prefix.device)
         P = prefix.size(1)
         return self.lm(inputs_embeds=self._embed(prefix, tokens[:, :-1]), use_cache=False).logits[:, P - 1:].float()

@@ -10,11 +10,10 @@ It must equal `ClipCap.generate` (raycap.models.decoding) token for token; beam 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from raycap.models.captioner import Captions
-from raycap.models.decoding import sample_next
+from raycap.models.decoding import next_token
 
 
 class StaticDecoder:
@@ -52,11 +51,7 @@ class StaticDecoder:
         done = torch.zeros(N, dtype=torch.bool, device=dev)
         T = 0
         for t in range(max_new):
-            if mode == "greedy":
-                nxt = logits.argmax(-1)
-                lp = F.log_softmax(logits, -1).gather(1, nxt[:, None]).squeeze(1)
-            else:
-                nxt, lp = sample_next(logits, temperature, generator)
+            nxt, lp = next_token(logits, mode, temperature, generator)
             nxt = nxt.masked_fill(done, cap.config.pad_token_id)
             tokens[:, t], logprobs[:, t] = nxt, lp.masked_fill(done, 0.0)
             lengths += (~done).long()

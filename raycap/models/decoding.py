@@ -32,6 +32,24 @@ def sample_next(logits: Tensor, temperature: float, generator: torch.Generator |
     return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
 
 
+def next_token(logits: Tensor, mode: str, temperature: float, generator: torch.Generator | None):
+    """(ids, log-probs) of one decoding step: the argmax under the model's distribution ("greedy"), or a draw
+    from the tempered one ("sample", `sample_next`)."""
+    if mode == "greedy":
+        nxt = logits.argmax(-1)
+        return nxt, F.log_softmax(logits, -1).gather(1, nxt[:, None]).squeeze(1)
+    return sample_next(logits, temperature, generator)
+
+
+def repeat_rows(inputs: Tensor, n: int) -> Tensor:
+    """Per-image inputs with n/k rows repeated k times (the num_samples layout) to match n token rows."""
+    if inputs.size(0) == n:
+        return inputs
+    if inputs.size(0) == 0 or n % inputs.size(0):
+        raise ValueError(f"{inputs.size(0)} image inputs do not divide {n} token rows")
+    return inputs.repeat_interleave(n // inputs.size(0), dim=0)
+
+
 def _pad(rows: list[Tensor], value, dtype, device) -> Tensor:
     T = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), T), value, dtype=dtype, device=device)
@@ -76,11 +94,7 @@ class Decoding:
         past = None
         for _ in range(max_new):
             logits, past = self._step(prefix, tokens, past, use_cache)
-            if mode == "greedy":
-                nxt = logits.argmax(-1)
-                lp = F.log_softmax(logits, -1).gather(1, nxt[:, None]).squeeze(1)
-            else:
-                nxt, lp = sample_next(logits, temperature, generator)
+            nxt, lp = next_token(logits, mode, temperature, generator)
             nxt = nxt.masked_fill(done, self.config.pad_token_id)
             tokens = torch.cat([tokens, nxt[:, None]], 1)
             logprobs = torch.cat([logprobs, lp.masked_fill(done, 0.0)[:, None]], 1)

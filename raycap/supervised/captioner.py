@@ -123,11 +123,11 @@ def world_captions(captioner: Captioner, retriever: Retriever, world: World, spl
 
 @torch.no_grad()
 def score_captions(captions, retriever: Retriever, image_emb, scenes, seed: int = 0, examples: int = 8,
-                   references=None) -> dict:
+                   references=None, text_emb=None) -> dict:
     """Retrieval P@1 among 100 (target + 99 random images of the split, fixed seed) and vocabulary statistics;
     with `scenes` (the world's images) the world's caption checks. The first `examples` captions are listed
     beside their full descriptions (world) or references."""
-    text_emb = retriever.encode_captions(captions)
+    text_emb = retriever.encode_captions(captions) if text_emb is None else text_emb
     out = {"p_at_1": p_at_1(text_emb, image_emb, candidate_sets(len(captions), 100, seed))}
     if scenes is not None:
         out |= caption_checks(captions, scenes)

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raycap.config import DataConfig, RetrieverConfig, check_override_key, parse_overrides, set_dotted, yaml_error
+from raycap.config import DataConfig, RetrieverConfig, check_override_key, parse_overrides, read_yaml_mapping, set_dotted
 from raycap.errors import UserError, format_validation_error
 
 
@@ -77,15 +76,7 @@ class CaptionerStageConfig(BaseModel):
 
 def load_stage_config(path: str | Path, overrides: list[str] = ()) -> CaptionerStageConfig:
     """A YAML file of `CaptionerStageConfig` with `key=value` overrides; every mistake one line."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise UserError(f"{path}: cannot read config: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML: {yaml_error(e)}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a config must be a mapping of settings, not a {type(data).__name__}")
+    data = read_yaml_mapping(Path(path))
     for key, value in parse_overrides(list(overrides)):
         check_override_key(key, CaptionerStageConfig)
         set_dotted(data, key, value)
