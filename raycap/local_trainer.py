@@ -40,7 +40,9 @@ def summarise(scores: algorithm.Scores, lengths: torch.Tensor) -> dict:
 
 
 class LocalTrainer:
-    def __init__(self, config: RunConfig, out: Path, log=print, allow_new_config: bool = False):
+    def __init__(self, config: RunConfig, out: Path, log=print, allow_new_config: bool = False, splits=None):
+        """`splits`: the run's images already opened (`raycap.inputs.open_splits` for this config's data and
+        retriever), as a search hands them to its trials; by default they are opened here."""
         self.cfg, self.out, self.log = config, Path(out), log
         prepare_run_dir(self.out, config, "local", allow_new_config)  # before anything loads or is written
         if config.threads:
@@ -52,7 +54,7 @@ class LocalTrainer:
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.retriever = load_retriever(config.retriever)
         check_run_compatible(self.policy, self.retriever, config)
-        self.splits = open_splits(config, self.retriever, log)
+        self.splits = splits if splits is not None else open_splits(config, self.retriever, log)
         attach_captioner_inputs(self.policy, self.splits, log)  # BLIP's own frozen features; ClipCap: nothing
         self.images = self.splits["train"].embeddings
         self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.policy.stop_ids, config,
@@ -118,7 +120,8 @@ class LocalTrainer:
                                self.cfg.eval.images, examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,
                                num_beams=self.cfg.eval.num_beams)
 
-    def fit(self) -> dict:
+    def fit(self, on_eval=None, test_at_end: bool = True) -> dict:
+        """The run (resumed from its last checkpoint); `on_eval` and `test_at_end` as in `runlog.run_updates`."""
         def update(step):
             record = self.update(step)
             self.step = step + 1
@@ -128,7 +131,7 @@ class LocalTrainer:
             self.save(self.out / "checkpoints" / f"step-{step}")
 
         final = run_updates(self.cfg, self.out, self.step, update, self.evaluate, checkpoint, self.log,
-                            skipped=skipped_counts(self.splits))
+                            skipped=skipped_counts(self.splits), on_eval=on_eval, test_at_end=test_at_end)
         self.save(self.out / "final")
         (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
         return final

@@ -156,23 +156,29 @@ def prepare_run_dir(out: Path, config, runtime: str, allow_new_config: bool = Fa
 
 
 def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=print, on_record=None,
-                skipped: dict | None = None) -> dict:
+                skipped: dict | None = None, on_eval=None, test_at_end: bool = True) -> dict:
     """The loop both runtimes share: evaluate at step 0, then `update(step) -> record` for each remaining step
     with evaluations every `eval_every`, checkpoints every `checkpoint_every` (and at the end), the run log,
     and a progress bar (whole lines in a log file: raycap.progress). `evaluate(split)`: the evaluations during
     the run read the validation split (what a user may choose settings on); the test split is read once, at the
     end. Returns that final test evaluation with `rl_seconds` and `updates`. `skipped`: images left out per split
-    (`data.on_bad_image: skip`), recorded at step 0 and in the final metrics."""
+    (`data.on_bad_image: skip`), recorded at step 0 and in the final metrics. `on_eval(step, metrics)` is called
+    after each validation evaluation is logged (and the step's checkpoint written); `test_at_end=False` (a
+    trial of a search, which must choose on validation) returns the last validation evaluation instead."""
     import time
 
     from raycap.progress import progress
 
     runlog = RunLog(out, start)
+    last_val = None
     if start == 0:
         initial = evaluate("val")
         runlog.write({"step": 0, "eval": initial} | ({"skipped_images": skipped} if skipped else {}))
         log("step 0 (supervised captioner, val): " + ", ".join(
             f"{k} {initial[k]:.3f}" for k in ("p_at_1", "wellformed", "faithful") if k in initial))
+        last_val = initial
+        if on_eval:
+            on_eval(0, initial)
     t0 = time.time()
     bar = progress(range(start, cfg.rl.steps), initial=start, total=cfg.rl.steps, desc="rl")
     for step in bar:
@@ -190,8 +196,15 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
         runlog.write(record)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.rl.steps:
             checkpoint(step + 1)
-    final = evaluate("test") | {"split": "test", "rl_seconds": round(time.time() - t0, 1),
-                                "updates": max(0, cfg.rl.steps - start)}
+        if "eval" in record:
+            last_val = record["eval"]
+            if on_eval:
+                on_eval(step + 1, record["eval"])
+    if test_at_end:
+        last = evaluate("test") | {"split": "test"}
+    else:
+        last = dict(last_val if last_val is not None else evaluate("val")) | {"split": "val"}
+    final = last | {"rl_seconds": round(time.time() - t0, 1), "updates": max(0, cfg.rl.steps - start)}
     if skipped is not None:
         final["skipped_images"] = skipped
     runlog.close()

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 from raycap.errors import UserError
 from raycap.models.safetensors_io import load_weights, reading_weights
-from raycap.models.decoding import Decoding, repeat_rows
+from raycap.models.decoding import Decoding, cached_forward, repeat_rows
 
 CONFIG_NAME = "raycap_clipcap.json"
 MAPPER_NAME = "mapper.safetensors"
@@ -191,10 +191,12 @@ class ClipCap(Decoding, nn.Module):
             # every position is attended (finished rows keep decoding pads that are masked out later): the mask
             # of ones changes nothing but tells transformers so, instead of its "pass an attention_mask" warning
             mask = torch.ones(tokens.size(0), prefix.size(1) + tokens.size(1), dtype=torch.long, device=tokens.device)
-            out = self.lm(input_ids=tokens[:, -1:], past_key_values=past, attention_mask=mask, use_cache=True)
+            out, past = cached_forward(self.lm, past, input_ids=tokens[:, -1:], attention_mask=mask)
+        elif use_cache:
+            out, past = cached_forward(self.lm, None, inputs_embeds=self._embed(prefix, tokens))
         else:
-            out = self.lm(inputs_embeds=self._embed(prefix, tokens), use_cache=use_cache)
-        return out.logits[:, -1].float(), (out.past_key_values if use_cache else None)
+            out, past = self.lm(inputs_embeds=self._embed(prefix, tokens), use_cache=False), None
+        return out.logits[:, -1].float(), past
 
     # -------------------------------------------------------------------------
     # scoring

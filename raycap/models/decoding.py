@@ -177,3 +177,19 @@ class Decoding:
         if reduction == "mean":
             return lp.sum(1) / lengths.clamp(min=1)
         raise ValueError(f"unknown reduction {reduction!r} (expected 'none', 'sum' or 'mean')")
+
+
+def cached_forward(lm, past, **kwargs):
+    """`lm(**kwargs)` continuing from the KV cache `past` (None: a new one); returns (output, its cache).
+    transformers 5 takes and returns the cache as `cache`, earlier releases as `past_key_values`."""
+    import inspect
+
+    name = _CACHE_NAME.get(type(lm))
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        _CACHE_NAME[type(lm)] = name
+    out = lm(**kwargs, **{name: past}, use_cache=True)
+    return out, getattr(out, name)
+
+
+_CACHE_NAME: dict[type, str] = {}

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from raycap.models.decoding import cached_forward
+
 
 @dataclass
 class SoftCaptions:
@@ -46,8 +48,8 @@ def gumbel_decode(captioner, image_embeds: torch.Tensor, eos_id: int, tau: float
     lengths = torch.zeros(N, dtype=torch.long, device=x.device)
     probs, logits_all, past = [], [], None
     for _ in range(max_new):
-        out = captioner.lm(inputs_embeds=x, past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1].float()
+        out, past = cached_forward(captioner.lm, past, inputs_embeds=x)
+        logits = out.logits[:, -1].float()
         y = gumbel_softmax(logits, tau, hard, generator)
         y = y * (~done)[:, None]  # finished rows emit nothing
         probs.append(y)

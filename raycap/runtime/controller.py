@@ -54,7 +54,10 @@ def concat_captions(parts: list[dict], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 class Controller:
-    def __init__(self, config: RunConfig, out: Path, log=print, allow_new_config: bool = False):
+    def __init__(self, config: RunConfig, out: Path, log=print, allow_new_config: bool = False, splits=None):
+        """`splits`: the run's images already opened (as a search hands them to its trials); by default they
+        are opened here. Inside a placement group (a trial of `raycap.tune`) the actors take its bundles after
+        the first (the trial's own) instead of reserving a group of their own."""
         self.cfg, self.out, self.log = config, Path(out), log
         rt = config.runtime
         prepare_run_dir(self.out, config, "ray", allow_new_config)  # before anything loads or is written
@@ -68,27 +71,30 @@ class Controller:
                 "its Prometheus endpoint and Metrics tab)")
         # the images and their embeddings (the cache's Ray Data build has the cluster before the actors hold it);
         # the reward service gets them through the object store
-        self.splits = open_splits(config, retriever, log)
+        self.splits = splits if splits is not None else open_splits(config, retriever, log)
         attach_captioner_inputs(captioner, self.splits, log)  # BLIP's own frozen features; ClipCap: nothing
         del retriever, captioner
-        self.pg = resources.reserve(rt)
+        self.pg, first = resources.reserve(rt)
+        self.owns_pg = first == 0
         roles = resources.Roles.of(rt)
         cfg_json = config.model_dump_json()
         threads = config.threads  # None: each actor gets its CPU share (resources.actor_threads)
         opts = {"max_restarts": rt.max_restarts, "max_task_retries": rt.max_restarts}
         self.splits_ref = ray.put(self.splits)  # held for the run: a restarted reward service rebuilds from it
         self.reward = ray.remote(RewardService).options(
-            **resources.in_bundle(self.pg, roles.learner + roles.rollout, rt.cpus_per_reward, rt.gpus_per_reward,
-                                 threads),
+            **resources.in_bundle(self.pg, first + roles.learner + roles.rollout, rt.cpus_per_reward,
+                                 rt.gpus_per_reward, threads),
             **opts).remote(cfg_json, self.splits_ref)
         images = self.reward.image_embeddings.remote() if config.rl.method == "gumbel" else None
         self.learners = [ray.remote(Learner).options(
-            **resources.in_bundle(self.pg, i, rt.cpus_per_learner, rt.gpus_per_learner, threads)).remote(cfg_json, i)
+            **resources.in_bundle(self.pg, first + i, rt.cpus_per_learner, rt.gpus_per_learner, threads)
+        ).remote(cfg_json, i)
             for i in range(roles.learner)]
         addr, port = ray.get(self.learners[0].address.remote())
         ray.get([lr.setup.remote(addr, port, images) for lr in self.learners])
         self.rollouts = [ray.remote(RolloutWorker).options(
-            **resources.in_bundle(self.pg, roles.learner + i, rt.cpus_per_rollout, rt.gpus_per_rollout, threads),
+            **resources.in_bundle(self.pg, first + roles.learner + i, rt.cpus_per_rollout, rt.gpus_per_rollout,
+                                  threads),
             **opts).remote(cfg_json, i) for i in range(roles.rollout)]
         self.decoders = self.learners if rt.weight_sync == "colocated" else self.rollouts
         self.pids = ray.get([a.pid.remote() for a in self.decoders])
@@ -241,7 +247,8 @@ class Controller:
         self.log(f"resuming from {last} at step {self.step}")
 
     # -- the run ----------------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, on_eval=None, test_at_end: bool = True) -> dict:
+        """The run (resumed from its last checkpoint); `on_eval` and `test_at_end` as in `runlog.run_updates`."""
         state = {"pending": None}
 
         def update(step):
@@ -251,7 +258,7 @@ class Controller:
 
         final = run_updates(self.cfg, self.out, self.step, update, self.evaluate,
                             lambda step: self.save(f"step-{step}"), self.log, self.metrics.record,
-                            skipped=skipped_counts(self.splits))
+                            skipped=skipped_counts(self.splits), on_eval=on_eval, test_at_end=test_at_end)
         _copy_tree(self.out / "checkpoints" / f"step-{self.step}" / "captioner", self.out / "final")
         final["actor_restarts"] = self.restarts
         (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
@@ -260,7 +267,8 @@ class Controller:
     def shutdown(self) -> None:
         for a in [*self.rollouts, *self.learners, self.reward]:
             ray.kill(a)
-        ray.util.remove_placement_group(self.pg)
+        if self.owns_pg:  # a trial's group belongs to Tune
+            ray.util.remove_placement_group(self.pg)
         if self.owns_ray:
             ray.shutdown()
 

@@ -86,13 +86,14 @@ def _quiet_logger(name: str, level: int = logging.ERROR):
 
 
 def start_ray(rt: RuntimeConfig) -> tuple[bool, str | None]:
-    """Join `rt.address` or start a local Ray bound to loopback (dashboard on `rt.dashboard_host`, which the
+    """Join `rt.address` (or the cluster of a Ray job: RAY_ADDRESS) or start a local Ray bound to loopback (dashboard on `rt.dashboard_host`, which the
     config accepts off loopback only with `allow_public_dashboard`). Returns whether this call started Ray (so
     the run shuts it down) and the dashboard's address (None if Ray was already up)."""
     if ray.is_initialized():
         return False, None
-    if rt.address:
-        ctx = ray.init(address=rt.address, runtime_env=JOB_RUNTIME_ENV)
+    address = rt.address or os.environ.get("RAY_ADDRESS")  # set by Ray for a job (`ray job submit`)
+    if address:
+        ctx = ray.init(address=address, runtime_env=JOB_RUNTIME_ENV)
     else:
         if not is_loopback(rt.dashboard_host):
             print(f"warning: runtime.dashboard_host={rt.dashboard_host}: Ray's dashboard and its Jobs API listen "
@@ -124,8 +125,25 @@ def check_resources(rt: RuntimeConfig) -> None:
                             f"rollout, {roles.reward} reward actors) but the Ray cluster has {have.get(kind, 0):g}")
 
 
+def trial_bundles(rt: RuntimeConfig, controller_cpus: float) -> list[dict]:
+    """The bundles of a Tune trial on the Ray runtime: the trial's own process (the controller) first, then one
+    per actor as `reserve` lays them out."""
+    return [{"CPU": controller_cpus}] + Roles.of(rt).bundles(rt)
+
+
 def reserve(rt: RuntimeConfig):
-    """A placement group with one bundle per actor (learners, then rollouts, then the reward service)."""
+    """`(placement group, index of the first actor bundle)`: one bundle per actor (learners, then rollouts, then
+    the reward service). Inside a placement group whose bundles after the first match (a Tune trial reserved
+    with `trial_bundles`), that group at index 1; otherwise a new group at index 0."""
+    from ray.util import get_current_placement_group
+
+    current = get_current_placement_group()
+    if current is not None:
+        wanted = Roles.of(rt).bundles(rt)
+        if current.bundle_specs[1:] != wanted:
+            raise UserError(f"runtime: the trial's placement group has bundles {current.bundle_specs[1:]} but the "
+                            f"run's roles need {wanted}")
+        return current, 1
     check_resources(rt)
     pg = placement_group(Roles.of(rt).bundles(rt), strategy="PACK")
     try:
@@ -134,7 +152,7 @@ def reserve(rt: RuntimeConfig):
         remove_placement_group(pg)
         raise UserError(f"runtime: the placement group was not ready after {rt.placement_timeout_s:g} s "
                         "(resources held by another job, or no node can hold a bundle)") from None
-    return pg
+    return pg, 0
 
 
 THREADS_ENV = "RAYCAP_THREADS"  # an actor's torch threads, set by `in_bundle`, applied by `apply_threads`
