@@ -8,7 +8,7 @@ from raycap.models.clipcap import ClipCap, ClipCapConfig
 from raycap.models.decode import StaticDecoder
 
 
-def captioner(kind: str) -> ClipCap:
+def captioner(kind: str, attention: str = "sdpa") -> ClipCap:
     torch.manual_seed(0)
     if kind == "gpt2":
         lm = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=64,
@@ -17,20 +17,22 @@ def captioner(kind: str) -> ClipCap:
         lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                           eos_token_id=49, bos_token_id=49, pad_token_id=0))
+    lm.set_attn_implementation(attention)  # the decoder's prepared attention mask differs by implementation
     cfg = ClipCapConfig(clip_dim=16, prefix_length=3, lm={} if kind == "gpt2" else "unused", eos_token_id=49,
                         max_new_tokens=12)
     return ClipCap(cfg, lm=lm).eval()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_static_decoder_equals_the_reference_decoding(kind):
-    cap = captioner(kind)
+@pytest.mark.parametrize("kind,attention", [("gpt2", "sdpa"), ("llama", "sdpa"), ("gpt2", "eager"),
+                                            ("llama", "eager")])
+def test_static_decoder_equals_the_reference_decoding(kind, attention):
+    cap = captioner(kind, attention)
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
-    ours = StaticDecoder(cap).generate(x, mode="greedy")
+    ours = StaticDecoder(cap, static=True).generate(x, mode="greedy")
     ref = cap.generate(x, mode="greedy")
     assert ours.tolist() == ref.tolist()
     torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=1e-5, rtol=1e-4)
-    a = StaticDecoder(cap).generate(x, mode="sample", temperature=0.8, num_samples=2,
+    a = StaticDecoder(cap, static=True).generate(x, mode="sample", temperature=0.8, num_samples=2,
                                     generator=torch.Generator().manual_seed(3))
     b = cap.generate(x, mode="sample", temperature=0.8, num_samples=2, generator=torch.Generator().manual_seed(3))
     assert a.tolist() == b.tolist()
@@ -38,7 +40,9 @@ def test_static_decoder_equals_the_reference_decoding(kind):
                          pad_token_id=0, attention_mask=torch.ones(5, 3, dtype=torch.long))
     assert [row[:n] for row, n in zip(hf.tolist(), ours.lengths.tolist())] == ours.tolist()  # HF generate too
     with pytest.raises(ValueError, match="beam"):
-        StaticDecoder(cap).generate(x, mode="beam")
+        StaticDecoder(cap, static=True).generate(x, mode="beam")
+    cpu = StaticDecoder(cap)  # off CUDA the default is ClipCap's own loop over HF's growing cache
+    assert not cpu.static and cpu.generate(x).tolist() == ours.tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph step needs a GPU")

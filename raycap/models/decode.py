@@ -17,13 +17,21 @@ from raycap.models.decoding import next_token
 
 
 class StaticDecoder:
-    """`generate(image_embeds, mode, ...)` like `ClipCap.generate` for greedy and sampling."""
+    """`generate(image_embeds, mode, ...)` like `ClipCap.generate` for greedy and sampling.
 
-    def __init__(self, captioner, cuda_graph: bool | None = None):
+    `static` (default: on CUDA only) decodes over the preallocated cache; otherwise it is ClipCap's own loop over
+    HF's growing cache, which is what a CPU wants: there no kernel launch is saved, and attending over every
+    preallocated slot under a mask cost 5-12% against attending over what exists (benchmarks/decode.py)."""
+
+    def __init__(self, captioner, cuda_graph: bool | None = None, static: bool | None = None):
         self.captioner = captioner
-        self.cuda_graph = captioner.device.type == "cuda" if cuda_graph is None else cuda_graph
-        if self.cuda_graph and captioner.device.type != "cuda":
+        on_cuda = captioner.device.type == "cuda"
+        self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        self.static = (on_cuda or self.cuda_graph) if static is None else static
+        if self.cuda_graph and not on_cuda:
             raise ValueError("cuda_graph=True needs the captioner on a CUDA device")
+        if self.cuda_graph and not self.static:
+            raise ValueError("cuda_graph=True needs static=True (a graph replays fixed shapes)")
 
     @torch.no_grad()
     def generate(self, image_embeds: Tensor, mode: str = "greedy", temperature: float = 1.0,
@@ -34,6 +42,9 @@ class StaticDecoder:
         if mode not in ("greedy", "sample"):
             raise ValueError(f"StaticDecoder decodes greedy or sample, not {mode!r} (beam: ClipCap.generate)")
         cap = self.captioner
+        if not self.static:
+            return cap.generate(image_embeds, mode=mode, temperature=temperature, max_new_tokens=max_new_tokens,
+                                generator=generator, num_samples=num_samples)
         lm = cap.lm
         max_new = cap.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         prefix = cap.prefix(image_embeds).repeat_interleave(num_samples, dim=0)
@@ -43,7 +54,7 @@ class StaticDecoder:
         out = lm(inputs_embeds=prefix.to(lm.dtype), cache=cache, cache_position=positions,
                  position_ids=positions[None].expand(N, -1), use_cache=True)
         logits = out.logits[:, -1].float()
-        step = _Step(lm, cache, N, dev, self.cuda_graph)
+        step = _Step(lm, cache, N, P + max_new, dev, self.cuda_graph)
         stop = torch.tensor(cap.stop_ids, dtype=torch.long, device=dev)
         tokens = torch.full((N, max_new), cap.config.pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(N, max_new, device=dev)
@@ -67,14 +78,27 @@ class _Step:
     """One decode step, `(ids (N,), cache position) -> next logits (N, V)`, eager or replayed as a CUDA graph
     (static input buffers, captured on first use after a warm-up run on a side stream)."""
 
-    def __init__(self, lm, cache, N: int, dev, cuda_graph: bool):
+    def __init__(self, lm, cache, N: int, length: int, dev, cuda_graph: bool):
         self.lm, self.cache, self.graph = lm, cache, None
         self.ids = torch.zeros(N, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.slots = torch.arange(length, device=dev)
+        self.eager = getattr(lm.config, "_attn_implementation", "sdpa") == "eager"
         self.cuda_graph = cuda_graph
 
+    def _mask(self) -> Tensor:
+        """The step's attention mask over the cache's slots, made here from the position (every row attends to
+        the prefix and all tokens so far: finished rows decode pads that are dropped later) and handed to the
+        LM as a prepared 4D mask, so transformers does not rebuild a causal mask every step: boolean (keep) for
+        SDPA and flash attention, additive for eager attention."""
+        keep = (self.slots <= self.pos)[None, None, None, :]
+        if self.eager:
+            dtype = self.lm.dtype
+            return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+        return keep
+
     def _forward(self) -> Tensor:
-        out = self.lm(input_ids=self.ids, cache=self.cache, cache_position=self.pos,
+        out = self.lm(input_ids=self.ids, cache=self.cache, cache_position=self.pos, attention_mask=self._mask(),
                       position_ids=self.pos[None].expand(self.ids.shape[0], -1), use_cache=True)
         return out.logits[:, -1].float()
 
