@@ -173,8 +173,16 @@ class RLConfig(BaseModel):
     cosine_coef: float = Field(0.0, ge=0, description="adds cosine_coef * logit_scale * cos(caption, target): an "
                                "absolute match term that, unlike the relative discriminative reward, charges "
                                "for claims that fit neither the target nor the distractors")
-    self_check_coef: float = Field(0.0, ge=0, description="weight of the word-swap self-check reward (rl/self_check.py)")
-    self_check_variants: int = Field(64, ge=1, description="word-swapped variants per caption in the self-check")
+    phrase_coef: float = Field(0.0, ge=0, description="adds phrase_coef * the weakest phrase's discriminative "
+                               "reward (each phrase of the caption, split at ' and ', scored alone against the same "
+                               "candidates: rl/rewards.py phrase_grounding)")
+    self_check_coef: float = Field(0.0, ge=0, description="weight of the self-check reward (rl/self_check.py)")
+    self_check_kind: Literal["swap", "substitute"] = Field("swap", description="swap: the caption against its "
+                                                          "word-swapped variants; substitute: each content word "
+                                                          "against its substitutes from substitution_classes")
+    self_check_variants: int = Field(64, ge=1, description="word-swapped variants per caption in the swap self-check")
+    substitution_classes: list[list[str]] = Field(default_factory=list, description="word classes of the "
+                                                  "substitution self-check (e.g. the colour words, the shape words)")
     length_normalise: bool = False
     batch_size: int = Field(100, ge=2)
     num_candidates: int = Field(100, ge=2)
@@ -195,6 +203,9 @@ class RLConfig(BaseModel):
             raise ValueError(f"num_candidates ({self.num_candidates}) exceeds batch_size + hard_distractors")
         if self.hard_distractors >= self.num_candidates:
             raise ValueError("hard_distractors must be < num_candidates")
+        if self.self_check_kind == "substitute" and not any(len(set(c)) >= 2 for c in self.substitution_classes):
+            raise ValueError("self_check_kind 'substitute' needs substitution_classes: lists of words that may "
+                             "replace each other, at least one with two words")
         return self
 
 

@@ -75,3 +75,25 @@ def test_word_verdicts_mark_the_false_claims_on_their_words():
     assert [(w, v) for w, v in third if v] == [("star", "true"), ("circle", "true"), ("blue", "false")]
     assert word_verdicts("some shapes", SCENE) == [("some", ""), ("shapes", "")]
     assert word_verdicts("circle red a", SCENE) == [("circle", "unparsed"), ("red", "unparsed"), ("a", "unparsed")]
+
+
+def test_faithfulness_by_objects_claims_and_first_mention_on_a_hand_made_example():
+    one = Scene((Obj("square", "blue", "small", 1, 1),))
+    three = Scene((Obj("star", "green", "large", 0, 0), Obj("circle", "red", "small", 2, 1),
+                   Obj("cross", "white", "large", 0, 2)))
+    captions = [
+        "a small blue square at center",                        # 1 object: faithful, 4 claims, first true
+        "a large green star and a large green cross",           # 2 objects: first true, second false -> unfaithful
+        "a small red circle and a large green star",            # 2 objects: faithful (the binding is per object)
+        "some shapes",                                          # 3 objects: generic, faithful, no mention
+        "a red star at top left and a large white cross",       # 3 objects: first false (the star is green)
+        "a red a red",                                          # not in the grammar
+    ]
+    scenes = [one, SCENE, SCENE, three, three, three]
+    m = caption_checks(captions, scenes)
+    assert m["faithful_1obj"] == 1.0 and m["faithful_2obj"] == 0.5 and m["faithful_3obj"] == 1 / 3
+    # claims of the five well-formed captions: 4, 6, 6, 0, 6
+    assert m["claims_per_caption"] == pytest.approx(22 / 5)
+    # first mentions of the four captions that name an object: true, true, true, false
+    assert m["first_mention_faithful"] == 0.75
+    assert m["faithful"] == pytest.approx(3 / 6)

@@ -148,3 +148,61 @@ def test_gumbel_path_reaches_the_captioner_and_not_the_frozen_clip():
     assert sum(p.grad.abs().sum() for p in cap.mapper.parameters()) > 0
     assert sum(p.grad.abs().sum() for p in cap.lm.parameters() if p.grad is not None) > 0
     assert all(p.grad is None for p in clip.parameters())
+
+
+def test_substitution_check_by_hand():
+    """Each content word against its best single-word substitute, mean over the caption's content words."""
+    import math
+
+    from raycap.rl.self_check import substitution_check, word_substitutions
+
+    classes = [["red", "green"], ["circle", "star", "square"]]
+    assert word_substitutions("a red circle", classes) == [["a green circle"], ["a red star", "a red square"]]
+    assert word_substitutions("some shapes", classes) == []
+    # a fake retriever: 2-d text embeddings, the image is (1, 0); cos = the first coordinate
+    table = {"a red circle": [0.9, 0.1], "a green circle": [0.5, 0.5], "a red star": [0.95, 0.05],
+             "a red square": [0.2, 0.8], "some shapes": [0.3, 0.7]}
+
+    def encode(texts):
+        return torch.tensor([table[t] for t in texts])
+
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    s = 10.0
+    got = substitution_check(["a red circle", "some shapes"], image, encode, s, classes)
+    colour = math.log(1 / (1 + math.exp(-s * (0.9 - 0.5))))          # beats "green" by 0.4
+    shape = math.log(1 / (1 + math.exp(-s * (0.9 - 0.95))))          # loses to "star" by 0.05
+    assert got[0].item() == pytest.approx((colour + shape) / 2 + math.log(2), abs=1e-6)
+    assert got[1].item() == 0.0  # no content word, nothing to check
+    assert got[0] < math.log(2) and got[0] > 0  # one word supported, one contradicted
+
+
+def test_substitution_check_needs_classes():
+    from raycap.config import load_config
+    from raycap.errors import UserError
+
+    with pytest.raises(UserError, match="substitution_classes"):
+        load_config("world-demo", ["rl.self_check_kind=substitute"])
+    cfg = load_config("world-demo", ["rl.self_check_kind=substitute", "rl.substitution_classes=[[red, green]]"])
+    assert cfg.rl.substitution_classes == [["red", "green"]]
+
+
+def test_phrase_grounding_by_hand():
+    """The weakest phrase's log-softmax over the caption's candidates, each phrase scored alone."""
+    from raycap.rl.rewards import phrase_grounding, split_phrases
+
+    assert split_phrases("a red circle and a green star at top") == ["a red circle", "a green star at top"]
+    assert split_phrases("some shapes") == ["some shapes"]
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # image 0 is the target of both captions
+    table = {"a red circle": [1.0, 0.0], "a green star": [0.0, 1.0], "a red circle and a green star": [0.8, 0.6]}
+
+    def encode(texts):
+        return torch.tensor([table[t] for t in texts])
+
+    cands = torch.tensor([[0, 1, 2], [0, 2, 1]])
+    s = 5.0
+    got = phrase_grounding(["a red circle and a green star", "a red circle"], encode, images, cands, s)
+    # "a green star" alone: cosines with images 0, 1, 2 are 0, 1, 0.8 -> its log-softmax at the target is the minimum
+    star = s * 0.0 - math.log(math.exp(0.0) + math.exp(s * 1.0) + math.exp(s * 0.8))
+    circle = s * 1.0 - math.log(math.exp(s * 1.0) + math.exp(0.0) + math.exp(s * 0.6))
+    assert got[0].item() == pytest.approx(star, abs=1e-5) and got[1].item() == pytest.approx(circle, abs=1e-5)
+    assert star < circle  # the guessed second phrase is what the term charges

@@ -57,9 +57,12 @@ def test_every_generated_description_and_reference_parses_and_is_faithful():
             scenes.append(s)
             full.append(s.full_description)
             refs.append(w.references(split, i))
+    counts = sorted({len(s.objects) for s in scenes})
     assert grammar.caption_checks(full, scenes) == {
         "wellformed": 1.0, "faithful": 1.0, "precision": 1.0, "recall": 1.0,
-        "multi_object": pytest.approx(np.mean([len(s.objects) >= 2 for s in scenes])), "repetition": 0.0}
+        "multi_object": pytest.approx(np.mean([len(s.objects) >= 2 for s in scenes])), "repetition": 0.0,
+        **{f"faithful_{k}obj": 1.0 for k in counts}, "first_mention_faithful": 1.0,
+        "claims_per_caption": pytest.approx(4 * np.mean([len(s.objects) for s in scenes]))}
     flat_refs = [r for rs in refs for r in rs]
     flat_scenes = [s for s, rs in zip(scenes, refs) for _ in rs]
     checks = grammar.caption_checks(flat_refs, flat_scenes)

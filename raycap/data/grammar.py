@@ -107,6 +107,8 @@ class CaptionReport:
     n_facts: int         # attributes of the image's objects (4 per object)
     faithful: bool       # well-formed and every claim true under one binding of mentions to distinct objects
     repetition: bool
+    n_objects: int = 0   # objects in the scene
+    first_true: bool | None = None  # every claim of the first mention true of its bound object (None: no mention)
 
 
 def _true_claims(m: Mention, scene: Scene, obj) -> int:
@@ -166,14 +168,21 @@ def repeats_trigram(words: Sequence[str]) -> bool:
 def analyse(caption: str, scene: Scene) -> CaptionReport:
     mentions = parse(caption)
     n_facts = len(ATTRIBUTES) * len(scene.objects)
+    n_objects = len(scene.objects)
     if mentions is None:
         segments = " ".join(caption.split()).split(" and ")
-        return CaptionReport(False, 0, 0, 0, n_facts, False, any(repeats_trigram(s.split()) for s in segments))
+        return CaptionReport(False, 0, 0, 0, n_facts, False, any(repeats_trigram(s.split()) for s in segments),
+                             n_objects)
     n_claims = sum(len(m.claims()) for m in mentions)
-    n_true = bind(mentions, scene)
-    faithful = n_true == n_claims and len(mentions) <= len(scene.objects)
+    bound = binding(mentions, scene)
+    n_true = sum(_true_claims(m, scene, scene.objects[o]) for m, o in zip(mentions, bound) if o is not None)
+    faithful = n_true == n_claims and len(mentions) <= n_objects
     repetition = len(set(mentions)) != len(mentions)
-    return CaptionReport(True, len(mentions), n_claims, n_true, n_facts, faithful, repetition)
+    first = None
+    if mentions:
+        first = bound[0] is not None and _true_claims(mentions[0], scene, scene.objects[bound[0]]) == len(
+            mentions[0].claims())
+    return CaptionReport(True, len(mentions), n_claims, n_true, n_facts, faithful, repetition, n_objects, first)
 
 
 def _reports(captions: Sequence[str], scenes: Sequence[Scene]) -> list[CaptionReport]:
@@ -216,10 +225,17 @@ def repetition(captions, scenes) -> float:
 
 
 def caption_checks(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[str, float]:
-    """All checks in one pass."""
+    """All checks in one pass, with faithfulness by the scene's number of objects (`faithful_<k>obj`), claims per
+    well-formed caption and the first mention's faithfulness (over captions naming an object): saying less must
+    not pass for lying less."""
     reports = _reports(captions, scenes)
     claims = sum(r.n_claims for r in reports)
-    return {
+    parsed = [r for r in reports if r.wellformed]
+    firsts = [r.first_true for r in reports if r.first_true is not None]
+    by_count = {k: [r.faithful for r in reports if r.n_objects == k] for k in sorted({r.n_objects for r in reports})}
+    return {f"faithful_{k}obj": float(np.mean(v)) for k, v in by_count.items()} | {
+        "claims_per_caption": float(np.mean([r.n_claims for r in parsed])) if parsed else float("nan"),
+        "first_mention_faithful": float(np.mean(firsts)) if firsts else float("nan"),
         "wellformed": float(np.mean([r.wellformed for r in reports])),
         "faithful": float(np.mean([r.faithful for r in reports])),
         "precision": float(sum(r.n_true for r in reports) / claims) if claims else float("nan"),

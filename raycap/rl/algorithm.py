@@ -26,7 +26,7 @@ from raycap.models.captioner import Captioner, Captions
 from raycap.models.tokenizers import decode
 from raycap.rl import baselines, losses, rewards
 from raycap.rl.gumbel import gumbel_decode
-from raycap.rl.self_check import self_check
+from raycap.rl.self_check import self_check, substitution_check
 
 CANDIDATES, ROLLOUT, SELF_CHECK, GUMBEL = 0, 1, 2, 3  # independent random streams of one step
 
@@ -110,10 +110,19 @@ class Scorer:
         task = rewards.compute(cfg.rl.reward, emb, self.images, cands, self.logit_scale, batch=step)
         if cfg.rl.cosine_coef:
             task = task + cfg.rl.cosine_coef * rewards.cosine(emb, self.images[cands[:, 0]], self.logit_scale)
+        if cfg.rl.phrase_coef:
+            grounding = rewards.phrase_grounding(texts, self.retriever.encode_captions, self.images, cands,
+                                                 self.logit_scale)
+            rewards.check_finite(grounding, step)
+            task = task + cfg.rl.phrase_coef * grounding
         check, reward = None, task
         if cfg.rl.self_check_coef:
-            check = self_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions, self.logit_scale,
-                               cfg.rl.self_check_variants, generator(cfg.seed, step, SELF_CHECK))
+            if cfg.rl.self_check_kind == "substitute":
+                check = substitution_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions,
+                                           self.logit_scale, cfg.rl.substitution_classes)
+            else:
+                check = self_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions, self.logit_scale,
+                                   cfg.rl.self_check_variants, generator(cfg.seed, step, SELF_CHECK))
             rewards.check_finite(check, step)
             reward = task + cfg.rl.self_check_coef * check
         return Scores(reward, task, check, rewards.accuracy(emb, self.images, cands), texts)

@@ -47,6 +47,27 @@ def compute(kind: str, text_emb, image_emb, candidates, logit_scale, batch: int 
     return r
 
 
+def split_phrases(caption: str, separator: str = " and ") -> list[str]:
+    """The caption's phrases, split at `separator` (a coordinating conjunction by default); empty parts dropped,
+    the caption itself when there is nothing to split."""
+    parts = [p.strip() for p in caption.split(separator)]
+    parts = [p for p in parts if p]
+    return parts or [caption]
+
+
+def phrase_grounding(captions, encode, image_emb, candidates, logit_scale, separator: str = " and ") -> torch.Tensor:
+    """(N,) the weakest phrase's discriminative reward: each phrase of a caption (split at `separator`) is scored
+    on its own against the caption's candidates, and the caption gets the lowest. A phrase that is a guess (a
+    second object the image does not have) retrieves other images and pulls its caption's term down, where the
+    whole caption's reward lets a strong first phrase carry it. Captions and frozen embeddings only."""
+    groups = [split_phrases(c, separator) for c in captions]
+    emb = encode([p for g in groups for p in g])
+    rows = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
+    per_phrase = discriminative(emb, image_emb, candidates[rows], logit_scale)
+    out = torch.full((len(groups),), float("inf"))
+    return out.scatter_reduce(0, rows, per_phrase.float(), reduce="amin")
+
+
 def check_finite(rewards: torch.Tensor, batch: int | str) -> None:
     bad = ~torch.isfinite(rewards)
     if bool(bad.any()):

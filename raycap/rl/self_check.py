@@ -1,4 +1,5 @@
-"""Text-side self-check reward: a caption should match its image better than its own word-swapped variants.
+"""Text-side self-check rewards: a caption should match its image better than its own word-swapped variants
+(`self_check`) and better than the captions made by substituting one of its content words (`substitution_check`).
 
 Swapping two words of a caption keeps its bag of words and changes what it binds: "a red square and a blue
 circle" becomes "a blue square and a red circle". A retriever that scores a caption no higher than such
@@ -46,6 +47,51 @@ def word_swaps(caption: str, max_variants: int | None = None, generator: torch.G
         keep = torch.randperm(len(out), generator=generator)[:max_variants].sort().values
         out = [out[k] for k in keep.tolist()]
     return out
+
+
+def word_substitutions(caption: str, classes: Sequence[Sequence[str]]) -> list[list[str]]:
+    """For each word of `caption` that belongs to a word class, the captions made by replacing that one word with
+    each other word of its classes (a word in several classes takes substitutes from all of them); words in no
+    class are not content words and get no list. Classes are a plain word list the user gives (colours, shapes,
+    sizes, ...): nothing here reads an image's truth."""
+    subs: dict[str, list[str]] = {}
+    for cls in classes:
+        for w in cls:
+            subs.setdefault(w, [])
+            subs[w] += [v for v in cls if v != w and v not in subs[w]]
+    words = caption.split()
+    out = []
+    for i, w in enumerate(words):
+        if subs.get(w):
+            out.append([" ".join(words[:i] + [v] + words[i + 1:]) for v in subs[w]])
+    return out
+
+
+def substitution_check(captions: Sequence[str], image_emb: torch.Tensor, encode: Encoder, logit_scale: float,
+                       classes: Sequence[Sequence[str]]) -> torch.Tensor:
+    """(N,) substitution self-check: each content word must beat its single-word substitutes under the frozen
+    retriever. Per content word, the margin to its best substitute, `log sigmoid(s * (cos(caption, image) -
+    max_v cos(v, image))) + log 2`; the caption's score is the mean over its content words. A word its image
+    supports scores up to log 2, an undecided one 0, and a word whose substitute the image supports better (a
+    green *circle* for a green star) loses the margin: one false word costs its caption that margin divided by its
+    number of content words, however many substitutes the classes offer. No content word: 0."""
+    groups = [word_substitutions(c, classes) for c in captions]
+    texts = [t for c, g in zip(captions, groups) for t in [c, *(v for vs in g for v in vs)]]
+    emb = encode(texts).float() if texts else image_emb.new_zeros(0, image_emb.shape[1])
+    out, start = [], 0
+    for g, img in zip(groups, image_emb.float()):
+        n = 1 + sum(len(vs) for vs in g)
+        logits = logit_scale * emb[start:start + n] @ img
+        if not g:
+            out.append(logits.new_zeros(()))
+        else:
+            k, margins = 1, []
+            for vs in g:
+                margins.append(logits[0] - logits[k:k + len(vs)].max())
+                k += len(vs)
+            out.append(F.logsigmoid(torch.stack(margins)).mean() + math.log(2))
+        start += n
+    return torch.stack(out)
 
 
 def self_check(captions: Sequence[str], image_emb: torch.Tensor, encode: Encoder, logit_scale: float,
