@@ -117,8 +117,12 @@ def _true_claims(m: Mention, scene: Scene, obj) -> int:
 
 def bind(mentions: Sequence[Mention], scene: Scene) -> int:
     """Most claims that can be true when each mention names a distinct object (Hungarian assignment)."""
-    return sum(_true_claims(m, scene, scene.objects[o]) for m, o in zip(mentions, binding(mentions, scene))
-               if o is not None)
+    return _true_under(mentions, scene, binding(mentions, scene))
+
+
+def _true_under(mentions: Sequence[Mention], scene: Scene, bound: Sequence[int | None]) -> int:
+    """Claims true of the objects `bound` gives the mentions (a mention bound to None: all its claims false)."""
+    return sum(_true_claims(m, scene, scene.objects[o]) for m, o in zip(mentions, bound) if o is not None)
 
 
 def binding(mentions: Sequence[Mention], scene: Scene) -> list[int | None]:
@@ -175,7 +179,7 @@ def analyse(caption: str, scene: Scene) -> CaptionReport:
                              n_objects)
     n_claims = sum(len(m.claims()) for m in mentions)
     bound = binding(mentions, scene)
-    n_true = sum(_true_claims(m, scene, scene.objects[o]) for m, o in zip(mentions, bound) if o is not None)
+    n_true = _true_under(mentions, scene, bound)
     faithful = n_true == n_claims and len(mentions) <= n_objects
     repetition = len(set(mentions)) != len(mentions)
     first = None

@@ -46,10 +46,12 @@ def run_facts(cfg, records: list[dict], final: dict | None, runtime: str | None)
     return facts
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None, gallery: int = 24, log=print) -> Path:
+def build_report(run_dir: str | Path, out: str | Path | None = None, gallery: int = 24, log=print,
+                 comparison=None) -> Path:
     """Write the report of `run_dir` to `out` (default RUN/report) and return the path of its index.html.
 
-    A run without a final captioner (still running, or stopped) gets its learning curves only."""
+    A run without a final captioner (still running, or stopped) gets its learning curves only. `comparison`: the
+    test comparison of final/ (`gallery.compare_on_test` into `out`) when the caller has computed it already."""
     from raycap.report import page, plots
 
     run_dir = Path(run_dir)
@@ -62,16 +64,18 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, gallery: in
     out = Path(out) if out is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     curves = plots.learning_curves(records, out)
-    comparison, notes = None, []
+    notes = []
     if final is not None and (run_dir / "final").is_dir():
         from raycap.report.gallery import compare_on_test
 
-        comparison = compare_on_test(cfg, run_dir / "final", out, gallery, log)
+        if comparison is None:
+            comparison = compare_on_test(cfg, run_dir / "final", out, gallery, log)
         recorded = final.get("p_at_1")
         if isinstance(recorded, float) and abs(recorded - comparison.after.get("p_at_1", recorded)) > 1e-9:
             notes.append(f"final_metrics.json records test P@1 {recorded:.3f}; the fine-tuned captioner of final/ "
                          f"gives {comparison.after['p_at_1']:.3f} here (another machine or thread count).")
     else:
+        comparison = None
         notes.append("No final captioner yet (final/ and final_metrics.json appear when the run ends): only the "
                      "learning curves so far are shown.")
     html = page.render(f"raycap run: {run_dir.resolve().name}", run_facts(cfg, records, final, runtime), comparison,

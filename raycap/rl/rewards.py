@@ -62,10 +62,12 @@ def phrase_grounding(captions, encode, image_emb, candidates, logit_scale, separ
     whole caption's reward lets a strong first phrase carry it. Captions and frozen embeddings only."""
     groups = [split_phrases(c, separator) for c in captions]
     emb = encode([p for g in groups for p in g])
-    rows = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
-    per_phrase = discriminative(emb, image_emb, candidates[rows], logit_scale)
-    out = torch.full((len(groups),), float("inf"))
-    return out.scatter_reduce(0, rows, per_phrase.float(), reduce="amin")
+    dev = candidates.device
+    rows = torch.repeat_interleave(torch.arange(len(groups), device=dev),
+                                   torch.tensor([len(g) for g in groups], device=dev))
+    per_phrase = discriminative(emb, image_emb, candidates[rows], logit_scale).float()
+    out = torch.full((len(groups),), float("inf"), device=per_phrase.device)
+    return out.scatter_reduce(0, rows.to(per_phrase.device), per_phrase, reduce="amin")
 
 
 def check_finite(rewards: torch.Tensor, batch: int | str) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -165,8 +166,6 @@ def run_search(space: SearchSpace, base: RunConfig, out: Path, storage: str, obj
     from raycap.inputs import load_retriever, open_splits
     from raycap.runtime import resources
 
-    import os
-
     # a trial's checkpoint at each evaluation snapshots the experiment's state; that is intended, not a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     base = absolute_paths(base)
@@ -239,7 +238,7 @@ def summarise(grid, space: SearchSpace, base: RunConfig, out: Path, objective: O
     summary = {"objective": objective.describe(), "trials": rows, "table": str(out / "results.md"),
                "csv": str(out / "results.csv"), "plot": str(out / "pareto.png") if plotted else None,
                "storage": grid.experiment_path, "dashboard": f"http://{dashboard}" if dashboard else None}
-    unmeasured = sorted({k for r in results.values() for k in objective.unmeasured(r.metrics or {"x": 0})})
+    unmeasured = sorted({k for r in results.values() if r.metrics for k in objective.unmeasured(r.metrics)})
     if unmeasured:
         summary["note"] = f"not measured on this dataset, so not applied as a constraint: {', '.join(unmeasured)}"
         log("note: " + summary["note"])
@@ -275,7 +274,8 @@ def export_best(result, base: RunConfig, row: dict, dest: Path, log) -> dict:
                                     "threads": base.threads})
     (dest / "config.yaml").write_text(yaml.safe_dump(chosen.model_dump(mode="json"), sort_keys=False))
     log(f"best trial {row['trial']} (val P@1 {row['p_at_1']:.3f}): evaluating it once on the test split")
-    test = compare_on_test(cfg, run / "final", run / "report", 0, log)
+    gallery = cfg.eval.report_gallery if base.eval.report else 0  # one test evaluation serves table and report
+    test = compare_on_test(cfg, run / "final", run / "report", gallery, log)
     before, after = test.before, test.after
     (run / "final_metrics.json").write_text(json.dumps(after | {"split": "test", "updates": row["step"]}, indent=2))
     keys = [k for k in ("p_at_1", "wellformed", "faithful", "precision", "recall", "multi_object", "clip_score")
@@ -291,7 +291,7 @@ def export_best(result, base: RunConfig, row: dict, dest: Path, log) -> dict:
         from raycap.report import build_report
 
         try:
-            out["report"] = str(build_report(run, gallery=cfg.eval.report_gallery, log=lambda *_: None))
+            out["report"] = str(build_report(run, gallery=gallery, log=lambda *_: None, comparison=test))
         except Exception as e:  # noqa: BLE001 — the search's results are written; the report can be rebuilt
             log(f"warning: the report failed ({type(e).__name__}: {e}); retry with python -m raycap.report {run}")
     return out
