@@ -61,7 +61,12 @@ def caption_files(args) -> tuple[list[dict], list[str]]:
             errors.append(str(e))
     if not pixels:
         return [], errors
-    emb = captioner.encode_images(images) if own_features else retriever.encode_image(torch.stack(pixels)).float()
+    if own_features:
+        emb = captioner.encode_images(images)
+    elif getattr(captioner, "reads_image_tokens", False):
+        emb = retriever.encode_image_tokens(torch.stack(pixels)).float()
+    else:
+        emb = retriever.encode_image(torch.stack(pixels)).float()
     captions = caption_embeddings(captioner.eval(), tokenizer, emb, args.decoding, args.num_beams)
     return [{"image": n, "caption": c} for n, c in zip(names, captions)], errors
 

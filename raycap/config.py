@@ -144,9 +144,15 @@ class EvalConfig(BaseModel):
     every: int = Field(50, ge=1)
     images: int = Field(1000, ge=100, description="images per evaluation (P@1 ranks each among 100)")
     examples: int = Field(3, ge=0, description="captions logged beside their images' references")
-    decoding: Literal["greedy", "beam"] = Field("greedy", description="decoding of the final test evaluation "
-                                                "(the paper: beam 5); validation evaluations decode greedily")
+    decoding: Literal["greedy", "beam", "select"] = Field(
+        "greedy", description="decoding of the final test evaluation (the paper: beam 5; select: the best of "
+        "select_samples sampled captions under the frozen retriever, raycap/rl/selection.py); validation "
+        "evaluations decode greedily")
     num_beams: int = Field(5, ge=1)
+    select_samples: int = Field(16, ge=2, description="select: sampled captions per image")
+    select_cosine: float = Field(0.5, ge=0, description="select: weight of logit_scale * cos(caption, image)")
+    select_check: float = Field(3.0, ge=0, description="select: weight of the substitution self-check (its word "
+                                "classes: rl.substitution_classes)")
     report: bool = Field(True, description="write the HTML report (RUN/report/index.html) when the run ends")
     report_gallery: int = Field(24, ge=0, description="test images in the report's gallery")
 
@@ -157,8 +163,13 @@ class RLConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite (nan and inf refused)
 
     method: Literal["discritune", "gumbel"] = "discritune"
-    reward: Literal["discriminative", "accuracy", "cosine"] = "discriminative"
-    baseline: Literal["none", "mean", "greedy", "loo"] = "mean"
+    reward: Literal["discriminative", "pool", "accuracy", "cosine"] = Field(
+        "discriminative", description="discriminative: log softmax at the target over its candidates (the paper's); "
+        "pool: the same over every training image (a false claim lets every image it fits win); accuracy; cosine")
+    baseline: Literal["none", "mean", "greedy", "loo", "best"] = Field(
+        "mean", description="none | mean (running mean of past rewards) | greedy (self-critical) | loo (mean of "
+        "the image's other samples) | best (advantage 1 for the image's best of num_samples captions, 0 for the "
+        "rest: cross-entropy on the policy's own best caption)")
     baseline_momentum: float = Field(0.9, ge=0, lt=1)
     num_samples: int = Field(1, ge=1, description="sampled captions per image (loo needs >= 2)")
     rollout: Literal["sample", "greedy"] = "sample"
@@ -197,8 +208,8 @@ class RLConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.baseline == "loo" and self.num_samples < 2:
-            raise ValueError("baseline 'loo' needs num_samples >= 2")
+        if self.baseline in ("loo", "best") and self.num_samples < 2:
+            raise ValueError(f"baseline '{self.baseline}' needs num_samples >= 2")
         if self.num_candidates > self.batch_size + self.hard_distractors:
             raise ValueError(f"num_candidates ({self.num_candidates}) exceeds batch_size + hard_distractors")
         if self.hard_distractors >= self.num_candidates:
@@ -237,7 +248,19 @@ class RunConfig(BaseModel):
         if self.runtime.max_policy_lag and self.rl.rollout != "sample":
             raise ValueError("runtime.max_policy_lag=1 needs rl.rollout: sample (the off-policy correction "
                              "reweights by the sampling distribution)")
+        if self.eval.decoding == "select" and self.eval.select_check and \
+                not any(len(set(c)) >= 2 for c in self.rl.substitution_classes):
+            raise ValueError("eval.decoding select with eval.select_check > 0 needs rl.substitution_classes (the "
+                             "self-check's word classes), or eval.select_check: 0")
         return self
+
+    def selection(self):
+        """The `select` decoding's settings (`raycap.rl.selection.Selection`)."""
+        from raycap.rl.selection import Selection
+
+        e = self.eval
+        return Selection(samples=e.select_samples, cosine_coef=e.select_cosine, check_coef=e.select_check,
+                         classes=self.rl.substitution_classes, seed=self.seed)
 
 
 def set_dotted(data: dict, key: str, value) -> None:

@@ -98,9 +98,20 @@ def evaluate_dataset(args) -> dict:
         check_compatible(captioner, retriever, f"--captioner {args.captioner}", retriever_label)
         from raycap.inputs import captioner_inputs
 
-        inputs = captioner_inputs(captioner, source, image_emb)
-        captions = caption_embeddings(captioner.eval(), tokenizer, inputs, args.decoding, args.num_beams)
-        decoding = args.decoding if args.decoding != "beam" else f"beam{args.num_beams}"
+        inputs = captioner_inputs(captioner, source, image_emb, retriever=retriever)
+        if args.decoding == "select":
+            from raycap.config import load_config
+            from raycap.rl.selection import select_captions
+
+            selection = load_config(args.select_config).selection()
+            pool_source, _ = open_dataset(args.pool, args.world_dir, "skip")
+            with local_ray_for([pool_source], RuntimeConfig()):
+                pool = image_embeddings(retriever, pool_source, on_bad_image="skip", log=print).embeddings
+            captions = select_captions(captioner.eval(), tokenizer, inputs, image_emb, retriever, pool, selection)
+            decoding = f"select{selection.samples}"
+        else:
+            captions = caption_embeddings(captioner.eval(), tokenizer, inputs, args.decoding, args.num_beams)
+            decoding = args.decoding if args.decoding != "beam" else f"beam{args.num_beams}"
     scenes = source.scenes
     refs = [source.references(i) for i in range(len(source))] if source.labelled else None
     text_emb = retriever.encode_captions(captions)  # once, for P@1, the CLIP metrics and the hard P@1
@@ -212,7 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-dir", type=Path, default=ASSETS_DIR / "world",
                    help="pretrained world dir with world.json and retriever/ (default: the shipped one)")
     add_retriever_arguments(p, Path("WORLD_DIR/retriever"))
-    p.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")
+    p.add_argument("--decoding", choices=["greedy", "beam", "select"], default="greedy",
+                   help="select: the best of eval.select_samples sampled captions under the retriever "
+                        "(raycap/rl/selection.py), with the settings of --select-config")
+    p.add_argument("--select-config", default="world-demo",
+                   help="select: the run config whose eval.select_* and rl.substitution_classes apply")
+    p.add_argument("--pool", default="world:train",
+                   help="select: the images a caption must single its image out from (a --dataset spec; never "
+                        "the evaluated images, among which P@1 draws its distractors)")
     p.add_argument("--num-beams", type=int, default=5)
     p.add_argument("--images", type=int, default=None, help="evaluate the first N images (default: all)")
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
@@ -247,6 +265,13 @@ def check_arguments(args) -> None:
         raise UserError(f"--instances {args.instances}: no such file")
     if args.num_beams < 1:
         raise UserError(f"--num-beams {args.num_beams}: must be >= 1")
+    if args.decoding == "select":
+        from raycap.config import load_config
+
+        load_config(args.select_config)  # a bad config: one line, before the models load
+        if args.pool == args.dataset:
+            raise UserError(f"--pool {args.pool}: the evaluated images themselves; selecting against P@1's own "
+                            "distractors would inflate it, give other images (e.g. world:train)")
     if args.captioner is not None and not args.captioner.is_dir():
         raise UserError(f"--captioner {args.captioner}: no such directory")
     if args.captions is not None and not args.captions.is_file():

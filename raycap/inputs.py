@@ -28,7 +28,7 @@ class SplitImages:
     source: ImageSource
     embeddings: torch.Tensor
     skipped: list[dict] = field(default_factory=list)
-    inputs: torch.Tensor | None = None  # what the captioner reads when not the embeddings (BLIP's own features)
+    inputs: torch.Tensor | None = None  # what the captioner reads when not the embeddings (patch tokens, BLIP's)
 
     @property
     def captioner_inputs(self) -> torch.Tensor:
@@ -56,6 +56,17 @@ def check_compatible(captioner, retriever, captioner_label: str, retriever_label
     """The captioner reads the retriever's image embeddings: their widths must agree (one line if not, naming
     both as the user gave them)."""
     if not getattr(captioner, "reads_retriever_embeddings", True):  # BLIP reads its own vision features
+        return
+    if getattr(captioner, "reads_image_tokens", False):
+        want = (captioner.config.clip_length, captioner.config.clip_dim)
+        try:
+            have = retriever.token_shape
+        except UserError as e:
+            raise UserError(f"{captioner_label} reads image tokens, but {e}") from None
+        if tuple(want) != tuple(have):
+            raise UserError(f"{captioner_label} reads {want[0]} image tokens of width {want[1]} but the retriever "
+                            f"{retriever_label} gives {have[0]} of width {have[1]}; use a captioner trained on "
+                            "this retriever's tokens")
         return
     want, have = captioner.config.clip_dim, retriever.embed_dim
     if want != have:
@@ -189,10 +200,13 @@ def open_splits(cfg: RunConfig, retriever, log=print) -> dict[str, SplitImages]:
 
 
 def open_split(cfg: RunConfig, retriever, role: str, log=print) -> SplitImages:
-    """One split role's images and embeddings, as `open_splits` opens them (for reading one split alone)."""
+    """One split role's images and embeddings, as `open_splits` opens them (for reading one split alone; train:
+    the first `data.train_images` if set)."""
     from raycap.data.cache import retriever_fingerprint
 
     source, skipped = open_source(cfg.data, role)
+    if role == "train" and cfg.data.train_images:
+        source = source.subset(range(min(cfg.data.train_images, len(source))))
     with local_ray_for([source], cfg.runtime):
         return _embed(cfg, retriever, retriever_fingerprint(retriever), role, source, skipped, log)
 
@@ -214,10 +228,18 @@ def _embed(cfg: RunConfig, retriever, fingerprint: str, role: str, source: Image
     return SplitImages(role, source, cached.embeddings, skipped)
 
 
-def captioner_inputs(captioner, source: ImageSource, embeddings: torch.Tensor, batch: int = 256, log=print):
-    """What the captioner reads for each image of `source`: the retriever's embeddings (ClipCap), or, for a
-    captioner with its own frozen vision tower (BLIP: `reads_retriever_embeddings = False`), that tower's
-    features, computed once here in batches (the image side stays frozen, so they hold for the whole run)."""
+def captioner_inputs(captioner, source: ImageSource, embeddings: torch.Tensor, batch: int = 256, log=print,
+                     retriever=None):
+    """What the captioner reads for each image of `source`: the retriever's embeddings (ClipCap), the retriever's
+    patch tokens (a ClipCap with `image_input: tokens`, from the embedding cache), or, for a captioner with its
+    own frozen vision tower (BLIP: `reads_retriever_embeddings = False`), that tower's features, computed once
+    here in batches (the image side stays frozen, so they hold for the whole run)."""
+    if getattr(captioner, "reads_image_tokens", False):
+        if retriever is None:
+            raise ValueError("a captioner reading image tokens needs the retriever whose tokens it reads")
+        from raycap.data.cache import image_embeddings
+
+        return image_embeddings(retriever, source, log=log, features="tokens").embeddings
     if getattr(captioner, "reads_retriever_embeddings", True):
         return embeddings
     from raycap.progress import progress
@@ -230,10 +252,10 @@ def captioner_inputs(captioner, source: ImageSource, embeddings: torch.Tensor, b
     return features
 
 
-def attach_captioner_inputs(captioner, splits: dict[str, SplitImages], log=print) -> None:
+def attach_captioner_inputs(captioner, splits: dict[str, SplitImages], retriever, log=print) -> None:
     """Give each split the captioner's own inputs when it does not read the retriever's embeddings."""
     for s in splits.values():
-        inputs = captioner_inputs(captioner, s.source, s.embeddings, log=log)
+        inputs = captioner_inputs(captioner, s.source, s.embeddings, log=log, retriever=retriever)
         s.inputs = None if inputs is s.embeddings else inputs
 
 

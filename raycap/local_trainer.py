@@ -55,7 +55,7 @@ class LocalTrainer:
         self.retriever = load_retriever(config.retriever)
         check_run_compatible(self.policy, self.retriever, config)
         self.splits = splits if splits is not None else open_splits(config, self.retriever, log)
-        attach_captioner_inputs(self.policy, self.splits, log)  # BLIP's own frozen features; ClipCap: nothing
+        attach_captioner_inputs(self.policy, self.splits, self.retriever, log)  # patch tokens, BLIP's features
         self.images = self.splits["train"].embeddings
         self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.policy.stop_ids, config,
                                        inputs=self.splits["train"].inputs)
@@ -118,7 +118,8 @@ class LocalTrainer:
         mode = self.cfg.eval.decoding if split == "test" else "greedy"
         return evaluate_images(self.policy, self.tokenizer, self.retriever, s.source, s.embeddings,
                                self.cfg.eval.images, examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,
-                               num_beams=self.cfg.eval.num_beams)
+                               num_beams=self.cfg.eval.num_beams, selection=self.cfg.selection(),
+                               pool=self.splits["train"].embeddings)
 
     def fit(self, on_eval=None, test_at_end: bool = True) -> dict:
         """The run (resumed from its last checkpoint); `on_eval` and `test_at_end` as in `runlog.run_updates`."""

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retriever-batch", type=int, default=256)
     p.add_argument("--hard-negatives", type=int, default=3)
     p.add_argument("--captioner-epochs", type=int, default=20)
+    p.add_argument("--captioner-input", choices=["embedding", "tokens"], default="embedding",
+                   help="what the world captioner reads: the retriever's 64-d embedding (an MLP mapper) or its "
+                        "image tower's patch tokens (a Transformer mapper)")
+    p.add_argument("--mapper-layers", type=int, default=4, help="the token mapper's layers (--captioner-input tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--eval-images", type=int, default=None, help="test images to evaluate on (default: all)")
@@ -157,7 +161,8 @@ def run(args) -> dict:
         if not (out / "retriever").exists():
             raise UserError(f"{out / 'retriever'}: missing; run the retriever stage first")
         retriever = Retriever.from_pretrained(out / "retriever").freeze()
-        cfg = CaptionerTraining(epochs=args.captioner_epochs, seed=args.seed)
+        cfg = CaptionerTraining(epochs=args.captioner_epochs, seed=args.seed, image_input=args.captioner_input,
+                                mapper_layers=args.mapper_layers)
         t0 = time.time()
         captioner = train_captioner(retriever, world, cfg, out / "work" / "captioner")
         captioner.save_pretrained(out / "captioner")

@@ -1,6 +1,7 @@
 """Each baseline changes the advantages the way it claims, in a real update of the reference loop: the
 self-critical baseline is the reward of the policy's own greedy caption of the same image, leave-one-out is
-the mean reward of the image's other samples, the running mean starts at the first batch's mean."""
+the mean reward of the image's other samples, best-of-n is one-hot on each image's best sample, the running mean
+starts at the first batch's mean."""
 import torch
 
 from raycap.config import load_config
@@ -11,7 +12,8 @@ from world_runs import world_sets
 
 def one_update(world, tmp_path, monkeypatch, *overrides):
     cfg = load_config("world-demo", [*world_sets(world), "rl.batch_size=12", "rl.num_candidates=12",
-                                     "rl.max_new_tokens=8", "eval.images=100", "threads=2", *overrides])
+                                     "rl.max_new_tokens=8", "eval.images=100", "threads=2", "rl.num_samples=1",
+                                     "rl.reward=discriminative", "rl.cosine_coef=0.2", *overrides])
     trainer = LocalTrainer(cfg, tmp_path)
     seen = {"scores": []}
     score, loss = algorithm.Scorer.score, algorithm.reinforce_loss
@@ -61,6 +63,17 @@ def test_leave_one_out_leaves_each_caption_out(tiny_world_dir, tmp_path, monkeyp
     for i in range(3):
         others = [j for j in range(3) if j != i]
         torch.testing.assert_close(adv[:, i], r[:, i] - r[:, others].mean(1))
+
+
+def test_best_of_n_imitates_each_images_best_caption(tiny_world_dir, tmp_path, monkeypatch):
+    """baseline=best: advantage 1 on the highest-reward caption of each image and 0 elsewhere, so the update's
+    policy-gradient term is the cross-entropy of those captions alone."""
+    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.baseline=best", "rl.num_samples=4",
+                            "rl.reward=pool")
+    r = seen["scores"][0].view(12, 4)
+    adv = seen["advantages"].view(12, 4)
+    assert torch.equal(adv.sum(1), torch.ones(12)) and set(adv.unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(r[adv.bool()], r.max(1).values)
 
 
 def test_mean_baseline_first_update_is_centred(tiny_world_dir, tmp_path, monkeypatch):

@@ -94,3 +94,22 @@ def test_unreadable_images_error_by_name_or_are_skipped(tmp_path, builder, reque
     assert torch.allclose(out.embeddings, full.embeddings[[0, 1, 2, 3, 5]], atol=1e-6)
     with pytest.raises(BadImage):  # a cache built while skipping never serves a run that must not skip
         image_embeddings(r, src, builder=builder, log=lambda *_: None)
+
+
+def test_patch_tokens_have_their_own_entry_and_both_builders_agree(tmp_path, ray_cpu):
+    """features="tokens": the image tower's tokens (what a token-reading captioner sees), float16, in an
+    entry of their own (the embeddings' entry is untouched), equal from the Ray Data and in-process builders."""
+    src, r = files(tmp_path, 6), retriever()
+    emb = image_embeddings(r, src, builder="local", log=lambda *_: None)
+    tok = image_embeddings(r, src, builder="ray", batch_size=4, log=lambda *_: None, features="tokens")
+    assert tok.path != emb.path and tok.built
+    assert tok.embeddings.shape == (6, *r.token_shape) == (6, 37, 96) and tok.embeddings.dtype == torch.float16
+    with torch.no_grad():
+        direct = r.encode_image_tokens(torch.stack([r.preprocess()(src.image(i)) for i in range(6)]))
+    torch.testing.assert_close(tok.embeddings.float(), direct, atol=2e-3, rtol=1e-3)
+    local = image_embeddings(r, src, builder="local", use_cache=False, features="tokens")
+    torch.testing.assert_close(local.embeddings.float(), tok.embeddings.float(), atol=2e-3, rtol=1e-3)
+    again = image_embeddings(r, src, log=lambda *_: None, features="tokens")
+    assert not again.built and torch.equal(again.embeddings, tok.embeddings)
+    assert json.loads((tok.path / MANIFEST).read_text())["shape"] == [37, 96]
+    assert torch.equal(image_embeddings(r, src, log=lambda *_: None).embeddings, emb.embeddings)

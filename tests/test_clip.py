@@ -116,3 +116,24 @@ def test_real_tokenizer_by_path_gets_a_pad_token(tmp_path):
     assert decode(tok, ids, lengths) == ["a red circle", "a small blue star at top left"]
     with pytest.raises(UserError, match="cannot load tokenizer"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_image_tokens_are_the_towers_penultimate_tokens(retriever):
+    """encode_image_tokens: the class token and one token per patch as they enter the ViT's last block (whose
+    class token output, normed and projected, is the embedding), without touching the tower."""
+    px = retriever.pixels(WORLD.images("test", range(3)))
+    visual = retriever.model.visual
+    with torch.no_grad():
+        tokens = retriever.encode_image_tokens(px)
+        last = visual.transformer.resblocks[-1](tokens)
+    assert retriever.token_shape == (37, 96) and tokens.shape == (3, 37, 96)
+    torch.testing.assert_close(retriever.encode_image(px, normalize=False), visual.ln_post(last[:, 0]) @ visual.proj)
+    assert torch.equal(retriever.encode_pixels_tokens(WORLD.images("test", range(3)), chunk=2), tokens)
+
+
+def test_a_resnet_tower_has_no_patch_tokens():
+    model = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+                           text_cfg={"context_length": 8, "vocab_size": 40, "width": 16, "heads": 2, "layers": 1})
+    r = Retriever(model, world_tokenizer(WORLD.config.vocabulary()), {"name": "tiny-rn"})
+    with pytest.raises(UserError, match="tiny-rn: its image tower \\(ModifiedResNet\\) gives no patch tokens"):
+        r.token_shape

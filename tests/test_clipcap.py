@@ -361,3 +361,33 @@ def test_public_clipcap_checkpoint_layout_loads(tmp_path):
             @ sd["clip_project.model.2.weight"].T + sd["clip_project.model.2.bias"]).view(2, 10, 768)
     torch.testing.assert_close(m.prefix(x), want, atol=1e-5, rtol=1e-5)
     assert m.generate(x, max_new_tokens=3).tokens.shape == (2, 3)
+
+
+def test_token_mapper_reads_patch_tokens(tmp_path):
+    """image_input 'tokens': (B, T, W) patch tokens through the token mapper; decoding and teacher forcing agree,
+    every mapper weight gets gradient, the checkpoint round-trips, and a wrong shape or an MLP is refused."""
+    T, W = 5, 12
+    torch.manual_seed(0)
+    m = ClipCap(ClipCapConfig(clip_dim=W, prefix_length=P, mapper="transformer", mapper_layers=2, clip_length=T,
+                              image_input="tokens", lm=dict(LM), max_new_tokens=8)).eval()
+    assert m.reads_image_tokens and not make().reads_image_tokens
+    x = torch.randn(3, T, W, generator=torch.Generator().manual_seed(2))
+    assert m.prefix(x).shape == (3, P, 32)
+    c = m.generate(x, mode="sample", generator=torch.Generator().manual_seed(3), num_samples=2)
+    check_layout(c)
+    lp = m.log_probs(x, c.tokens, c.lengths)  # 3 images, 6 rows: the num_samples layout
+    torch.testing.assert_close(lp, c.logprobs, atol=1e-5, rtol=1e-4)
+    lp.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.mapper.parameters())
+    # where a token sits matters: the same tokens in another order give another prefix
+    assert not torch.allclose(m.prefix(x), m.prefix(x.flip(1)), atol=1e-4)
+    m.save_pretrained(tmp_path)
+    m2 = ClipCap.from_pretrained(tmp_path).eval()
+    assert m2.config == m.config and m2.reads_image_tokens
+    assert_same(m.generate(x), m2.generate(x), atol=0)
+    with pytest.raises(ValueError, match=r"reads \(B, 5, 12\) image tokens, got \(3, 12\)"):
+        m.prefix(x[:, 0])
+    with pytest.raises(ValueError, match="needs mapper 'transformer'"):
+        make(image_input="tokens")
+    with pytest.raises(ValueError, match="unknown image_input"):
+        make(image_input="pixels")

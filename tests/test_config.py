@@ -9,7 +9,7 @@ def test_named_configs_load_with_their_sections():
     assert {"world-demo", "world-files", "world-gpu"} <= set(named_configs())
     demo = load_config("world-demo")
     assert demo.data.kind == "world" and demo.data.splits == {"train": "train", "val": "val", "test": "test"}
-    assert demo.retriever.path == str(ASSETS_DIR / "world" / "retriever") and demo.rl.cosine_coef == 0.2
+    assert demo.retriever.path == str(ASSETS_DIR / "world" / "retriever") and demo.rl.reward == "pool" and demo.eval.decoding == "select"
     files = load_config("world-files")
     assert files.data.kind == "karpathy" and files.retriever.path == "world-files/retriever"
     # world-files runs what world-demo runs, only from files
@@ -64,7 +64,7 @@ def test_retriever_section_takes_a_name_or_a_path():
 
 
 def test_cross_section_checks_name_both_fields():
-    with pytest.raises(UserError, match="runtime.learner_workers .3. must divide rl.batch_size .100."):
+    with pytest.raises(UserError, match="runtime.learner_workers .3. must divide rl.batch_size .32."):
         load_config("world-demo", ["runtime.learner_workers=3"])
 
 

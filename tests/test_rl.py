@@ -80,6 +80,15 @@ def test_running_mean_baseline_uses_only_past_rewards():
     assert restored(torch.tensor([0.0])).tolist() == [4.0]
 
 
+def test_best_of_n_baseline_leaves_a_one_hot_advantage():
+    r = torch.tensor([1.0, 3.0, 2.0, -1.0, -1.0, -4.0])
+    torch.testing.assert_close(r - baselines.best_of_n(r, 3), torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="needs >= 2 samples"):
+        baselines.best_of_n(r, 1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        baselines.best_of_n(r, 4)
+
+
 def test_leave_one_out_and_self_critical():
     r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two images, three samples each
     torch.testing.assert_close(baselines.leave_one_out(r, 3), torch.tensor([4.0, 3.5, 1.5, 1.5, 1.5, 0.0]))
@@ -181,7 +190,11 @@ def test_substitution_check_needs_classes():
     from raycap.errors import UserError
 
     with pytest.raises(UserError, match="substitution_classes"):
-        load_config("world-demo", ["rl.self_check_kind=substitute"])
+        load_config("world-demo", ["rl.self_check_kind=substitute", "rl.substitution_classes=[]"])
+    with pytest.raises(UserError, match="eval.decoding select .* needs rl.substitution_classes"):
+        load_config("world-demo", ["rl.self_check_kind=swap", "rl.substitution_classes=[]"])
+    assert load_config("world-demo", ["rl.substitution_classes=[]", "rl.self_check_kind=swap",
+                                      "eval.select_check=0"]).eval.decoding == "select"
     cfg = load_config("world-demo", ["rl.self_check_kind=substitute", "rl.substitution_classes=[[red, green]]"])
     assert cfg.rl.substitution_classes == [["red", "green"]]
 
@@ -206,3 +219,18 @@ def test_phrase_grounding_by_hand():
     circle = s * 1.0 - math.log(math.exp(s * 1.0) + math.exp(0.0) + math.exp(s * 0.6))
     assert got[0].item() == pytest.approx(star, abs=1e-5) and got[1].item() == pytest.approx(circle, abs=1e-5)
     assert star < circle  # the guessed second phrase is what the term charges
+
+
+def test_pool_reward_against_a_hand_computation():
+    """pool: log softmax at the target over every image of the pool, whatever the step's candidates are."""
+    images = unit([1, 0], [0, 1], [1, 1], [-1, 0])
+    texts = unit([1, 0], [1, 1])
+    cands = torch.tensor([[0, 1], [2, 3]])  # two candidates each; the pool has four images
+    scale, c = 10.0, 1 / math.sqrt(2)
+    z0 = math.exp(10) + math.exp(0) + math.exp(10 * c) + math.exp(-10)
+    z1 = math.exp(10 * c) + math.exp(10 * c) + math.exp(10) + math.exp(-10 * c)
+    expected = torch.tensor([10 - math.log(z0), 10 - math.log(z1)])
+    torch.testing.assert_close(rewards.compute("pool", texts, images, cands, scale), expected)
+    # a claim that fits another pool image better costs the target, though that image is no candidate
+    assert rewards.compute("pool", texts, images, cands, scale)[0] < \
+        rewards.compute("discriminative", texts, images, torch.tensor([[0, 3]]), scale)[0]

@@ -14,9 +14,9 @@ FAST = ["--runtime", "local", "--set", "eval.images=100", "--set", "rl.max_new_t
 
 def test_named_config_loads_and_bad_values_name_the_field(tmp_path):
     cfg = load_config("world-demo", ["rl.kl_coef=0.2", "rl.steps=7"])
-    assert cfg.rl.kl_coef == 0.2 and cfg.rl.steps == 7 and cfg.rl.reward == "discriminative"
+    assert cfg.rl.kl_coef == 0.2 and cfg.rl.steps == 7 and cfg.rl.reward == "pool"
     for bad, needle in [(["rl.lr=-1"], "lr"), (["rl.reward=bleu"], "reward"), (["bogus=1"], "bogus"),
-                        (["rl.baseline=loo"], "num_samples"), (["rl.num_candidates=500"], "num_candidates")]:
+                        (["rl.num_samples=1"], "num_samples"), (["rl.num_candidates=500"], "num_candidates")]:
         with pytest.raises(UserError, match=needle):
             load_config("world-demo", bad)
     with pytest.raises(UserError, match="unknown config 'nope'"):

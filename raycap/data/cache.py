@@ -10,6 +10,9 @@ once both succeed (the second rename loses, and that run reads the winner's).
 Two builders give the same embeddings: `ray` (Ray Data: decode + the retriever's own transform in tasks, the
 image tower in an actor pool, on GPUs when the cluster has them) for image files, and `local` (in-process) for
 the in-memory world and small sources.
+
+`features="tokens"` caches the image tower's patch tokens instead (N, tokens, width; float16 to halve their
+size), what a captioner with `image_input: tokens` reads; an entry of its own, keyed the same way.
 """
 from __future__ import annotations
 
@@ -37,9 +40,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAYCAP_CACHE", Path.home() / ".cache" / "raycap"))
 
 
+FEATURES = ("embedding", "tokens")
+
+
 @dataclass
 class CachedEmbeddings:
-    embeddings: torch.Tensor  # (N_kept, D) float32, L2-normalised, source order
+    embeddings: torch.Tensor  # (N_kept, D) float32, L2-normalised, source order; or (N_kept, T, W) float16 tokens
     kept: torch.Tensor        # (N_kept,) indices into the source
     skipped: list[dict]       # [{"id", "index", "reason"}]: images that could not be read (on_bad_image: skip)
     path: Path | None         # the cache entry (None when use_cache=False)
@@ -55,33 +61,41 @@ def retriever_fingerprint(retriever) -> str:
     return h.hexdigest()
 
 
-def cache_key(retriever, source: ImageSource, fingerprint: str | None = None) -> tuple[str, dict]:
+def cache_key(retriever, source: ImageSource, fingerprint: str | None = None,
+              features: str = "embedding") -> tuple[str, dict]:
     """The entry's name and what it hashes; `fingerprint`: the retriever's, when the caller computed it already."""
     parts = {"dataset": source.fingerprint(), "retriever": fingerprint or retriever_fingerprint(retriever),
              "preprocess": repr(retriever.preprocess())}
+    if features != "embedding":  # the embeddings' keys stay what they were
+        parts["features"] = features
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24], parts
 
 
 def image_embeddings(retriever, source: ImageSource, *, on_bad_image: str = "error", builder: str = "auto",
                      batch_size: int = 256, use_cache: bool = True, shard_rows: int = SHARD_ROWS,
-                     log=print, fingerprint: str | None = None) -> CachedEmbeddings:
+                     log=print, fingerprint: str | None = None, features: str = "embedding") -> CachedEmbeddings:
     """The source's image embeddings: read from the cache, or built (and cached). Unreadable images raise
     `BadImage` naming the file (`on_bad_image="error"`) or are left out and listed (`"skip"`).
     `fingerprint`: the retriever's, passed when embedding several sources with one retriever (hashing its weights
-    once)."""
+    once). `features="tokens"`: the image tower's patch tokens instead (float16)."""
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
     if builder == "auto":
         builder = "ray" if getattr(source, "paths", None) is not None else "local"
-    key, parts = cache_key(retriever, source, fingerprint) if use_cache else (None, None)
+    key, parts = cache_key(retriever, source, fingerprint, features) if use_cache else (None, None)
     final = cache_dir() / "embeddings" / key if use_cache else None
     if use_cache and (final / MANIFEST).is_file():
         return _read(final, source, on_bad_image)
     t = time.perf_counter()
     build = _build_ray if builder == "ray" else _build_local
-    emb, kept, skipped = build(retriever, source, on_bad_image, batch_size)
+    emb, kept, skipped = build(retriever, source, on_bad_image, batch_size, features == "tokens")
+    if features == "tokens":
+        emb = emb.half()
     rate = len(source) / max(time.perf_counter() - t, 1e-9)
-    log(f"embedded {len(kept)} images of {source.name} ({rate:.0f} images/s, {builder} builder)"
+    what = "embedded" if features == "embedding" else "took the patch tokens of"
+    log(f"{what} {len(kept)} images of {source.name} ({rate:.0f} images/s, {builder} builder)"
         + (f"; left out {len(skipped)} unreadable" if skipped else ""))
     if not use_cache:
         return CachedEmbeddings(emb, kept, skipped, None, True)
@@ -102,7 +116,8 @@ def _read(path: Path, source: ImageSource, on_bad_image: str) -> CachedEmbedding
     if manifest["skipped"] and on_bad_image == "error":  # built by a run that skipped: this one must not
         raise _bad(source, manifest["skipped"])
     shards = [load_file(str(path / name)) for name in manifest["shards"]]
-    emb = torch.cat([s["embeddings"] for s in shards]) if shards else torch.zeros(0, manifest["dim"])
+    shape = manifest.get("shape", [manifest["dim"]])
+    emb = torch.cat([s["embeddings"] for s in shards]) if shards else torch.zeros(0, *shape)
     kept = torch.cat([s["kept"] for s in shards]) if shards else torch.zeros(0, dtype=torch.long)
     return CachedEmbeddings(emb, kept, manifest["skipped"], path, False)
 
@@ -117,7 +132,8 @@ def _write(final: Path, emb, kept, skipped, parts, source, builder, shard_rows) 
             save_file({"embeddings": emb[k:k + shard_rows].contiguous(), "kept": kept[k:k + shard_rows].contiguous()},
                       str(tmp / name))
             names.append(name)
-        manifest = {"source": source.name, "n": len(source), "kept": len(kept), "dim": int(emb.shape[1]),
+        manifest = {"source": source.name, "n": len(source), "kept": len(kept), "dim": int(emb.shape[-1]),
+                    "shape": list(emb.shape[1:]),
                     "ids_sha256": hashlib.sha256("\n".join(source.ids).encode()).hexdigest(), "shards": names,
                     "skipped": skipped, "builder": builder, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **parts}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: an entry without it is never read
@@ -168,22 +184,32 @@ def _decode(source: ImageSource, transform, indices) -> tuple[np.ndarray, np.nda
     return np.stack(pixels).astype(np.float32), np.asarray(ok), reasons
 
 
+def _feature_shape(retriever, tokens: bool) -> tuple[int, ...]:
+    return tuple(retriever.token_shape) if tokens else (retriever.embed_dim,)
+
+
+def _encode(retriever, pixels: torch.Tensor, tokens: bool) -> torch.Tensor:
+    return retriever.encode_image_tokens(pixels) if tokens else retriever.encode_image(pixels)
+
+
 @torch.no_grad()
-def _build_local(retriever, source, on_bad_image, batch_size):
+def _build_local(retriever, source, on_bad_image, batch_size, tokens=False):
     n, embs, oks, reasons = len(source), [], [], []
     device = retriever.pixel_mean.device
+    empty = np.zeros((0, *_feature_shape(retriever, tokens)), np.float32)
     if isinstance(source, WorldSource):  # no PIL round trip: the exact pixels of the world (chunks of 512)
         for k in range(0, n, 512):
-            embs.append(retriever.encode_pixels(source.pixels(range(k, min(k + 512, n)))).float().cpu().numpy())
-        emb = np.concatenate(embs) if embs else np.zeros((0, retriever.embed_dim), np.float32)
+            pixels = retriever.pixels(source.pixels(range(k, min(k + 512, n))))
+            embs.append(_encode(retriever, pixels, tokens).float().cpu().numpy())
+        emb = np.concatenate(embs) if embs else empty
         return _result(np.arange(n), emb, np.ones(n, bool), [""] * n, source, on_bad_image)
     transform = retriever.preprocess()
     for k in range(0, n, batch_size):
         pixels, ok, why = _decode(source, transform, range(k, min(k + batch_size, n)))
-        embs.append(retriever.encode_image(torch.from_numpy(pixels).to(device)).float().cpu().numpy())
+        embs.append(_encode(retriever, torch.from_numpy(pixels).to(device), tokens).float().cpu().numpy())
         oks.append(ok)
         reasons += why
-    emb = np.concatenate(embs) if embs else np.zeros((0, retriever.embed_dim), np.float32)
+    emb = np.concatenate(embs) if embs else empty
     return _result(np.arange(n), emb, np.concatenate(oks) if oks else np.zeros(0, bool), reasons, source,
                    on_bad_image)
 
@@ -202,22 +228,22 @@ class _Decode:
 class _Encode:
     """Ray Data actor: holds the frozen image tower (on the GPU when it was given one)."""
 
-    def __init__(self, retriever):
+    def __init__(self, retriever, tokens: bool = False):
         import ray
 
         if isinstance(retriever, ray.ObjectRef):  # passed by reference: the tower is not pickled with the UDF
             retriever = ray.get(retriever)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.retriever = retriever.to(self.device).eval()
+        self.retriever, self.tokens = retriever.to(self.device).eval(), tokens
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
-        emb = self.retriever.encode_image(x).float().cpu().numpy()
+        emb = _encode(self.retriever, x, self.tokens).float().cpu().numpy()
         return {"index": batch["index"], "embedding": emb, "ok": batch["ok"], "reason": batch["reason"]}
 
 
-def _build_ray(retriever, source, on_bad_image, batch_size):
+def _build_ray(retriever, source, on_bad_image, batch_size, tokens=False):
     import ray
     import ray.data
 
@@ -231,7 +257,7 @@ def _build_ray(retriever, source, on_bad_image, batch_size):
     decoders = max(1, int(ray.cluster_resources().get("CPU", 1)) - (0 if gpus else 1))  # one CPU for the encoder
     ds = ds.map_batches(_Decode, fn_constructor_args=(source, retriever.preprocess()), batch_size=batch_size,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders))
-    ds = ds.map_batches(_Encode, fn_constructor_args=(ray.put(retriever.cpu()),), batch_size=batch_size,
+    ds = ds.map_batches(_Encode, fn_constructor_args=(ray.put(retriever.cpu()), tokens), batch_size=batch_size,
                         compute=ray.data.ActorPoolStrategy(size=max(1, int(gpus)) if gpus else 1),
                         num_gpus=1 if gpus else 0)
     index, emb, ok, reasons = [], [], [], []
@@ -244,6 +270,6 @@ def _build_ray(retriever, source, on_bad_image, batch_size):
         ok.append(batch["ok"])
         reasons += list(batch["reason"])
     if not index:
-        return torch.zeros(0, retriever.embed_dim), torch.zeros(0, dtype=torch.long), []
+        return torch.zeros(0, *_feature_shape(retriever, tokens)), torch.zeros(0, dtype=torch.long), []
     return _result(np.concatenate(index), np.concatenate(emb), np.concatenate(ok).astype(bool), reasons, source,
                    on_bad_image)

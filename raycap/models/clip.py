@@ -215,6 +215,34 @@ class Retriever(nn.Module):
         """Preprocessed images (B, 3, S, S) -> embeddings (B, D)."""
         return self.model.encode_image(images, normalize=normalize)
 
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        """(tokens, width) of `encode_image_tokens`: the class token and one per patch, at the tower's width."""
+        visual = self.model.visual
+        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        if not hasattr(visual, "_embeds") or not hasattr(visual, "grid_size") or not blocks or len(blocks) < 2:
+            raise UserError(f"retriever {self.meta.get('name', 'world')}: its image tower ({type(visual).__name__}) "
+                            "gives no patch tokens; a captioner reading image tokens needs a ViT tower")
+        return visual.grid_size[0] * visual.grid_size[1] + 1, visual.transformer.width
+
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, S, S) -> (B, tokens, width): the class token and the patch tokens as they
+        enter the tower's last block. The last block's own patch outputs feed nothing the contrastive loss saw
+        (only its class token is pooled), so the penultimate layer's are the ones trained to carry what the
+        embedding is made of (LLaVA reads CLIP there too); they keep where each thing is."""
+        self.token_shape  # a ViT tower, or one line
+        visual = self.model.visual
+        x = visual._embeds(images)
+        for block in visual.transformer.resblocks[:-1]:
+            x = block(x)
+        return x
+
+    @torch.no_grad()
+    def encode_pixels_tokens(self, images: np.ndarray, chunk: int = 512) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images -> (N, tokens, width) patch tokens, in chunks, without gradients."""
+        return torch.cat([self.encode_image_tokens(self.pixels(images[k:k + chunk]))
+                          for k in range(0, len(images), chunk)])
+
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
         """Token ids ending in end-of-text, padded to the batch's longest caption (at most the context)."""
         return self.tokenizer.tokenize(captions, self.context_length) if isinstance(self.tokenizer, OpenClipTokenizer) \

@@ -1,4 +1,5 @@
-"""ClipCap: CLIP image embedding -> mapping network -> prefix embeddings -> causal LM.
+"""ClipCap: CLIP image embedding (or the image tower's patch tokens) -> mapping network -> prefix embeddings
+-> causal LM.
 
 A compact re-implementation of ClipCap (Mokady et al., 2021) on top of any HF
 `AutoModelForCausalLM`, with batched greedy / sampling / beam-search decoding
@@ -33,11 +34,12 @@ LM_DIR = "lm"
 class ClipCapConfig:
     """Hyper-parameters of a ClipCap model (serialised to `raycap_clipcap.json`)."""
 
-    clip_dim: int
+    clip_dim: int  # the embedding's width, or with image_input "tokens" the tower's token width
     prefix_length: int = 10
     mapper: str = "mlp"  # "mlp" | "transformer"
     mapper_layers: int = 8  # transformer mapper only
-    clip_length: int = 10  # transformer mapper only
+    clip_length: int = 10  # transformer mapper only; with image_input "tokens": the number of image tokens
+    image_input: str = "embedding"  # "embedding" (the retriever's pooled one) | "tokens" (its patch tokens)
     lm: str | dict = "gpt2"  # HF name / local path, or a dict of GPT2Config kwargs (fresh LM)
     train_lm: bool = True
     eos_token_id: int | None = None  # default: the LM config's eos_token_id
@@ -79,6 +81,31 @@ class TransformerMapper(nn.Module):
         x = self.linear(x).view(x.size(0), self.clip_length, self.hidden)
         x = torch.cat([x, self.prefix_const.expand(x.size(0), -1, -1)], dim=1)
         return self.transformer(x)[:, self.clip_length:]
+
+
+class TokenMapper(nn.Module):
+    """A Transformer mapper over the image tower's tokens instead of one embedding: each token is normalised, projected
+    to the LM width and given a learned position, the prefix constants attend to all of them (the ClipCap
+    Transformer mapper's layers), and their outputs are the prefix."""
+
+    def __init__(self, token_dim: int, hidden: int, prefix_length: int, num_tokens: int, num_layers: int):
+        super().__init__()
+        self.num_tokens, self.hidden = num_tokens, hidden
+        self.norm = nn.LayerNorm(token_dim)  # a tower's inner tokens are not normalised
+        self.linear = nn.Linear(token_dim, hidden)
+        self.position = nn.Parameter(torch.randn(num_tokens, hidden) * 0.02)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, hidden))
+        layer = nn.TransformerEncoderLayer(hidden, 8, 2 * hidden, dropout=0.0, activation="relu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if tokens.dim() != 3 or tokens.shape[1:] != (self.num_tokens, self.linear.in_features):
+            raise ValueError(f"the token mapper reads (B, {self.num_tokens}, {self.linear.in_features}) image "
+                             f"tokens, got {tuple(tokens.shape)}")
+        x = self.linear(self.norm(tokens)) + self.position
+        x = torch.cat([x, self.prefix_const.expand(x.size(0), -1, -1)], dim=1)
+        return self.transformer(x)[:, self.num_tokens:]
 
 
 def _convert_original_transformer_mapper(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -141,7 +168,14 @@ class ClipCap(Decoding, nn.Module):
         self.config = config
         self.lm = _build_lm(config.lm) if lm is None else lm
         self.hidden = self.lm.get_input_embeddings().embedding_dim
-        if config.mapper == "mlp":
+        if config.image_input not in ("embedding", "tokens"):
+            raise ValueError(f"unknown image_input {config.image_input!r} (expected 'embedding' or 'tokens')")
+        if config.image_input == "tokens":
+            if config.mapper != "transformer":
+                raise ValueError("image_input 'tokens' needs mapper 'transformer' (an MLP reads one embedding)")
+            self.mapper = TokenMapper(config.clip_dim, self.hidden, config.prefix_length, config.clip_length,
+                                      config.mapper_layers)
+        elif config.mapper == "mlp":
             self.mapper = MLPMapper(config.clip_dim, self.hidden, config.prefix_length)
         elif config.mapper == "transformer":
             self.mapper = TransformerMapper(config.clip_dim, self.hidden, config.prefix_length,
@@ -172,8 +206,14 @@ class ClipCap(Decoding, nn.Module):
     def device(self) -> torch.device:
         return next(self.mapper.parameters()).device
 
+    @property
+    def reads_image_tokens(self) -> bool:
+        """True: it reads the retriever's patch tokens (`raycap.inputs.captioner_inputs` computes them)."""
+        return self.config.image_input == "tokens"
+
     def prefix(self, image_embeds: Tensor) -> Tensor:
-        """(B, clip_dim) CLIP embeddings -> (B, prefix_length, hidden) LM input embeddings."""
+        """(B, clip_dim) CLIP embeddings, or (B, tokens, width) patch tokens -> (B, prefix_length, hidden) LM
+        input embeddings."""
         p = next(self.mapper.parameters())
         return self.mapper(image_embeds.to(device=p.device, dtype=p.dtype))
 

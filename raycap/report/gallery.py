@@ -12,7 +12,7 @@ from PIL import Image
 from raycap.config import RunConfig
 from raycap.inputs import captioner_inputs, load_captioner, load_retriever, open_split
 from raycap.metrics.retrieval import candidate_sets, target_ranks
-from raycap.supervised.captioner import caption_embeddings, evaluate_images
+from raycap.supervised.captioner import decode_images, evaluate_images
 
 P_AT_1_SEED = 0  # score_captions' candidate sets: the ranks shown are those P@1 counts
 
@@ -40,6 +40,7 @@ class TestComparison:
     after: dict
     n_images: int
     items: list[GalleryItem]
+    decoding: str = "greedy"  # the fine-tuned captioner's (the supervised one decodes greedily)
 
 
 def display_image(image: Image.Image, small: int = 160, large: int = 320) -> Image.Image:
@@ -65,11 +66,16 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
     emb = split.embeddings[:n]
     metrics = {}
     inputs = {}
+    texts = {}
+    pool = open_split(cfg, retriever, "train", log).embeddings if cfg.eval.decoding == "select" else None
     for name, (model, tokenizer) in models.items():
         model.config.max_new_tokens = cfg.rl.max_new_tokens
-        inputs[name] = captioner_inputs(model, split.source, split.embeddings, log=log)[:n]
-        metrics[name] = evaluate_images(model.eval(), tokenizer, retriever, split.source, emb, n, examples=0,
-                                        inputs=inputs[name])
+        inputs[name] = captioner_inputs(model, split.source, split.embeddings, log=log, retriever=retriever)[:n]
+        mode = cfg.eval.decoding if name == "fine-tuned" else "greedy"  # the supervised captioner as RL starts
+        texts[name] = decode_images(model.eval(), tokenizer, retriever, inputs[name], emb, mode, cfg.eval.num_beams,
+                                    cfg.selection(), pool)
+        metrics[name] = evaluate_images(model, tokenizer, retriever, split.source, emb, n, examples=0,
+                                        captions=texts[name])
         metrics[name].pop("examples", None)
     g = min(n_gallery, n)
     scenes = split.source.scenes
@@ -87,10 +93,10 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
         items.append(item)
     if g:
         candidates = candidate_sets(n, 100, P_AT_1_SEED)[:g]
-        for name, (model, tokenizer) in models.items():
-            texts = caption_embeddings(model, tokenizer, inputs[name][:g])
-            ranks = target_ranks(retriever.encode_captions(texts), emb, candidates)
-            for i, (text, rank) in enumerate(zip(texts, ranks.tolist())):
+        for name in models:
+            shown = texts[name][:g]
+            ranks = target_ranks(retriever.encode_captions(shown), emb, candidates)
+            for i, (text, rank) in enumerate(zip(shown, ranks.tolist())):
                 view = CaptionView(text, rank)
                 if scenes is not None:
                     from raycap.data.grammar import analyse, word_verdicts
@@ -98,4 +104,7 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
                     view.words = word_verdicts(text, scenes[i])
                     view.faithful = analyse(text, scenes[i]).faithful
                 items[i].captions[name] = view
-    return TestComparison(metrics["supervised"], metrics["fine-tuned"], n, items)
+    decoding = {"beam": f"beam {cfg.eval.num_beams}",
+                "select": f"the best of {cfg.eval.select_samples} samples by the retriever"}.get(cfg.eval.decoding,
+                                                                                               "greedy")
+    return TestComparison(metrics["supervised"], metrics["fine-tuned"], n, items, decoding)

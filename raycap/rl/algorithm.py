@@ -143,6 +143,8 @@ class Advantages:
             return self.running(reward)
         if kind == "loo":
             return baselines.leave_one_out(reward, self.cfg.rl.num_samples)
+        if kind == "best":
+            return baselines.best_of_n(reward, self.cfg.rl.num_samples)
         if greedy_reward is None:
             raise ValueError("the greedy (self-critical) baseline needs the greedy captions' rewards")
         return baselines.self_critical(greedy_reward, self.cfg.rl.num_samples)

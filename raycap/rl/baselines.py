@@ -5,7 +5,11 @@
   read before the batch's own rewards are added; the first batch, with no past, gets its own mean (a baseline
   of 0 would push every caption of the first updates down while discriminative rewards sit near -4);
 - self-critical: the reward of the greedy caption of the same image;
-- leave-one-out (RLOO, 'new self-critical'): n sampled captions per image, b_i = mean of the other n-1.
+- leave-one-out (RLOO, 'new self-critical'): n sampled captions per image, b_i = mean of the other n-1;
+- best of n: b_i = R_i - [caption i is its image's best of n], so the advantage is 1 for each image's
+  highest-reward caption and 0 for the others: the update is cross-entropy on the policy's own best caption
+  (rejection-sampling fine-tuning, expert iteration). The reward only ranks an image's captions; a caption is
+  never pushed down, and a guess that the reward sees through is simply not the one imitated.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from collections import deque
 
 import torch
 
-BASELINES = ("none", "mean", "greedy", "loo")
+BASELINES = ("none", "mean", "greedy", "loo", "best")
 
 
 class RunningMean:
@@ -63,3 +67,15 @@ def leave_one_out(rewards: torch.Tensor, num_samples: int) -> torch.Tensor:
         raise ValueError(f"{rewards.numel()} rewards are not a multiple of {num_samples} samples per image")
     groups = rewards.view(-1, num_samples)
     return ((groups.sum(1, keepdim=True) - groups) / (num_samples - 1)).reshape(rewards.shape)
+
+
+def best_of_n(rewards: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """b_i = R_i - 1 for the first highest-reward caption of each image, R_i for the others (rows image-major, n
+    per image): advantages are that one-hot."""
+    if num_samples < 2:
+        raise ValueError(f"best of n needs >= 2 samples per image, got {num_samples}")
+    if rewards.numel() % num_samples:
+        raise ValueError(f"{rewards.numel()} rewards are not a multiple of {num_samples} samples per image")
+    groups = rewards.view(-1, num_samples)
+    best = torch.zeros_like(groups).scatter_(1, groups.argmax(dim=1, keepdim=True), 1.0)
+    return (groups - best).reshape(rewards.shape)

@@ -3,6 +3,9 @@
 One scale: the retriever's logits, `logit_scale * cos` (CLIP's own; 100 for OpenAI CLIP, as CLIPScore's 100 cos).
 - discriminative: log softmax over candidates of `logit_scale * cos(text, image_j)`, read at the target
   (column 0 of `candidates`): the paper's reward;
+- pool: the same log softmax over *every* image of the pool (all the cached training images) instead of the
+  step's candidates. Against 99 random distractors a guessed claim costs little (few of them share it); against
+  the whole pool, every image the caption fits better than the target takes its share, so a false claim pays;
 - accuracy: 1 if the target scores strictly above every distractor (a tie is a miss), else 0;
 - cosine: `logit_scale * cos(text, target image)`, CLIPScore-like, no distractors (the `cosine_coef` term of
   the discriminative reward is this same quantity).
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-REWARDS = ("discriminative", "accuracy", "cosine")
+REWARDS = ("discriminative", "pool", "accuracy", "cosine")
 
 
 def candidate_scores(text_emb: torch.Tensor, image_emb: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -21,6 +24,13 @@ def candidate_scores(text_emb: torch.Tensor, image_emb: torch.Tensor, candidates
 
 def discriminative(text_emb, image_emb, candidates, logit_scale) -> torch.Tensor:
     return torch.log_softmax(logit_scale * candidate_scores(text_emb, image_emb, candidates), dim=-1)[:, 0]
+
+
+def pool(text_emb, image_emb, targets, logit_scale) -> torch.Tensor:
+    """(N,) log softmax of `logit_scale * cos(text, image)` over all of `image_emb` (the pool), at `targets`."""
+    logits = logit_scale * (text_emb.float() @ image_emb.float().T)
+    rows = torch.arange(len(targets), device=logits.device)
+    return torch.log_softmax(logits, dim=-1)[rows, targets.to(logits.device)]
 
 
 def accuracy(text_emb, image_emb, candidates) -> torch.Tensor:
@@ -37,6 +47,8 @@ def compute(kind: str, text_emb, image_emb, candidates, logit_scale, batch: int 
     """Reward of one kind for N captions; targets are `candidates[:, 0]`. A non-finite reward raises."""
     if kind == "discriminative":
         r = discriminative(text_emb, image_emb, candidates, logit_scale)
+    elif kind == "pool":
+        r = pool(text_emb, image_emb, candidates[:, 0], logit_scale)
     elif kind == "accuracy":
         r = accuracy(text_emb, image_emb, candidates)
     elif kind == "cosine":

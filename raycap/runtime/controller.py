@@ -72,7 +72,7 @@ class Controller:
         # the images and their embeddings (the cache's Ray Data build has the cluster before the actors hold it);
         # the reward service gets them through the object store
         self.splits = splits if splits is not None else open_splits(config, retriever, log)
-        attach_captioner_inputs(captioner, self.splits, log)  # BLIP's own frozen features; ClipCap: nothing
+        attach_captioner_inputs(captioner, self.splits, retriever, log)  # patch tokens or BLIP's own features
         del retriever, captioner
         self.pg, first = resources.reserve(rt)
         self.owns_pg = first == 0

@@ -58,4 +58,5 @@ class RewardService:
         mode = self.cfg.eval.decoding if split == "test" else "greedy"
         return evaluate_images(self.captioner, self.tokenizer, self.retriever, s.source, s.embeddings, n,
                                examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,
-                               num_beams=self.cfg.eval.num_beams)
+                               num_beams=self.cfg.eval.num_beams, selection=self.cfg.selection(),
+                               pool=self.splits["train"].embeddings)

@@ -33,16 +33,31 @@ class CaptionerTraining:
                                               "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1})
     max_new_tokens: int = 40
     seed: int = 0
+    image_input: str = "embedding"  # "tokens": the retriever's patch tokens through a token mapper
+    mapper_layers: int = 4  # the token mapper's layers
 
 
 def world_captioner(retriever: Retriever, cfg: CaptionerTraining) -> ClipCap:
-    """A fresh ClipCap sized for the world, sharing the retriever's word vocabulary."""
+    """A fresh ClipCap sized for the world, sharing the retriever's word vocabulary: an MLP mapper over the
+    retriever's embedding, or (`image_input: tokens`) a Transformer mapper over its patch tokens."""
     tok = retriever.tokenizer
     lm = {**cfg.lm, "vocab_size": len(tok), "bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id,
           "pad_token_id": tok.pad_token_id}
-    return ClipCap(ClipCapConfig(clip_dim=retriever.embed_dim, prefix_length=cfg.prefix_length, lm=lm, train_lm=True,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                 max_new_tokens=cfg.max_new_tokens))
+    if cfg.image_input == "tokens":
+        n_tokens, width = retriever.token_shape
+        reads = dict(clip_dim=width, mapper="transformer", clip_length=n_tokens, mapper_layers=cfg.mapper_layers,
+                     image_input="tokens")
+    else:
+        reads = dict(clip_dim=retriever.embed_dim)
+    return ClipCap(ClipCapConfig(prefix_length=cfg.prefix_length, lm=lm, train_lm=True, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens, **reads))
+
+
+def world_inputs(captioner, retriever: Retriever, images) -> torch.Tensor:
+    """What a world captioner reads for uint8 images: the retriever's embeddings or its patch tokens."""
+    if getattr(captioner, "reads_image_tokens", False):
+        return retriever.encode_pixels_tokens(images)
+    return retriever.encode_pixels(images)
 
 
 def train_captioner(retriever: Retriever, world: World, cfg: CaptionerTraining, work_dir: Path,
@@ -50,11 +65,11 @@ def train_captioner(retriever: Retriever, world: World, cfg: CaptionerTraining, 
     """Cross-entropy on (image embedding, vague reference) pairs of the world's labelled split."""
     torch.manual_seed(cfg.seed)
     n_lab, n_val = world.config.n_labelled, min(500, world.config.n_val)
-    emb_lab = retriever.encode_pixels(world.images("labelled"))
-    emb_val = retriever.encode_pixels(world.images("val", range(n_val)))
+    model = world_captioner(retriever, cfg)
+    emb_lab = world_inputs(model, retriever, world.images("labelled"))
+    emb_val = world_inputs(model, retriever, world.images("val", range(n_val)))
     refs = [world.references("labelled", i) for i in range(n_lab)]
     val_refs = [world.references("val", i) for i in range(n_val)]
-    model = world_captioner(retriever, cfg)
     return train_on_references(model, retriever.tokenizer, emb_lab, refs, emb_val, val_refs, cfg, work_dir, log)
 
 
@@ -117,7 +132,9 @@ def world_captions(captioner: Captioner, retriever: Retriever, world: World, spl
     n = min(n or world.config.split_size(split), world.config.split_size(split))
     if image_emb is None:
         image_emb = retriever.encode_pixels(world.images(split, range(n)))
-    captions = caption_embeddings(captioner, retriever.tokenizer, image_emb, mode, num_beams)  # one vocabulary
+    inputs = retriever.encode_pixels_tokens(world.images(split, range(n))) \
+        if getattr(captioner, "reads_image_tokens", False) else image_emb
+    captions = caption_embeddings(captioner, retriever.tokenizer, inputs, mode, num_beams)  # one vocabulary
     return captions, image_emb, [world.scene(split, i) for i in range(n)]
 
 
@@ -151,15 +168,32 @@ def evaluate_captioner(captioner: Captioner, retriever: Retriever, world: World,
 
 
 @torch.no_grad()
+def decode_images(captioner: Captioner, tokenizer, retriever: Retriever, reads: torch.Tensor, image_emb: torch.Tensor,
+                  mode: str = "greedy", num_beams: int = 5, selection=None, pool: torch.Tensor | None = None) -> list[str]:
+    """One caption per image: greedy, beam, or (mode "select") the best of `selection.samples` samples against the
+    `pool` embeddings (`raycap.rl.selection`); `reads` is what the captioner reads, `image_emb` the retriever's."""
+    if mode != "select":
+        return caption_embeddings(captioner, tokenizer, reads, mode, num_beams)
+    from raycap.rl.selection import select_captions
+
+    if selection is None or pool is None:
+        raise ValueError("decoding 'select' needs its selection settings and a pool of other images")
+    return select_captions(captioner, tokenizer, reads, image_emb, retriever, pool, selection)
+
+
+@torch.no_grad()
 def evaluate_images(captioner: Captioner, tokenizer, retriever: Retriever, source, image_emb: torch.Tensor,
                     n: int | None = None, mode: str = "greedy", seed: int = 0, examples: int = 8,
-                    inputs: torch.Tensor | None = None, num_beams: int = 5) -> dict:
+                    inputs: torch.Tensor | None = None, num_beams: int = 5, selection=None,
+                    pool: torch.Tensor | None = None, captions: list[str] | None = None) -> dict:
     """Captions of the first n images of any image source (`raycap.data.sources`) from their cached embeddings
-    (or `inputs`, what the captioner reads when not those), scored by `score_captions`; the world's checks when
-    the source knows its scenes."""
+    (or `inputs`, what the captioner reads when not those), decoded by `decode_images` (or given), scored by
+    `score_captions`; the world's checks when the source knows its scenes."""
     n = min(n or len(source), len(source))
     image_emb = image_emb[:n]
-    captions = caption_embeddings(captioner, tokenizer, (image_emb if inputs is None else inputs)[:n], mode, num_beams)
+    if captions is None:
+        captions = decode_images(captioner, tokenizer, retriever, (image_emb if inputs is None else inputs)[:n],
+                                 image_emb, mode, num_beams, selection, pool)
     scenes = source.scenes
     scenes = None if scenes is None else scenes[:n]
     refs = [source.references(i) for i in range(min(n, examples))] if source.labelled else None

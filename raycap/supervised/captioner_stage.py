@@ -38,6 +38,9 @@ class CaptionerModelConfig(BaseModel):
     mapper_layers: int = Field(8, ge=1, description="transformer mapper only")
     clip_length: int = Field(10, ge=1, description="transformer mapper only")
     train_lm: bool = Field(True, description="False: the LM is frozen and only the mapper trains")
+    image_input: Literal["embedding", "tokens"] = Field(
+        "embedding", description="clipcap: what it reads, the retriever's pooled embedding or its image tower's "
+        "patch tokens (a ViT's; through a Transformer mapper)")
 
     @model_validator(mode="after")
     def _one_model(self):
@@ -45,6 +48,8 @@ class CaptionerModelConfig(BaseModel):
             raise ValueError("model.lm: a ClipCap needs its language model (a name or a directory)")
         if self.kind == "blip" and not self.blip:
             raise ValueError("model.blip: a BLIP captioner needs its checkpoint (a name or a directory)")
+        if self.image_input == "tokens" and self.mapper != "transformer":
+            raise ValueError("model.image_input: tokens needs model.mapper: transformer (an MLP reads one embedding)")
         return self
 
 
@@ -86,8 +91,10 @@ def load_stage_config(path: str | Path, overrides: list[str] = ()) -> CaptionerS
         raise UserError(format_validation_error(e, str(path))) from None
 
 
-def build_captioner(model: CaptionerModelConfig, clip_dim: int, max_new_tokens: int):
-    """(ClipCap over the configured LM, or the configured BLIP; its tokenizer), which must fit the vocabulary."""
+def build_captioner(model: CaptionerModelConfig, clip_dim: int, max_new_tokens: int,
+                    token_shape: tuple[int, int] | None = None):
+    """(ClipCap over the configured LM, or the configured BLIP; its tokenizer), which must fit the vocabulary.
+    `token_shape`: the retriever's (tokens, width), for a ClipCap reading its patch tokens."""
     from raycap.models.clipcap import ClipCap, ClipCapConfig
     from raycap.models.tokenizers import load_tokenizer
 
@@ -104,8 +111,12 @@ def build_captioner(model: CaptionerModelConfig, clip_dim: int, max_new_tokens: 
     tokenizer = load_tokenizer(model.tokenizer or model.lm)
     if tokenizer.eos_token_id is None:
         raise UserError(f"model.tokenizer {model.tokenizer or model.lm}: has no eos token, which ends captions")
+    clip_length = model.clip_length
+    if model.image_input == "tokens":
+        clip_length, clip_dim = token_shape
     captioner = ClipCap(ClipCapConfig(clip_dim=clip_dim, prefix_length=model.prefix_length, mapper=model.mapper,
-                                      mapper_layers=model.mapper_layers, clip_length=model.clip_length, lm=model.lm,
+                                      mapper_layers=model.mapper_layers, clip_length=clip_length, lm=model.lm,
+                                      image_input=model.image_input,
                                       train_lm=model.train_lm, eos_token_id=tokenizer.eos_token_id,
                                       pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens))
     vocab = captioner.lm.get_input_embeddings().num_embeddings
@@ -116,7 +127,7 @@ def build_captioner(model: CaptionerModelConfig, clip_dim: int, max_new_tokens: 
     return captioner, tokenizer
 
 
-def stage_inputs(captioner, source, embeddings, n: int, log=print):
+def stage_inputs(captioner, source, embeddings, n: int, log=print, retriever=None):
     """What the stage trains on for the first n images: the retriever's embeddings (ClipCap), BLIP's frozen
     features, or BLIP's pixel values when its vision tower trains too."""
     from raycap.inputs import captioner_inputs
@@ -124,7 +135,7 @@ def stage_inputs(captioner, source, embeddings, n: int, log=print):
     if getattr(captioner.config, "train_vision", False):
         return captioner.pixels([source.image(i) for i in range(n)])
     return captioner_inputs(captioner, source.subset(range(n)) if n < len(source) else source, embeddings[:n],
-                            log=log)
+                            log=log, retriever=retriever)
 
 
 def run_captioner_stage(cfg: CaptionerStageConfig, out: Path, log=print) -> dict:
@@ -147,7 +158,8 @@ def run_captioner_stage(cfg: CaptionerStageConfig, out: Path, log=print) -> dict
             raise UserError(f"data.splits.{role}: the supervised stage needs references, and "
                             f"{splits[role].source.name} has none")
     torch.manual_seed(cfg.seed)
-    captioner, tokenizer = build_captioner(cfg.model, retriever.embed_dim, cfg.training.max_new_tokens)
+    token_shape = retriever.token_shape if cfg.model.image_input == "tokens" else None  # a ViT's, or one line
+    captioner, tokenizer = build_captioner(cfg.model, retriever.embed_dim, cfg.training.max_new_tokens, token_shape)
     t = cfg.training
     training = CaptionerTraining(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
                                  warmup_steps=t.warmup_steps, max_new_tokens=t.max_new_tokens, seed=cfg.seed)
@@ -155,7 +167,7 @@ def run_captioner_stage(cfg: CaptionerStageConfig, out: Path, log=print) -> dict
     n_val = min(t.val_images, len(val.source))
     refs = [train.source.references(i) for i in range(len(train.source))]
     val_refs = [val.source.references(i) for i in range(n_val)]
-    train_inputs, val_inputs = (stage_inputs(captioner, s.source, s.embeddings, n, log)
+    train_inputs, val_inputs = (stage_inputs(captioner, s.source, s.embeddings, n, log, retriever)
                                 for s, n in ((train, len(train.source)), (val, n_val)))
     t0 = time.time()
     train_on_references(captioner, tokenizer, train_inputs, refs, val_inputs, val_refs, training, out / "work", log)
@@ -171,7 +183,7 @@ def run_captioner_stage(cfg: CaptionerStageConfig, out: Path, log=print) -> dict
     n_test = min(cfg.eval_images, len(test.source))
     metrics = evaluate_images(captioner, tokenizer, retriever, test.source, test.embeddings, n_test,
                               inputs=captioner_inputs(captioner, test.source.subset(range(n_test)),
-                                                      test.embeddings[:n_test], log=log))
+                                                      test.embeddings[:n_test], log=log, retriever=retriever))
     metrics |= {"train_images": len(refs), "epochs": t.epochs, "train_seconds": seconds}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log("captioner (test): " + json.dumps({k: v for k, v in metrics.items() if k != "examples"}))

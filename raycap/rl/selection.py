@@ -1,0 +1,66 @@
+"""Best-of-n caption selection by the frozen retriever (decoding `select`), pure tensor code.
+
+Each image gets n sampled captions, and the one the retriever rates best is kept: its log softmax among the image
+and a pool of other images (the run's training images: never the images being evaluated, whose 99 distractors
+P@1 draws), plus `cosine_coef * logit_scale * cos(caption, image)` (an absolute match: a claim the image does not
+support lowers it), plus `check_coef *` the substitution self-check (`raycap.rl.self_check`). The captioner
+proposes what it believes, the retriever verifies: a guessed second object is kept only when the retriever
+confirms it. Reads the images' embeddings, the captions and frozen models only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from raycap.models.tokenizers import decode
+from raycap.rl.self_check import substitution_check
+
+
+@dataclass
+class Selection:
+    samples: int = 16
+    cosine_coef: float = 0.5
+    check_coef: float = 3.0
+    classes: Sequence[Sequence[str]] = field(default_factory=list)
+    seed: int = 0
+    chunk: int = 64  # images per sampling chunk (chunk * samples captions are scored against the pool at once)
+
+
+def selection_scores(texts: Sequence[str], text_emb: torch.Tensor, image_emb: torch.Tensor, pool_emb: torch.Tensor,
+                     logit_scale: float, selection: Selection,
+                     encode: Callable[[Sequence[str]], torch.Tensor]) -> torch.Tensor:
+    """(N,) how well each caption picks out its own image: `text_emb` (N, D) of `texts`, `image_emb` (N, D) the
+    image each caption is of, `pool_emb` (P, D) the other images it must beat."""
+    own = logit_scale * (text_emb.float() * image_emb.float()).sum(-1)
+    others = logit_scale * (text_emb.float() @ pool_emb.float().T)
+    score = own - torch.logsumexp(torch.cat([own[:, None], others], dim=1), dim=1)
+    if selection.cosine_coef:
+        score = score + selection.cosine_coef * own
+    if selection.check_coef:
+        score = score + selection.check_coef * substitution_check(texts, image_emb, encode, logit_scale,
+                                                                  selection.classes).to(score.device)
+    return score
+
+
+@torch.no_grad()
+def select_captions(captioner, tokenizer, inputs: torch.Tensor, image_emb: torch.Tensor, retriever,
+                    pool_emb: torch.Tensor, selection: Selection) -> list[str]:
+    """One caption per image: the best of `selection.samples` samples (seeded per chunk, so a run's evaluation is
+    reproducible) under `selection_scores`."""
+    n, out = selection.samples, []
+    device = next(captioner.parameters()).device
+    pool_emb = pool_emb.to(retriever.logit_scale.device)
+    scale = float(retriever.logit_scale)
+    for k in range(0, len(image_emb), selection.chunk):
+        gen = torch.Generator(device=device).manual_seed(selection.seed * 1_000_003 + k)
+        caps = captioner.generate(inputs[k:k + selection.chunk].to(device), mode="sample", num_samples=n,
+                                  generator=gen)
+        texts = decode(tokenizer, caps.tokens, caps.lengths, captioner.stop_ids)
+        img = image_emb[k:k + selection.chunk].to(pool_emb.device).repeat_interleave(n, dim=0)
+        scores = selection_scores(texts, retriever.encode_captions(texts), img, pool_emb, scale, selection,
+                                  retriever.encode_captions)
+        best = scores.view(-1, n).argmax(dim=1)
+        out += [texts[i * n + int(j)] for i, j in enumerate(best)]
+    return out
