@@ -70,6 +70,20 @@ def test_evaluate_writes_the_issue_keys(tiny_world_dir, tmp_path):
     assert result["spice"] is None and "CoreNLP" in result["unavailable"]["spice"]
 
 
+def test_evaluate_selects_among_samples_against_another_pool(tiny_world_dir, tmp_path, capsys):
+    """--decoding select: the best of eval.select_samples captions against --pool's images; the evaluated images
+    themselves are refused as the pool in one line."""
+    out = tmp_path / "select.json"
+    evaluate_main(["--captioner", str(tiny_world_dir / "captioner"), "--world-dir", str(tiny_world_dir),
+                   "--images", "100", "--decoding", "select", "--pool", "world:train", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["decoding"] == "select16" and 0 <= result["faithful"] <= 1
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--captioner", str(tiny_world_dir / "captioner"), "--world-dir", str(tiny_world_dir),
+                       "--dataset", "world:val", "--decoding", "select", "--pool", "world:val"])
+    assert e.value.code == 2 and "--pool world:val: the evaluated images themselves" in capsys.readouterr().err
+
+
 def test_train_bad_input_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_main(["--config", "world-demo", "--out", str(tmp_path / "r"), *world_args(tmp_path)])
