@@ -157,6 +157,11 @@ class EvalConfig(BaseModel):
     report_gallery: int = Field(24, ge=0, description="test images in the report's gallery")
 
 
+def has_substitutes(classes: list[list[str]]) -> bool:
+    """Some word class offers a substitute: the substitution self-check has something to compare."""
+    return any(len(set(c)) >= 2 for c in classes)
+
+
 class RLConfig(BaseModel):
     """The algorithm: DiscriTune (REINFORCE on a retrieval reward) or Gumbel CLIP relevance."""
 
@@ -214,7 +219,7 @@ class RLConfig(BaseModel):
             raise ValueError(f"num_candidates ({self.num_candidates}) exceeds batch_size + hard_distractors")
         if self.hard_distractors >= self.num_candidates:
             raise ValueError("hard_distractors must be < num_candidates")
-        if self.self_check_kind == "substitute" and not any(len(set(c)) >= 2 for c in self.substitution_classes):
+        if self.self_check_kind == "substitute" and not has_substitutes(self.substitution_classes):
             raise ValueError("self_check_kind 'substitute' needs substitution_classes: lists of words that may "
                              "replace each other, at least one with two words")
         return self
@@ -248,8 +253,8 @@ class RunConfig(BaseModel):
         if self.runtime.max_policy_lag and self.rl.rollout != "sample":
             raise ValueError("runtime.max_policy_lag=1 needs rl.rollout: sample (the off-policy correction "
                              "reweights by the sampling distribution)")
-        if self.eval.decoding == "select" and self.eval.select_check and \
-                not any(len(set(c)) >= 2 for c in self.rl.substitution_classes):
+        needs_classes = self.eval.decoding == "select" and self.eval.select_check
+        if needs_classes and not has_substitutes(self.rl.substitution_classes):
             raise ValueError("eval.decoding select with eval.select_check > 0 needs rl.substitution_classes (the "
                              "self-check's word classes), or eval.select_check: 0")
         return self

@@ -92,26 +92,25 @@ def evaluate_dataset(args) -> dict:
         decoding = "given"
     else:
         from raycap.inputs import check_compatible, load_captioner
-        from raycap.supervised.captioner import caption_embeddings
+        from raycap.supervised.captioner import decode_images
 
         captioner, tokenizer = load_captioner(args.captioner)
         check_compatible(captioner, retriever, f"--captioner {args.captioner}", retriever_label)
         from raycap.inputs import captioner_inputs
 
         inputs = captioner_inputs(captioner, source, image_emb, retriever=retriever)
+        selection = pool = None
+        decoding = args.decoding if args.decoding != "beam" else f"beam{args.num_beams}"
         if args.decoding == "select":
             from raycap.config import load_config
-            from raycap.rl.selection import select_captions
 
             selection = load_config(args.select_config).selection()
             pool_source, _ = open_dataset(args.pool, args.world_dir, "skip")
             with local_ray_for([pool_source], RuntimeConfig()):
                 pool = image_embeddings(retriever, pool_source, on_bad_image="skip", log=print).embeddings
-            captions = select_captions(captioner.eval(), tokenizer, inputs, image_emb, retriever, pool, selection)
             decoding = f"select{selection.samples}"
-        else:
-            captions = caption_embeddings(captioner.eval(), tokenizer, inputs, args.decoding, args.num_beams)
-            decoding = args.decoding if args.decoding != "beam" else f"beam{args.num_beams}"
+        captions = decode_images(captioner.eval(), tokenizer, retriever, inputs, image_emb, args.decoding,
+                                 args.num_beams, selection, pool)
     scenes = source.scenes
     refs = [source.references(i) for i in range(len(source))] if source.labelled else None
     text_emb = retriever.encode_captions(captions)  # once, for P@1, the CLIP metrics and the hard P@1

@@ -57,22 +57,21 @@ def display_image(image: Image.Image, small: int = 160, large: int = 320) -> Ima
 
 @torch.no_grad()
 def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, log=print) -> TestComparison:
-    """Both captioners on the run's test split (the first `eval.images`, as the run's final evaluation), greedy,
-    with `rl.max_new_tokens` as during the run; gallery images are written to `out/images/`."""
+    """Both captioners on the run's test split (the first `eval.images`, as the run's final evaluation): the
+    supervised one greedy, the fine-tuned one with `eval.decoding` as that evaluation, both with `rl.max_new_tokens`
+    as during the run; gallery images are written to `out/images/`."""
     retriever = load_retriever(cfg.retriever)
     split = open_split(cfg, retriever, "test", log)
     models = {"supervised": load_captioner(cfg.captioner.path), "fine-tuned": load_captioner(final_dir)}
     n = min(cfg.eval.images, len(split.source))
     emb = split.embeddings[:n]
-    metrics = {}
-    inputs = {}
-    texts = {}
+    metrics, texts = {}, {}
     pool = open_split(cfg, retriever, "train", log).embeddings if cfg.eval.decoding == "select" else None
     for name, (model, tokenizer) in models.items():
         model.config.max_new_tokens = cfg.rl.max_new_tokens
-        inputs[name] = captioner_inputs(model, split.source, split.embeddings, log=log, retriever=retriever)[:n]
+        reads = captioner_inputs(model, split.source, split.embeddings, log=log, retriever=retriever)[:n]
         mode = cfg.eval.decoding if name == "fine-tuned" else "greedy"  # the supervised captioner as RL starts
-        texts[name] = decode_images(model.eval(), tokenizer, retriever, inputs[name], emb, mode, cfg.eval.num_beams,
+        texts[name] = decode_images(model.eval(), tokenizer, retriever, reads, emb, mode, cfg.eval.num_beams,
                                     cfg.selection(), pool)
         metrics[name] = evaluate_images(model, tokenizer, retriever, split.source, emb, n, examples=0,
                                         captions=texts[name])

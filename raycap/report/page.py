@@ -140,7 +140,7 @@ def render(title: str, facts: list[str], comparison, curves: list[dict], config:
     if comparison is not None:
         body.append(f"<h2>Test split: supervised vs fine-tuned</h2><p class=\"note\">The first "
                     f"{comparison.n_images} test images; the supervised captioner decodes greedily, the fine-tuned "
-                    f"one {escape(getattr(comparison, 'decoding', 'greedy'))}; P@1 ranks each target among 100 "
+                    f"one {escape(comparison.decoding)}; P@1 ranks each target among 100 "
                     "candidates (itself + 99 random test images, fixed seed).</p>")
         body.append(metrics_table(comparison.before, comparison.after))
     if curves:
