@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_retriever_arguments(p, WORLD_RETRIEVER)
     p.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")
     p.add_argument("--num-beams", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=512, help="sequences decoded at once (images x beams)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption} instead of lines")
     return p
 
@@ -61,13 +62,16 @@ def caption_files(args) -> tuple[list[dict], list[str]]:
             errors.append(str(e))
     if not pixels:
         return [], errors
-    if own_features:
-        emb = captioner.encode_images(images)
-    elif getattr(captioner, "reads_image_tokens", False):
-        emb = retriever.encode_image_tokens(torch.stack(pixels)).float()
-    else:
-        emb = retriever.encode_image(torch.stack(pixels)).float()
-    captions = caption_embeddings(captioner.eval(), tokenizer, emb, args.decoding, args.num_beams)
+    step = max(1, args.batch_size // (args.num_beams if args.decoding == "beam" else 1))
+    captions = []
+    for k in range(0, len(pixels), step):  # images read, encoded and decoded a batch at a time
+        if own_features:
+            emb = captioner.encode_images(images[k:k + step])
+        elif getattr(captioner, "reads_image_tokens", False):
+            emb = retriever.encode_image_tokens(torch.stack(pixels[k:k + step])).float()
+        else:
+            emb = retriever.encode_image(torch.stack(pixels[k:k + step])).float()
+        captions += caption_embeddings(captioner.eval(), tokenizer, emb, args.decoding, args.num_beams, args.batch_size)
     return [{"image": n, "caption": c} for n, c in zip(names, captions)], errors
 
 
@@ -76,6 +80,8 @@ def main(argv=None) -> list[dict]:
     with exit_on_user_error():
         if args.num_beams < 1:
             raise UserError(f"--num-beams {args.num_beams}: must be >= 1")
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
         if not args.captioner.is_dir():
             raise UserError(f"--captioner {args.captioner}: no such directory")
         check_retriever_arguments(args)

@@ -149,6 +149,8 @@ class EvalConfig(BaseModel):
         "select_samples sampled captions under the frozen retriever, raycap/rl/selection.py); validation "
         "evaluations decode greedily")
     num_beams: int = Field(5, ge=1)
+    batch_size: int = Field(512, ge=1, description="sequences decoded (images x beams, or x select_samples) and "
+                            "captions encoded at once in an evaluation: bounds its memory, not its captions")
     select_samples: int = Field(16, ge=2, description="select: sampled captions per image")
     select_cosine: float = Field(0.5, ge=0, description="select: weight of logit_scale * cos(caption, image)")
     select_check: float = Field(3.0, ge=0, description="select: weight of the substitution self-check (its word "

@@ -110,7 +110,7 @@ def evaluate_dataset(args) -> dict:
                 pool = image_embeddings(retriever, pool_source, on_bad_image="skip", log=print).embeddings
             decoding = f"select{selection.samples}"
         captions = decode_images(captioner.eval(), tokenizer, retriever, inputs, image_emb, args.decoding,
-                                 args.num_beams, selection, pool)
+                                 args.num_beams, selection, pool, args.batch_size)
     scenes = source.scenes
     refs = [source.references(i) for i in range(len(source))] if source.labelled else None
     text_emb = retriever.encode_captions(captions)  # once, for P@1, the CLIP metrics and the hard P@1
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="select: the images a caption must single its image out from (a --dataset spec; never "
                         "the evaluated images, among which P@1 draws its distractors)")
     p.add_argument("--num-beams", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=512, help="sequences decoded at once (images x beams, or x "
+                   "samples for select): bounds memory, not the captions")
     p.add_argument("--images", type=int, default=None, help="evaluate the first N images (default: all)")
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
     p.add_argument("--seed", type=int, default=0, help="seed of the P@1 candidate sets")
@@ -264,6 +266,8 @@ def check_arguments(args) -> None:
         raise UserError(f"--instances {args.instances}: no such file")
     if args.num_beams < 1:
         raise UserError(f"--num-beams {args.num_beams}: must be >= 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.decoding == "select":
         from raycap.config import load_config
 

@@ -119,7 +119,7 @@ class LocalTrainer:
         return evaluate_images(self.policy, self.tokenizer, self.retriever, s.source, s.embeddings,
                                self.cfg.eval.images, examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,
                                num_beams=self.cfg.eval.num_beams, selection=self.cfg.selection(),
-                               pool=self.splits["train"].embeddings)
+                               pool=self.splits["train"].embeddings, batch_size=self.cfg.eval.batch_size)
 
     def fit(self, on_eval=None, test_at_end: bool = True) -> dict:
         """The run (resumed from its last checkpoint); `on_eval` and `test_at_end` as in `runlog.run_updates`."""

@@ -45,7 +45,8 @@ class Captioner(Protocol):
 
     def generate(self, image_embeds: Tensor, mode: str = "greedy", temperature: float = 1.0, num_beams: int = 5,
                  max_new_tokens: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None, num_samples: int = 1) -> Captions: ...
+                 generator: torch.Generator | None = None, num_samples: int = 1,
+                 noise: Tensor | None = None) -> Captions: ...
 
     def logits(self, image_embeds: Tensor, tokens: Tensor) -> Tensor: ...
 

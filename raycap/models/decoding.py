@@ -20,25 +20,30 @@ def _reorder_cache(past, idx: Tensor):
     return tuple(tuple(t.index_select(0, idx) for t in layer) for layer in past)
 
 
-def sample_next(logits: Tensor, temperature: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def sample_next(logits: Tensor, temperature: float, generator: torch.Generator | None,
+                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Draw one token per row from softmax(logits / temperature); returns (ids, their log-probs under that
     tempered distribution). The randomness is one uniform per row drawn on the CPU with `generator` (a CPU
     generator, as `raycap.rl.algorithm.generator` builds) and then moved to the logits' device, so sampling
-    never hands a CPU generator to a CUDA op and the same seed draws the same captions on CPU and GPU."""
+    never hands a CPU generator to a CUDA op and the same seed draws the same captions on CPU and GPU; or the
+    row's given float64 `noise` (N,) uniform, so a caller can decode any subset of rows with their own draws."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64).to(logits.device)
+    if noise is None:
+        noise = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64)
+    u = noise.to(logits.device, torch.float64)[:, None]
     cdf = logp.double().exp().cumsum(-1)
     nxt = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
     return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
 
 
-def next_token(logits: Tensor, mode: str, temperature: float, generator: torch.Generator | None):
+def next_token(logits: Tensor, mode: str, temperature: float, generator: torch.Generator | None,
+               noise: Tensor | None = None):
     """(ids, log-probs) of one decoding step: the argmax under the model's distribution ("greedy"), or a draw
     from the tempered one ("sample", `sample_next`)."""
     if mode == "greedy":
         nxt = logits.argmax(-1)
         return nxt, F.log_softmax(logits, -1).gather(1, nxt[:, None]).squeeze(1)
-    return sample_next(logits, temperature, generator)
+    return sample_next(logits, temperature, generator, noise)
 
 
 def repeat_rows(inputs: Tensor, n: int) -> Tensor:
@@ -67,12 +72,15 @@ class Decoding:
     @torch.no_grad()
     def generate(self, image_embeds: Tensor, mode: str = "greedy", temperature: float = 1.0, num_beams: int = 5,
                  max_new_tokens: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None, num_samples: int = 1) -> Captions:
+                 generator: torch.Generator | None = None, num_samples: int = 1,
+                 noise: Tensor | None = None) -> Captions:
         """Decode captions for (B, clip_dim) embeddings with mode "greedy" | "sample" | "beam".
 
         Returns B*num_samples captions, image-major. For beam search, num_samples (<= num_beams) is the number
         of best hypotheses returned per image. `logprobs` are under the distribution the tokens were drawn from:
         softmax(logits / temperature) when sampling (the tempered policy), the model's own otherwise.
+        `noise` (max_new_tokens, B*num_samples) float64 uniforms replace the generator's draws when sampling:
+        row r's step-t draw is `noise[t, r]`, the order `generator` would have drawn them in.
         """
         max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         prefix = self._start(image_embeds)
@@ -92,9 +100,11 @@ class Decoding:
         lengths = torch.zeros(N, dtype=torch.long, device=dev)
         done = torch.zeros(N, dtype=torch.bool, device=dev)
         past = None
-        for _ in range(max_new):
+        if noise is not None and (noise.dim() != 2 or noise.shape[1] != N or noise.shape[0] < max_new):
+            raise ValueError(f"noise must be ({max_new}, {N}) uniforms, got {tuple(noise.shape)}")
+        for t in range(max_new):
             logits, past = self._step(prefix, tokens, past, use_cache)
-            nxt, lp = next_token(logits, mode, temperature, generator)
+            nxt, lp = next_token(logits, mode, temperature, generator, None if noise is None else noise[t])
             nxt = nxt.masked_fill(done, self.config.pad_token_id)
             tokens = torch.cat([tokens, nxt[:, None]], 1)
             logprobs = torch.cat([logprobs, lp.masked_fill(done, 0.0)[:, None]], 1)

@@ -72,7 +72,7 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
         reads = captioner_inputs(model, split.source, split.embeddings, log=log, retriever=retriever)[:n]
         mode = cfg.eval.decoding if name == "fine-tuned" else "greedy"  # the supervised captioner as RL starts
         texts[name] = decode_images(model.eval(), tokenizer, retriever, reads, emb, mode, cfg.eval.num_beams,
-                                    cfg.selection(), pool)
+                                    cfg.selection(), pool, cfg.eval.batch_size)
         metrics[name] = evaluate_images(model, tokenizer, retriever, split.source, emb, n, examples=0,
                                         captions=texts[name])
         metrics[name].pop("examples", None)

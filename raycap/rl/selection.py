@@ -25,7 +25,7 @@ class Selection:
     check_coef: float = 3.0
     classes: Sequence[Sequence[str]] = field(default_factory=list)
     seed: int = 0
-    chunk: int = 64  # images per sampling chunk (chunk * samples captions are scored against the pool at once)
+    chunk: int = 64  # images per seed block: each block's sampling noise comes from one generator seeded by its start
 
 
 def selection_scores(texts: Sequence[str], text_emb: torch.Tensor, image_emb: torch.Tensor, pool_emb: torch.Tensor,
@@ -46,21 +46,30 @@ def selection_scores(texts: Sequence[str], text_emb: torch.Tensor, image_emb: to
 
 @torch.no_grad()
 def select_captions(captioner, tokenizer, inputs: torch.Tensor, image_emb: torch.Tensor, retriever,
-                    pool_emb: torch.Tensor, selection: Selection) -> list[str]:
-    """One caption per image: the best of `selection.samples` samples (seeded per chunk, so a run's evaluation is
-    reproducible) under `selection_scores`."""
+                    pool_emb: torch.Tensor, selection: Selection, batch_size: int = 512) -> list[str]:
+    """One caption per image: the best of `selection.samples` samples under `selection_scores`. Each block of
+    `selection.chunk` images draws its noise up front from a CPU generator seeded by the block's start (so a run's
+    evaluation is reproducible, on any device), and its images are decoded and scored `batch_size // samples` at
+    a time, with the same captions for any `batch_size`."""
     n, out = selection.samples, []
     device = next(captioner.parameters()).device
     pool_emb = pool_emb.to(retriever.logit_scale.device)
     scale = float(retriever.logit_scale)
+    max_new = captioner.config.max_new_tokens
+    step = max(1, batch_size // n)
     for k in range(0, len(image_emb), selection.chunk):
-        gen = torch.Generator(device=device).manual_seed(selection.seed * 1_000_003 + k)
-        caps = captioner.generate(inputs[k:k + selection.chunk].to(device), mode="sample", num_samples=n,
-                                  generator=gen)
-        texts = decode(tokenizer, caps.tokens, caps.lengths, captioner.stop_ids)
-        img = image_emb[k:k + selection.chunk].to(pool_emb.device).repeat_interleave(n, dim=0)
-        scores = selection_scores(texts, retriever.encode_captions(texts), img, pool_emb, scale, selection,
-                                  retriever.encode_captions)
-        best = scores.view(-1, n).argmax(dim=1)
-        out += [texts[i * n + int(j)] for i, j in enumerate(best)]
+        block = min(selection.chunk, len(image_emb) - k)
+        gen = torch.Generator().manual_seed(selection.seed * 1_000_003 + k)
+        noise = torch.rand(max_new, block * n, generator=gen, dtype=torch.float64)
+        for j in range(k, k + block, step):
+            m = min(step, k + block - j)
+            rows = slice((j - k) * n, (j - k + m) * n)
+            caps = captioner.generate(inputs[j:j + m].to(device), mode="sample", num_samples=n,
+                                      noise=noise[:, rows])
+            texts = decode(tokenizer, caps.tokens, caps.lengths, captioner.stop_ids)
+            img = image_emb[j:j + m].to(pool_emb.device).repeat_interleave(n, dim=0)
+            scores = selection_scores(texts, retriever.encode_captions(texts), img, pool_emb, scale, selection,
+                                      retriever.encode_captions)
+            best = scores.view(-1, n).argmax(dim=1)
+            out += [texts[i * n + int(b)] for i, b in enumerate(best)]
     return out

@@ -59,4 +59,4 @@ class RewardService:
         return evaluate_images(self.captioner, self.tokenizer, self.retriever, s.source, s.embeddings, n,
                                examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,
                                num_beams=self.cfg.eval.num_beams, selection=self.cfg.selection(),
-                               pool=self.splits["train"].embeddings)
+                               pool=self.splits["train"].embeddings, batch_size=self.cfg.eval.batch_size)

@@ -117,12 +117,21 @@ def train_on_references(model: ClipCap, tokenizer, train_emb: torch.Tensor, trai
     return model.eval()
 
 
+EVAL_BATCH = 512  # sequences decoded at once by default (`eval.batch_size`)
+
+
 @torch.no_grad()
 def caption_embeddings(captioner: Captioner, tokenizer, image_emb: torch.Tensor, mode: str = "greedy",
-                       num_beams: int = 5) -> list[str]:
-    """Captions decoded (greedy or beam) from image embeddings, on the captioner's device."""
-    out = captioner.generate(image_emb.to(next(captioner.parameters()).device), mode=mode, num_beams=num_beams)
-    return decode(tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+                       num_beams: int = 5, batch_size: int = EVAL_BATCH) -> list[str]:
+    """Captions decoded (greedy or beam) from image embeddings on the captioner's device, `batch_size` sequences
+    (images x beams) at a time; each image's caption does not depend on the batch it is decoded in."""
+    device = next(captioner.parameters()).device
+    step = max(1, batch_size // (num_beams if mode == "beam" else 1))
+    captions = []
+    for k in range(0, len(image_emb), step):
+        out = captioner.generate(image_emb[k:k + step].to(device), mode=mode, num_beams=num_beams)
+        captions += decode(tokenizer, out.tokens, out.lengths, captioner.stop_ids)
+    return captions
 
 
 @torch.no_grad()
@@ -140,11 +149,11 @@ def world_captions(captioner: Captioner, retriever: Retriever, world: World, spl
 
 @torch.no_grad()
 def score_captions(captions, retriever: Retriever, image_emb, scenes, seed: int = 0, examples: int = 8,
-                   references=None, text_emb=None) -> dict:
+                   references=None, text_emb=None, batch_size: int = EVAL_BATCH) -> dict:
     """Retrieval P@1 among 100 (target + 99 random images of the split, fixed seed) and vocabulary statistics;
     with `scenes` (the world's images) the world's caption checks. The first `examples` captions are listed
     beside their full descriptions (world) or references."""
-    text_emb = retriever.encode_captions(captions) if text_emb is None else text_emb
+    text_emb = retriever.encode_captions(captions, chunk=batch_size) if text_emb is None else text_emb
     out = {"p_at_1": p_at_1(text_emb, image_emb, candidate_sets(len(captions), 100, seed))}
     if scenes is not None:
         out |= caption_checks(captions, scenes)
@@ -169,23 +178,26 @@ def evaluate_captioner(captioner: Captioner, retriever: Retriever, world: World,
 
 @torch.no_grad()
 def decode_images(captioner: Captioner, tokenizer, retriever: Retriever, reads: torch.Tensor, image_emb: torch.Tensor,
-                  mode: str = "greedy", num_beams: int = 5, selection=None, pool: torch.Tensor | None = None) -> list[str]:
+                  mode: str = "greedy", num_beams: int = 5, selection=None, pool: torch.Tensor | None = None,
+                  batch_size: int = EVAL_BATCH) -> list[str]:
     """One caption per image: greedy, beam, or (mode "select") the best of `selection.samples` samples against the
-    `pool` embeddings (`raycap.rl.selection`); `reads` is what the captioner reads, `image_emb` the retriever's."""
+    `pool` embeddings (`raycap.rl.selection`); `reads` is what the captioner reads, `image_emb` the retriever's;
+    `batch_size` sequences are decoded at a time."""
     if mode != "select":
-        return caption_embeddings(captioner, tokenizer, reads, mode, num_beams)
+        return caption_embeddings(captioner, tokenizer, reads, mode, num_beams, batch_size)
     from raycap.rl.selection import select_captions
 
     if selection is None or pool is None:
         raise ValueError("decoding 'select' needs its selection settings and a pool of other images")
-    return select_captions(captioner, tokenizer, reads, image_emb, retriever, pool, selection)
+    return select_captions(captioner, tokenizer, reads, image_emb, retriever, pool, selection, batch_size)
 
 
 @torch.no_grad()
 def evaluate_images(captioner: Captioner, tokenizer, retriever: Retriever, source, image_emb: torch.Tensor,
                     n: int | None = None, mode: str = "greedy", seed: int = 0, examples: int = 8,
                     inputs: torch.Tensor | None = None, num_beams: int = 5, selection=None,
-                    pool: torch.Tensor | None = None, captions: list[str] | None = None) -> dict:
+                    pool: torch.Tensor | None = None, captions: list[str] | None = None,
+                    batch_size: int = EVAL_BATCH) -> dict:
     """Captions of the first n images of any image source (`raycap.data.sources`) from their cached embeddings
     (or `inputs`, what the captioner reads when not those), decoded by `decode_images` (or given), scored by
     `score_captions`; the world's checks when the source knows its scenes."""
@@ -193,8 +205,9 @@ def evaluate_images(captioner: Captioner, tokenizer, retriever: Retriever, sourc
     image_emb = image_emb[:n]
     if captions is None:
         captions = decode_images(captioner, tokenizer, retriever, (image_emb if inputs is None else inputs)[:n],
-                                 image_emb, mode, num_beams, selection, pool)
+                                 image_emb, mode, num_beams, selection, pool, batch_size)
     scenes = source.scenes
     scenes = None if scenes is None else scenes[:n]
     refs = [source.references(i) for i in range(min(n, examples))] if source.labelled else None
-    return score_captions(captions, retriever, image_emb, scenes, seed, examples, refs) | {"n_images": n}
+    return score_captions(captions, retriever, image_emb, scenes, seed, examples, refs, batch_size=batch_size) \
+        | {"n_images": n}
