@@ -65,6 +65,21 @@ class RuntimeConfig(BaseModel):
                              "127.0.0.1, or set runtime.allow_public_dashboard: true on a trusted network")
         return host
 
+    @model_validator(mode="after")
+    def _collectives_fit_their_gpus(self):
+        """NCCL needs a GPU per rank: refused here, not after the actors have started."""
+        if self.weight_sync == "nccl" and self.collective_backend == "nccl" and not (
+                self.gpus_per_learner > 0 and self.gpus_per_rollout > 0):
+            raise ValueError(f"weight_sync 'nccl' over collective_backend 'nccl' needs GPUs on the learner and the "
+                             f"rollouts (gpus_per_learner {self.gpus_per_learner:g}, gpus_per_rollout "
+                             f"{self.gpus_per_rollout:g}); on CPU use collective_backend: gloo or weight_sync: "
+                             "object_store")
+        g = self.gpus_per_learner
+        if self.learner_workers > 1 and g > 0 and (g < 1 or g != int(g)):
+            raise ValueError(f"gpus_per_learner {g:g} with {self.learner_workers} learner ranks: NCCL needs each "
+                             "rank on its own GPU, so a whole number >= 1 (or learner_workers: 1)")
+        return self
+
 
 SPLIT_ROLES = ("train", "val", "test")
 DEFAULT_SPLITS = {"world": {"train": "train", "val": "val", "test": "test"},

@@ -77,3 +77,20 @@ def test_a_captioner_for_another_embedding_width_is_one_line(tmp_path, capsys):
               "--set", "retriever.name=ViT-B-32"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "reads 64-d image embeddings but the retriever ViT-B-32 (None) gives 512-d" in err
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["runtime.weight_sync=nccl"], "needs GPUs on the learner and the rollouts"),
+    (["runtime.weight_sync=nccl", "runtime.gpus_per_learner=1"], "gpus_per_rollout 0"),
+    (["runtime.learner_workers=2", "runtime.gpus_per_learner=0.5", "rl.batch_size=64"], "its own GPU"),
+])
+def test_collectives_without_their_gpus_are_refused_before_any_actor(overrides, words):
+    with pytest.raises(UserError, match=words) as e:
+        load_config("world-demo", overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_collectives_that_fit_load():
+    load_config("world-demo", ["runtime.weight_sync=nccl", "runtime.collective_backend=gloo"])
+    load_config("world-demo", ["runtime.learner_workers=2", "runtime.gpus_per_learner=1", "rl.batch_size=64"])
+    load_config("world-gpu")

@@ -14,19 +14,20 @@ import contextlib
 import copy
 import io
 import os
-import socket
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from raycap.config import RunConfig
 from raycap.inputs import load_captioner, load_retriever
 from raycap.rl import algorithm
 from raycap.runtime import resources
 from raycap.runtime.rollout import captions_payload
-from raycap.runtime.weights import BroadcastGroup, flat_weights
+from raycap.runtime.weights import BroadcastGroup, flat_weights, master_store
 
 
 def scratch_dir() -> str | None:
@@ -35,12 +36,6 @@ def scratch_dir() -> str | None:
     if path:
         os.makedirs(path, exist_ok=True)
     return path or None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def node_address() -> str:
@@ -91,7 +86,10 @@ class Learner:
         self._joiner = None
 
     def address(self) -> tuple[str, int]:
-        return node_address(), free_port()
+        """Rank 0's rendezvous address: its store is bound here, once, and kept for `setup`."""
+        host = node_address()
+        self._store = master_store(host, self.cfg.runtime.learner_workers)
+        return host, self._store.port
 
     def setup(self, master_addr: str, master_port: int, images: torch.Tensor | None = None) -> None:
         import deepspeed
@@ -100,8 +98,14 @@ class Learner:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(rt.learner_workers), LOCAL_RANK="0")
         gpu = rt.gpus_per_learner > 0 and torch.cuda.is_available()
-        with _without_build_notice():
-            deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False)
+        backend = "nccl" if gpu else "gloo"
+        store = getattr(self, "_store", None) if self.rank == 0 else None
+        if store is None:
+            store = dist.TCPStore(master_addr, master_port, rt.learner_workers, is_master=False,
+                                  timeout=timedelta(seconds=300))
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=rt.learner_workers)
+        with _without_build_notice():  # DeepSpeed adopts the process group joined above
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         policy, self.tokenizer = load_captioner(cfg.captioner.path)
         policy.config.max_new_tokens = cfg.rl.max_new_tokens
         policy.set_trainable(cfg.rl.train_lm)
@@ -170,16 +174,17 @@ class Learner:
         return flat_weights(self.policy)
 
     def start_broadcast(self, backend: str, world_size: int) -> tuple[str, int]:
-        host, port = node_address(), free_port()
         import threading
 
-        # rank 0 creates the store and blocks until every worker joined: do it off the actor's thread
-        self._joiner = threading.Thread(target=self._join_broadcast, args=(backend, host, port, world_size))
+        host = node_address()
+        store = master_store(host, world_size)  # bound here, so the port handed out is ours
+        # rank 0 blocks until every worker joined: do it off the actor's thread
+        self._joiner = threading.Thread(target=self._join_broadcast, args=(backend, host, store, world_size))
         self._joiner.start()
-        return host, port
+        return host, store.port
 
-    def _join_broadcast(self, backend, host, port, world_size):
-        self.group = BroadcastGroup(backend, host, port, 0, world_size)
+    def _join_broadcast(self, backend, host, store, world_size):
+        self.group = BroadcastGroup(backend, host, store.port, 0, world_size, store=store)
 
     def send_broadcast(self) -> float:
         if self._joiner is not None:

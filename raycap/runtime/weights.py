@@ -68,11 +68,22 @@ def load_flat_weights(model: torch.nn.Module, flat: np.ndarray) -> None:
             offset += p.numel()
 
 
+def master_store(host: str, world_size: int, timeout_s: float = 300) -> dist.TCPStore:
+    """A rendezvous store bound once, on a port the OS picks (`.port`): handing out a free port and binding it
+    later races with every other process on the node."""
+    return dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=timedelta(seconds=timeout_s))
+
+
 class BroadcastGroup:
     """A process group of learner rank 0 (group rank 0) and the rollout workers, for weight broadcast."""
 
-    def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300):
-        store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
+    def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300,
+                 store: dist.TCPStore | None = None):
+        """Rank 0 passes the `store` it bound with `master_store` (so no other process can take its port between
+        choosing it and binding it); the others connect to `host:port`."""
+        if store is None:
+            store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
         opts = timedelta(seconds=timeout_s)
         if backend == "nccl":
             self.group = dist.ProcessGroupNCCL(store, rank, world_size)
