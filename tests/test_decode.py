@@ -50,3 +50,32 @@ def test_cuda_graph_step_equals_eager():
     cap = captioner("gpt2").cuda()
     x = torch.randn(4, 16, device="cuda")
     assert StaticDecoder(cap, cuda_graph=True).generate(x).tolist() == StaticDecoder(cap, cuda_graph=False).generate(x).tolist()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_one_decoder_reuses_its_step_per_shape_with_the_same_captions(kind):
+    """A decoder keeps one static cache (and, on CUDA, one captured graph) per shape: repeated calls reset and
+    reuse it, and still equal the reference decoding; a new shape gets its own."""
+    cap = captioner(kind)
+    dec = StaticDecoder(cap, static=True)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    first = dec.generate(x).tolist()
+    step = dec._steps[(5, 3 + 12)]
+    assert dec.generate(y).tolist() == cap.generate(y).tolist()
+    assert dec.generate(x).tolist() == first == cap.generate(x).tolist()
+    assert dec._steps == {(5, 15): step}
+    dec.generate(x[:2])
+    assert set(dec._steps) == {(5, 15), (2, 15)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph step needs a GPU")
+@pytest.mark.cuda
+def test_cuda_graph_is_captured_once_per_shape():
+    cap = captioner("gpt2").cuda()
+    dec = StaticDecoder(cap, cuda_graph=True)
+    x, y = torch.randn(4, 16, device="cuda"), torch.randn(4, 16, device="cuda")
+    dec.generate(x)
+    graph = dec._steps[(4, 15)].graph
+    assert dec.generate(y).tolist() == cap.generate(y).tolist()
+    assert dec._steps[(4, 15)].graph is graph

@@ -32,29 +32,41 @@ class StaticDecoder:
             raise ValueError("cuda_graph=True needs the captioner on a CUDA device")
         if self.cuda_graph and not self.static:
             raise ValueError("cuda_graph=True needs static=True (a graph replays fixed shapes)")
+        self._steps: dict[tuple[int, int], _Step] = {}  # per (rows, cache length): its cache and captured graph
+
+    def _step_for(self, N: int, length: int, dev) -> "_Step":
+        """The decode step (static cache + CUDA graph) of this shape: captured once, reset and replayed by every
+        later `generate` of the same shape."""
+        from transformers import StaticCache
+
+        step = self._steps.get((N, length))
+        if step is None:
+            cache = StaticCache(config=self.captioner.lm.config, max_cache_len=length)
+            step = self._steps[(N, length)] = _Step(self.captioner.lm, cache, N, length, dev, self.cuda_graph)
+        else:
+            step.cache.reset()
+        return step
 
     @torch.no_grad()
     def generate(self, image_embeds: Tensor, mode: str = "greedy", temperature: float = 1.0,
                  max_new_tokens: int | None = None, generator: torch.Generator | None = None,
-                 num_samples: int = 1) -> Captions:
-        from transformers import StaticCache
-
+                 num_samples: int = 1, noise: Tensor | None = None) -> Captions:
         if mode not in ("greedy", "sample"):
             raise ValueError(f"StaticDecoder decodes greedy or sample, not {mode!r} (beam: ClipCap.generate)")
         cap = self.captioner
         if not self.static:
             return cap.generate(image_embeds, mode=mode, temperature=temperature, max_new_tokens=max_new_tokens,
-                                generator=generator, num_samples=num_samples)
+                                generator=generator, num_samples=num_samples, noise=noise)
         lm = cap.lm
         max_new = cap.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         prefix = cap.prefix(image_embeds).repeat_interleave(num_samples, dim=0)
         N, P, dev = prefix.shape[0], prefix.shape[1], prefix.device
-        cache = StaticCache(config=lm.config, max_cache_len=P + max_new)
+        step = self._step_for(N, P + max_new, dev)
+        cache = step.cache
         positions = torch.arange(P, device=dev)
         out = lm(inputs_embeds=prefix.to(lm.dtype), cache=cache, cache_position=positions,
                  position_ids=positions[None].expand(N, -1), use_cache=True)
         logits = out.logits[:, -1].float()
-        step = _Step(lm, cache, N, P + max_new, dev, self.cuda_graph)
         stop = torch.tensor(cap.stop_ids, dtype=torch.long, device=dev)
         tokens = torch.full((N, max_new), cap.config.pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(N, max_new, device=dev)
@@ -62,7 +74,7 @@ class StaticDecoder:
         done = torch.zeros(N, dtype=torch.bool, device=dev)
         T = 0
         for t in range(max_new):
-            nxt, lp = next_token(logits, mode, temperature, generator)
+            nxt, lp = next_token(logits, mode, temperature, generator, None if noise is None else noise[t])
             nxt = nxt.masked_fill(done, cap.config.pad_token_id)
             tokens[:, t], logprobs[:, t] = nxt, lp.masked_fill(done, 0.0)
             lengths += (~done).long()
