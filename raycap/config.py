@@ -40,6 +40,8 @@ class RuntimeConfig(BaseModel):
     gpus_per_learner: float = Field(0.0, ge=0)
     gpus_per_reward: float = Field(0.0, ge=0)
     weight_sync: Literal["object_store", "colocated", "nccl"] = "object_store"
+    device: str = Field("auto", description="device of the rollout actors: auto (the GPU Ray gave the actor, else "
+                        "the CPU) or a torch device (cpu, cuda, cuda:N)")
     collective_backend: Literal["nccl", "gloo"] = Field("nccl", description="backend of weight_sync=nccl "
                                                         "(gloo runs the same broadcast on CPU)")
     max_policy_lag: int = Field(0, ge=0, le=1, description="0: on-policy; 1: rollouts of t+1 overlap update t")
@@ -55,6 +57,15 @@ class RuntimeConfig(BaseModel):
                                 "allow_public_dashboard")
     dashboard_port: int = Field(8265, ge=1, le=65535)
     placement_timeout_s: float = Field(60.0, gt=0, description="seconds to wait for the placement group")
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, device: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|meta|cuda(:\d+)?", device):
+            raise ValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+        return device
 
     @field_validator("dashboard_host")
     @classmethod

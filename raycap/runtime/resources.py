@@ -36,6 +36,14 @@ class Roles:
                 + [bundle(rt.cpus_per_reward, rt.gpus_per_reward)] * self.reward)
 
 
+def role_device(setting: str = "auto"):
+    """This actor's device under the one policy (`raycap.models.devices.resolve_device`): the GPU Ray assigned
+    it, else the CPU (or `setting` when not `auto`)."""
+    from raycap.models.devices import resolve_device
+
+    return resolve_device(setting, gpu_ids=ray.get_gpu_ids())
+
+
 def quiet_worker() -> None:
     """Ray's `worker_process_setup_hook` for raycap's jobs: drops known-harmless library notices at their
     source in every worker process, before an actor imports anything (errors and other warnings still show)."""

@@ -30,7 +30,7 @@ class RolloutWorker:
         self.policy, _ = load_captioner(self.cfg.captioner.path)
         self.policy.config.max_new_tokens = self.cfg.rl.max_new_tokens
         self.policy.set_trainable(self.cfg.rl.train_lm)  # the learner's trainable set, addressed by weight movement
-        self.device = torch.device("cuda" if self.cfg.runtime.gpus_per_rollout and torch.cuda.is_available() else "cpu")
+        self.device = resources.role_device(self.cfg.runtime.device)
         self.policy.to(self.device).eval()
         self.group: BroadcastGroup | None = None
 

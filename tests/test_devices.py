@@ -1,0 +1,43 @@
+"""One device policy for every role (`raycap.models.devices.resolve_device`), on CPU with fake GPU lists."""
+import pytest
+import torch
+
+from raycap.config import load_config
+from raycap.errors import UserError
+from raycap.models.devices import resolve_device
+
+
+def test_auto_follows_the_gpus_ray_gave_the_role():
+    assert resolve_device("auto", gpu_ids=[3]) == torch.device("cuda", 0)  # Ray exposes its GPU as cuda:0
+    assert resolve_device("auto", gpu_ids=[]) == torch.device("cpu")  # none reserved: CPU even if cuda is visible
+    assert resolve_device("auto", gpu_ids=[], cuda_count=8) == torch.device("cpu")
+
+
+def test_auto_outside_ray_uses_a_visible_gpu():
+    assert resolve_device("auto", cuda_count=2) == torch.device("cuda", 0)
+    assert resolve_device("auto", cuda_count=0) == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu", 0 if
+                                                  torch.cuda.is_available() else None)
+
+
+def test_an_explicit_device_overrides_the_policy():
+    assert resolve_device("meta", gpu_ids=[0]) == torch.device("meta")
+    assert resolve_device("cpu", cuda_count=4) == torch.device("cpu")
+    assert resolve_device("cuda:1", gpu_ids=[]) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="not a torch device"):
+        resolve_device("tpu0")
+
+
+def test_the_runtime_device_setting_is_checked_at_load():
+    assert load_config("world-demo", ["runtime.device=cuda:1"]).runtime.device == "cuda:1"
+    with pytest.raises(UserError, match="runtime.device"):
+        load_config("world-demo", ["runtime.device=gpu"])
+
+
+def test_a_rollout_actor_without_a_gpu_builds_its_policy_on_the_cpu(monkeypatch):
+    from raycap.runtime import resources
+
+    monkeypatch.setattr(resources.ray, "get_gpu_ids", lambda: [])
+    assert resources.role_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(resources.ray, "get_gpu_ids", lambda: [1])
+    assert resources.role_device("auto") == torch.device("cuda", 0)
