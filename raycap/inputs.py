@@ -7,6 +7,8 @@ the object store, so no node needs the cache's disk).
 """
 from __future__ import annotations
 
+import os
+
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -252,8 +254,42 @@ def captioner_inputs(captioner, source: ImageSource, embeddings: torch.Tensor, b
     return features
 
 
+def own_feature_shape(captioner) -> tuple[int, int] | None:
+    """(tokens, width) of the vision features a captioner with its own vision tower (BLIP) caches per image, from
+    its config alone; None for a captioner that reads the retriever's embeddings."""
+    if getattr(captioner, "reads_retriever_embeddings", True):
+        return None
+    v = captioner.model.config.vision_config
+    return 1 + (v.image_size // v.patch_size) ** 2, v.hidden_size
+
+
+def machine_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_cached_inputs_fit(captioner, splits: dict[str, SplitImages], memory_bytes: int | None = None,
+                            share: float = 0.5) -> None:
+    """Refuse, in one line with the estimate and before any feature is computed, cached captioner features
+    (BLIP's own vision features, fp32) larger than `share` of the machine's memory: the controller holds them and
+    Ray's object store holds another copy."""
+    shape = own_feature_shape(captioner)
+    if shape is None:
+        return
+    memory = machine_memory_bytes() if memory_bytes is None else memory_bytes
+    n = sum(len(s.source) for s in splits.values())
+    per_image = shape[0] * shape[1] * 4
+    need = n * per_image
+    if need > share * memory:
+        raise UserError(f"captioner features for {n:,} images ({shape[0]} x {shape[1]} float32, "
+                        f"{per_image / 2**20:.2f} MiB each) need {need / 1e9:.1f} GB, more than {share:.0%} of this "
+                        f"machine's {memory / 1e9:.1f} GB memory; use fewer images (data.train_images or smaller "
+                        "splits) or a machine with more memory")
+
+
 def attach_captioner_inputs(captioner, splits: dict[str, SplitImages], retriever, log=print) -> None:
-    """Give each split the captioner's own inputs when it does not read the retriever's embeddings."""
+    """Give each split the captioner's own inputs when it does not read the retriever's embeddings (refused
+    first when they would not fit in memory: `check_cached_inputs_fit`)."""
+    check_cached_inputs_fit(captioner, splits)
     for s in splits.values():
         inputs = captioner_inputs(captioner, s.source, s.embeddings, log=log, retriever=retriever)
         s.inputs = None if inputs is s.embeddings else inputs

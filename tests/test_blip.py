@@ -120,3 +120,39 @@ def test_gumbel_with_blip_is_one_line(tiny_world_dir, blip, blip_dir, tmp_path, 
         train_main(["--config", "world-demo", "--out", str(tmp_path / "g"), "--runtime", "local", *sets,
                     "--set", f"captioner.path={tmp_path / 'c'}", "--set", "rl.method=gumbel"])
     assert e.value.code == 2 and "use rl.method=discritune for BLIP" in capsys.readouterr().err
+
+
+def test_cached_features_that_cannot_fit_are_refused_with_the_estimate(blip, monkeypatch):
+    """BLIP's features per image come from its vision config alone; a run whose cached features would not fit is
+    refused in one line, before any image is read, and BLIP-base at COCO scale (577 x 768) is ~219 GB."""
+    from types import SimpleNamespace
+
+    from raycap.errors import UserError
+    from raycap.inputs import check_cached_inputs_fit, own_feature_shape
+
+    v = blip.model.config.vision_config
+    shape = own_feature_shape(blip)
+    assert shape == (1 + (v.image_size // v.patch_size) ** 2, v.hidden_size)
+
+    class NoImages:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def image(self, i):
+            pytest.fail("no image is read before the estimate")
+
+    splits = {r: SimpleNamespace(source=NoImages(n)) for r, n in (("train", 1000), ("val", 10), ("test", 10))}
+    per_image = shape[0] * shape[1] * 4
+    check_cached_inputs_fit(blip, splits, memory_bytes=4 * 1020 * per_image)  # fits in half
+    with pytest.raises(UserError, match=r"1,020 images .* more than 50% of this machine") as e:
+        check_cached_inputs_fit(blip, splits, memory_bytes=1020 * per_image)
+    assert "\n" not in str(e.value)
+    base = SimpleNamespace(reads_retriever_embeddings=False, model=SimpleNamespace(config=SimpleNamespace(
+        vision_config=SimpleNamespace(image_size=384, patch_size=16, hidden_size=768))))
+    coco = {"train": SimpleNamespace(source=NoImages(113_287)), "val": SimpleNamespace(source=NoImages(5000)),
+            "test": SimpleNamespace(source=NoImages(5000))}
+    with pytest.raises(UserError, match=r"577 x 768 float32.* need 218\.5 GB"):
+        check_cached_inputs_fit(base, coco, memory_bytes=128 * 2**30)
