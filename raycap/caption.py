@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")
     p.add_argument("--num-beams", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=512, help="sequences decoded at once (images x beams)")
+    p.add_argument("--device", default="auto", help="auto (cuda when visible, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption} instead of lines")
     return p
 
@@ -43,11 +44,15 @@ def caption_files(args) -> tuple[list[dict], list[str]]:
     """({image, caption} for every readable file, one-line errors for the others)."""
     from raycap.data.sources import BadImage, load_image
     from raycap.inputs import check_compatible, load_captioner, retriever_from_arguments
+    from raycap.models.devices import resolve_device
     from raycap.supervised.captioner import caption_embeddings
 
     retriever, retriever_label = retriever_from_arguments(args, WORLD_RETRIEVER)
     captioner, tokenizer = load_captioner(args.captioner)
     check_compatible(captioner, retriever, f"--captioner {args.captioner}", retriever_label)
+    device = resolve_device(args.device)
+    captioner.to(device)
+    retriever.to(device)
     transform = retriever.preprocess()
     pixels, names, errors, images = [], [], [], []
     own_features = not getattr(captioner, "reads_retriever_embeddings", True)  # BLIP reads its own vision tower
@@ -68,9 +73,9 @@ def caption_files(args) -> tuple[list[dict], list[str]]:
         if own_features:
             emb = captioner.encode_images(images[k:k + step])
         elif getattr(captioner, "reads_image_tokens", False):
-            emb = retriever.encode_image_tokens(torch.stack(pixels[k:k + step])).float()
+            emb = retriever.encode_image_tokens(torch.stack(pixels[k:k + step]).to(device)).float()
         else:
-            emb = retriever.encode_image(torch.stack(pixels[k:k + step])).float()
+            emb = retriever.encode_image(torch.stack(pixels[k:k + step]).to(device)).float()
         captions += caption_embeddings(captioner.eval(), tokenizer, emb, args.decoding, args.num_beams, args.batch_size)
     return [{"image": n, "caption": c} for n, c in zip(names, captions)], errors
 

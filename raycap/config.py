@@ -40,8 +40,13 @@ class RuntimeConfig(BaseModel):
     gpus_per_learner: float = Field(0.0, ge=0)
     gpus_per_reward: float = Field(0.0, ge=0)
     weight_sync: Literal["object_store", "colocated", "nccl"] = "object_store"
-    device: str = Field("auto", description="device of the rollout actors: auto (the GPU Ray gave the actor, else "
-                        "the CPU) or a torch device (cpu, cuda, cuda:N)")
+    device: str = Field("auto", description="device of every role (rollouts, learner, reward service; the local "
+                        "trainer): auto (the GPU Ray gave the actor, else the CPU; outside Ray cuda when "
+                        "visible) or a torch device (cpu, cuda, cuda:N)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="compute precision of decoding, the "
+                                                       "update, rewards and evaluation: auto (bf16 autocast on "
+                                                       "CUDA, fp32 on CPU), fp32, or bf16 autocast (weights and "
+                                                       "optimizer stay fp32)")
     collective_backend: Literal["nccl", "gloo"] = Field("nccl", description="backend of weight_sync=nccl "
                                                         "(gloo runs the same broadcast on CPU)")
     max_policy_lag: int = Field(0, ge=0, le=1, description="0: on-policy; 1: rollouts of t+1 overlap update t")
@@ -154,12 +159,26 @@ class RetrieverConfig(BaseModel):
         return self
 
 
+class LoraSettings(BaseModel):
+    """LoRA adapters on the captioner's LM (`peft`): only they and the mapper are trained, saved and synced."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    r: int = Field(32, ge=1, description="adapter rank")
+    alpha: float = Field(64.0, gt=0, description="scale alpha / r of the adapter's update")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="LM module names to adapt (default: peft's choice "
+                                             "for the LM's architecture, e.g. GPT-2's c_attn)")
+
+
 class CaptionerConfig(BaseModel):
     """The captioner RL starts from (and the frozen KL reference)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str = Field(str(ASSETS_DIR / "world" / "captioner"), description="a raycap captioner dir")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters on the LM (with the mapper) instead "
+                                      "of the whole LM; the run's captioners save merged")
 
 
 class EvalConfig(BaseModel):
@@ -281,6 +300,9 @@ class RunConfig(BaseModel):
         if self.runtime.max_policy_lag and self.rl.rollout != "sample":
             raise ValueError("runtime.max_policy_lag=1 needs rl.rollout: sample (the off-policy correction "
                              "reweights by the sampling distribution)")
+        if self.captioner.lora is not None and not self.rl.train_lm:
+            raise ValueError("captioner.lora trains the LM through adapters: it needs rl.train_lm: true (or no "
+                             "captioner.lora)")
         needs_classes = self.eval.decoding == "select" and self.eval.select_check
         if needs_classes and not has_substitutes(self.rl.substitution_classes):
             raise ValueError("eval.decoding select with eval.select_check > 0 needs rl.substitution_classes (the "
@@ -300,10 +322,24 @@ def set_dotted(data: dict, key: str, value) -> None:
     parts = key.split(".")
     node = data
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # an absent or null optional section (captioner.lora: null) starts empty
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise UserError(f"--set {key}: {p!r} is not a section")
     node[parts[-1]] = value
+
+
+def section_model(annotation):
+    """The section model of a field's annotation: `Model` or an optional `Model | None`; else the annotation."""
+    import types
+    import typing
+
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) == 1:
+            return models[0]
+    return annotation
 
 
 def check_override_key(key: str, model: type[BaseModel] | None = None) -> None:
@@ -318,7 +354,7 @@ def check_override_key(key: str, model: type[BaseModel] | None = None) -> None:
             hint = moved_key_hint(part) if model is RunConfig else ""
             raise UserError(f"--set {key}: unknown key {part!r} in {where}{hint}; valid keys: {', '.join(fields)}")
         if i < len(parts) - 1:
-            sub = fields[part].annotation
+            sub = section_model(fields[part].annotation)
             if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
                 raise UserError(f"--set {key}: {'.'.join(parts[:i + 1])!r} is a setting, not a section")
             model = sub

@@ -80,7 +80,11 @@ def evaluate_dataset(args) -> dict:
         raise UserError(f"--dataset {args.dataset}: {n} images; P@1 ranks each among {MIN_IMAGES}, so at least "
                         f"{MIN_IMAGES} are needed")
     source = source.subset(range(n)) if n < len(source) else source
+    from raycap.models.devices import resolve_device
+
+    device = resolve_device(args.device)
     retriever, retriever_label = retriever_from_arguments(args, args.world_dir / "retriever")
+    retriever.to(device)
     with local_ray_for([source], RuntimeConfig()):  # image files: Ray Data embeds them, on a local loopback Ray
         cached = image_embeddings(retriever, source, on_bad_image=args.on_bad_image, log=print)
     skipped = skipped + cached.skipped
@@ -96,6 +100,7 @@ def evaluate_dataset(args) -> dict:
 
         captioner, tokenizer = load_captioner(args.captioner)
         check_compatible(captioner, retriever, f"--captioner {args.captioner}", retriever_label)
+        captioner.to(device)
         from raycap.inputs import captioner_inputs
 
         inputs = captioner_inputs(captioner, source, image_emb, retriever=retriever)
@@ -234,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=512, help="sequences decoded at once (images x beams, or x "
                    "samples for select): bounds memory, not the captions")
     p.add_argument("--images", type=int, default=None, help="evaluate the first N images (default: all)")
+    p.add_argument("--device", default="auto", help="where the captioner decodes and the retriever encodes: auto "
+                   "(cuda when visible, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
     p.add_argument("--seed", type=int, default=0, help="seed of the P@1 candidate sets")
     p.add_argument("--hard-distractors", type=int, nargs="*", default=[5], metavar="K",

@@ -6,22 +6,17 @@ source: `raycap.inputs`), and the world's scenes are used only by the evaluation
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import torch
 
 from raycap.config import RunConfig
-from raycap.inputs import (
-    attach_captioner_inputs,
-    check_run_compatible,
-    load_captioner,
-    load_retriever,
-    open_splits,
-    skipped_counts,
-)
+from raycap.inputs import attach_captioner_inputs, check_run_compatible, open_splits, skipped_counts
+from raycap.models.decode import rollout_decoder
+from raycap.models.devices import resolve_device
 from raycap.models.loading import load_captioner_model
+from raycap.roles import build_role_models, optimizer
 from raycap.rl import algorithm
 from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
 from raycap.supervised.captioner import evaluate_images
@@ -48,18 +43,19 @@ class LocalTrainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
-        self.policy, self.tokenizer = load_captioner(config.captioner.path)
-        self.policy.config.max_new_tokens = config.rl.max_new_tokens
-        self.policy.set_trainable(config.rl.train_lm)
-        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        self.retriever = load_retriever(config.retriever)
+        self.models = build_role_models(config, resolve_device(config.runtime.device), reference=True, retriever=True)
+        self.device = self.models.device
+        self.policy, self.tokenizer = self.models.policy, self.models.tokenizer
+        self.reference, self.retriever = self.models.reference, self.models.retriever
+        self.decoder = rollout_decoder(self.policy)
         check_run_compatible(self.policy, self.retriever, config)
         self.splits = splits if splits is not None else open_splits(config, self.retriever, log)
         attach_captioner_inputs(self.policy, self.splits, self.retriever, log)  # patch tokens, BLIP's features
-        self.images = self.splits["train"].embeddings
+        train = self.splits["train"]
+        self.images = train.embeddings.to(self.device)
         self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.policy.stop_ids, config,
-                                       inputs=self.splits["train"].inputs)
-        self.opt = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=config.rl.lr)
+                                       inputs=None if train.inputs is None else train.inputs.to(self.device))
+        self.opt = optimizer(self.policy, config)
         self.advantages = algorithm.Advantages(config)
         self.step = 0
         self._resume()
@@ -69,8 +65,14 @@ class LocalTrainer:
         last = last_checkpoint(self.out, STATE_FILE)
         if last is None:
             return
-        self.policy.load_state_dict(load_captioner_model(last).state_dict())
         state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
+        if "adapted" in state:  # a LoRA run: the saved captioner is merged, its trainable weights are here
+            params = dict(self.policy.named_parameters())
+            with torch.no_grad():
+                for name, value in state["adapted"].items():
+                    params[name].copy_(value)
+        else:
+            self.policy.load_state_dict(load_captioner_model(last).state_dict())
         self.opt.load_state_dict(state["optimizer"])
         self.advantages.load_state_dict(state["baseline"])
         self.step = int(state["step"])
@@ -80,30 +82,38 @@ class LocalTrainer:
     def save(self, path: Path):
         self.policy.save_pretrained(path)
         self.tokenizer.save_pretrained(str(path / "tokenizer"))
-        torch.save({"optimizer": self.opt.state_dict(), "baseline": self.advantages.state_dict(), "step": self.step,
-                    "torch_rng": torch.get_rng_state()}, path / STATE_FILE)
+        state = {"optimizer": self.opt.state_dict(), "baseline": self.advantages.state_dict(), "step": self.step,
+                 "torch_rng": torch.get_rng_state()}
+        if self.cfg.captioner.lora is not None:
+            state["adapted"] = {n: p.detach().cpu() for n, p in self.policy.named_parameters() if p.requires_grad}
+        torch.save(state, path / STATE_FILE)
 
     # -- one update -----------------------------------------------------------------------------------
     def update(self, step: int) -> dict:
+        """One update; its forward passes run in the role's precision, the backward and the step outside."""
+        with self.models.autocast():
+            loss, stats = self._loss(step)
+        self._step(loss)
+        return stats | {"loss": float(loss.detach())}
+
+    def _loss(self, step: int) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         _, img, cands = self.scorer.batch(step)
         if cfg.rl.method == "gumbel":
             loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img, cands,
                                                 self.tokenizer.eos_token_id, cfg, step)
-            self._step(loss)
-            return stats | {"loss": float(loss.detach())}
-        caps = algorithm.rollout(self.policy, img, cfg, step)
+            return loss, stats
+        caps = algorithm.rollout(self.policy, img, cfg, step, decoder=self.decoder)
         scores = self.scorer.score(cands, caps.tokens, caps.lengths, step)
         greedy = None
         if cfg.rl.baseline == "greedy":
-            g = algorithm.rollout(self.policy, img, cfg, step, greedy=True)
+            g = algorithm.rollout(self.policy, img, cfg, step, greedy=True, decoder=self.decoder)
             greedy = self.scorer.score(cands, g.tokens, g.lengths, step).reward
         r = scores.reward
         advantages = r - self.advantages.baseline(r, greedy)
         loss, stats = algorithm.reinforce_loss(self.policy, self.reference, img, caps.tokens, caps.lengths,
                                                advantages, cfg)
-        self._step(loss)
-        return stats | summarise(scores, caps.lengths) | {"loss": float(loss.detach())}
+        return loss, stats | summarise(scores, caps.lengths)
 
     def _step(self, loss):
         algorithm.check_loss(loss, self.step)
@@ -116,10 +126,11 @@ class LocalTrainer:
     def evaluate(self, split: str = "val") -> dict:
         s = self.splits[split]
         mode = self.cfg.eval.decoding if split == "test" else "greedy"
-        return evaluate_images(self.policy, self.tokenizer, self.retriever, s.source, s.embeddings,
-                               self.cfg.eval.images, examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,
-                               num_beams=self.cfg.eval.num_beams, selection=self.cfg.selection(),
-                               pool=self.splits["train"].embeddings, batch_size=self.cfg.eval.batch_size)
+        with self.models.autocast():
+            return evaluate_images(self.policy, self.tokenizer, self.retriever, s.source, s.embeddings,
+                                   self.cfg.eval.images, examples=self.cfg.eval.examples, inputs=s.inputs,
+                                   mode=mode, num_beams=self.cfg.eval.num_beams, selection=self.cfg.selection(),
+                                   pool=self.splits["train"].embeddings, batch_size=self.cfg.eval.batch_size)
 
     def fit(self, on_eval=None, test_at_end: bool = True) -> dict:
         """The run (resumed from its last checkpoint); `on_eval` and `test_at_end` as in `runlog.run_updates`."""

@@ -79,3 +79,51 @@ def test_cuda_graph_is_captured_once_per_shape():
     graph = dec._steps[(4, 15)].graph
     assert dec.generate(y).tolist() == cap.generate(y).tolist()
     assert dec._steps[(4, 15)].graph is graph
+
+
+def rollout_config(rollout: str):
+    from raycap.config import RunConfig
+
+    return RunConfig.model_validate({"rl": {"rollout": rollout, "num_samples": 3, "temperature": 0.8,
+                                            "max_new_tokens": 10, "baseline": "mean"}})
+
+
+@pytest.mark.parametrize("rollout", ["sample", "greedy"])
+def test_rollouts_through_the_static_decoder_equal_the_captioners_own(rollout):
+    """The rollouts' decoder on CUDA (a static cache) gives the captions, lengths and log-probs of the loop a CPU
+    keeps, for one step's seeded stream; on the CPU a role keeps the captioner's own loop."""
+    from raycap.models.decode import rollout_decoder
+    from raycap.rl.algorithm import rollout as rollout_step
+
+    cap, cfg = captioner("gpt2"), rollout_config(rollout)
+    img = torch.randn(4, cap.config.clip_dim)
+    assert rollout_decoder(cap) is cap
+    ours = rollout_step(cap, img, cfg, step=3, shard=1)
+    static = rollout_step(cap, img, cfg, step=3, shard=1, decoder=StaticDecoder(cap, static=True))
+    assert torch.equal(ours.tokens, static.tokens) and torch.equal(ours.lengths, static.lengths)
+    assert torch.allclose(ours.logprobs, static.logprobs, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("rollout", ["sample", "greedy"])
+def test_cuda_rollouts_use_the_graph_decoder_and_equal_cpu_rollouts(rollout):
+    from raycap.models.decode import rollout_decoder
+    from raycap.models.precision import autocast
+    from raycap.rl.algorithm import rollout as rollout_step
+
+    cap, cfg = captioner("gpt2"), rollout_config(rollout)
+    img = torch.randn(4, cap.config.clip_dim)
+    cpu = rollout_step(cap, img, cfg, step=3)
+    gpu = cap.cuda()
+    decoder = rollout_decoder(gpu)
+    assert isinstance(decoder, StaticDecoder) and decoder.cuda_graph
+    out = rollout_step(gpu, img.cuda(), cfg, step=3, decoder=decoder)
+    assert torch.equal(out.tokens.cpu(), cpu.tokens) and torch.equal(out.lengths.cpu(), cpu.lengths)
+    with torch.no_grad():  # a weight update reaches the captured graph (it reads the live weights)
+        for p in gpu.lm.parameters():
+            p.mul_(1.01)
+    again = rollout_step(gpu, img.cuda(), cfg, step=3, decoder=decoder)
+    assert torch.equal(again.tokens, rollout_step(gpu, img.cuda(), cfg, step=3).tokens)
+    with autocast(torch.device("cuda"), torch.bfloat16):  # bf16 rollouts through the graph run
+        rollout_step(gpu, img.cuda(), cfg, step=3, decoder=decoder)

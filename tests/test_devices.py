@@ -41,3 +41,32 @@ def test_a_rollout_actor_without_a_gpu_builds_its_policy_on_the_cpu(monkeypatch)
     assert resources.role_device("auto") == torch.device("cpu")
     monkeypatch.setattr(resources.ray, "get_gpu_ids", lambda: [1])
     assert resources.role_device("auto") == torch.device("cuda", 0)
+
+
+def test_every_role_builds_its_models_on_the_device_it_was_given(tiny_world_dir):
+    from raycap.config import RunConfig
+    from raycap.roles import build_role_models
+
+    cfg = RunConfig.model_validate({"data": {"path": str(tiny_world_dir)},
+                                    "retriever": {"path": str(tiny_world_dir / "retriever")},
+                                    "captioner": {"path": str(tiny_world_dir / "captioner")}})
+    models = build_role_models(cfg, "meta", reference=True, retriever=True)
+    for name, module in [("policy", models.policy), ("reference", models.reference),
+                         ("retriever", models.retriever.model)]:
+        devices = {t.device.type for t in [*module.parameters(), *module.buffers()]}
+        assert devices == {"meta"}, name
+    assert models.policy.device == torch.device("meta") and models.dtype is None
+    assert not any(p.requires_grad for p in models.reference.parameters())
+    assert models.retriever.pixel_mean.device.type == "meta"  # what encodes pixels and text follows the model
+
+
+def test_precision_auto_is_bf16_on_cuda_only():
+    from raycap.models.precision import autocast, compute_dtype
+
+    assert compute_dtype("auto", torch.device("cpu")) is None
+    assert compute_dtype("fp32", torch.device("cuda")) is None
+    assert compute_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), None):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

@@ -97,11 +97,15 @@ def interrupt(src, dst):
     (dst / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # steps 0-3 logged, not 4
 
 
-@pytest.mark.parametrize("runtime", ["local", "ray"])
-def test_a_resumed_run_equals_an_uninterrupted_one(tiny_world_dir, tmp_path, capsys, runtime, request):
+LORA = ("--set", "captioner.lora.r=4", "--set", "captioner.lora.alpha=8")
+
+
+@pytest.mark.parametrize("runtime,adapters", [("local", False), ("ray", False), ("local", True), ("ray", True)],
+                         ids=["local", "ray", "local-lora", "ray-lora"])
+def test_a_resumed_run_equals_an_uninterrupted_one(tiny_world_dir, tmp_path, capsys, runtime, adapters, request):
     if runtime == "ray":
         request.getfixturevalue("ray_session")
-    args = ("--set", "rl.steps=4", "--set", "checkpoint_every=2")
+    args = ("--set", "rl.steps=4", "--set", "checkpoint_every=2", *(LORA if adapters else ()))
     whole = run(tiny_world_dir, tmp_path / "whole", *args, runtime=runtime)
     interrupt(tmp_path / "whole", tmp_path / "resumed")
     capsys.readouterr()
@@ -114,6 +118,11 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tiny_world_dir, tmp_path, cap
     assert a[-1]["example"] == b[-1]["example"] and a[-1]["eval"]["p_at_1"] == b[-1]["eval"]["p_at_1"]
     assert whole["p_at_1"] == resumed["p_at_1"]
     assert_same_weights(tmp_path / "whole" / "final", tmp_path / "resumed" / "final")
+    if adapters:  # LoRA trained the LM through its adapters, and the run's captioners are plain, merged ones
+        start, final = weights(tiny_world_dir / "captioner"), weights(tmp_path / "whole" / "final")
+        assert start.keys() == final.keys()
+        lm = [k for k in start if k.startswith("lm/")]
+        assert lm and any(not torch.equal(start[k], final[k]) for k in lm)
     # the other runtime neither resumes nor truncates this run dir
     other = "local" if runtime == "ray" else "ray"
     log = (tmp_path / "resumed" / "metrics.jsonl").read_text()

@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from raycap.errors import UserError
+from raycap.models import lora
 from raycap.models.decoding import Decoding, repeat_rows
 
 CONFIG_NAME = "raycap_blip.json"
@@ -52,7 +53,10 @@ class BlipCaptioner(Decoding, nn.Module):
     def set_trainable(self, train_lm: bool) -> None:
         """RL trains the text decoder; the vision tower stays frozen (unless `config.train_vision`)."""
         self.model.requires_grad_(False)
-        self.model.text_decoder.requires_grad_(train_lm)
+        if lora.has_lora(self.model.text_decoder):
+            lora.mark_trainable(self.model.text_decoder)
+        else:
+            self.model.text_decoder.requires_grad_(train_lm)
         if self.config.train_vision:
             self.model.vision_model.requires_grad_(True)
 
@@ -110,11 +114,17 @@ class BlipCaptioner(Decoding, nn.Module):
         return self._decoder(feats, ids).logits.float()
 
     # -- checkpoints ------------------------------------------------------------------------------------
+    @property
+    def lora_target(self):
+        """The module `captioner.lora` adapts: the text decoder."""
+        return self.model.text_decoder
+
     def save_pretrained(self, path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps({"kind": "blip", **dataclasses.asdict(self.config)}, indent=2))
-        self.model.save_pretrained(path / MODEL_DIR)
+        model = lora.merged(self.model) if lora.has_lora(self.model) else self.model  # a plain BLIP on disk
+        model.save_pretrained(path / MODEL_DIR)
         self.processor.save_pretrained(str(path / MODEL_DIR))
 
     @classmethod

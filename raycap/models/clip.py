@@ -208,8 +208,10 @@ class Retriever(nn.Module):
 
     @torch.no_grad()
     def encode_pixels(self, images: np.ndarray, chunk: int = 512) -> torch.Tensor:
-        """uint8 (N, H, W, 3) images -> (N, D) normalised embeddings, in chunks, without gradients."""
-        return torch.cat([self.encode_image(self.pixels(images[k:k + chunk])) for k in range(0, len(images), chunk)])
+        """uint8 (N, H, W, 3) images -> (N, D) normalised embeddings on the CPU (a cache, whatever the model's
+        device), encoded `chunk` at a time on the model's device, without gradients."""
+        return torch.cat([self.encode_image(self.pixels(images[k:k + chunk])).float().cpu()
+                          for k in range(0, len(images), chunk)])
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Preprocessed images (B, 3, S, S) -> embeddings (B, D)."""
@@ -239,8 +241,9 @@ class Retriever(nn.Module):
 
     @torch.no_grad()
     def encode_pixels_tokens(self, images: np.ndarray, chunk: int = 512) -> torch.Tensor:
-        """uint8 (N, H, W, 3) images -> (N, tokens, width) patch tokens, in chunks, without gradients."""
-        return torch.cat([self.encode_image_tokens(self.pixels(images[k:k + chunk]))
+        """uint8 (N, H, W, 3) images -> (N, tokens, width) patch tokens on the CPU, `chunk` at a time on the
+        model's device, without gradients."""
+        return torch.cat([self.encode_image_tokens(self.pixels(images[k:k + chunk])).float().cpu()
                           for k in range(0, len(images), chunk)])
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from raycap.errors import UserError
+from raycap.models import lora
 from raycap.models.safetensors_io import load_weights, reading_weights
 from raycap.models.decoding import Decoding, cached_forward, repeat_rows
 
@@ -198,9 +199,18 @@ class ClipCap(Decoding, nn.Module):
 
     def set_trainable(self, train_lm: bool) -> None:
         """What RL updates: the mapper, and the LM when `train_lm` and the checkpoint does not freeze it. Every
-        copy of a policy (learner, rollout workers, evaluation) marks the same set, which weight movement uses."""
+        copy of a policy (learner, rollout workers, evaluation) marks the same set, which weight movement uses.
+        An LM with LoRA adapters (`raycap.models.lora`) trains its adapters only."""
         self.mapper.requires_grad_(True)
-        self.lm.requires_grad_(train_lm and self.config.train_lm)
+        if lora.has_lora(self.lm):
+            lora.mark_trainable(self.lm)
+        else:
+            self.lm.requires_grad_(train_lm and self.config.train_lm)
+
+    @property
+    def lora_target(self) -> nn.Module:
+        """The module `captioner.lora` adapts: the LM."""
+        return self.lm
 
     @property
     def device(self) -> torch.device:
@@ -253,13 +263,15 @@ class ClipCap(Decoding, nn.Module):
     # checkpoints
 
     def save_pretrained(self, path) -> None:
-        """Write `raycap_clipcap.json`, `mapper.safetensors` and the LM (`lm/`, safetensors) under `path`."""
+        """Write `raycap_clipcap.json`, `mapper.safetensors` and the LM (`lm/`, safetensors) under `path`; LoRA
+        adapters are merged into the saved LM, so the directory is a plain ClipCap."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps({"kind": "clipcap", **dataclasses.asdict(self.config)}, indent=2))
         mapper_sd = {k: v.detach().contiguous().cpu() for k, v in self.mapper.state_dict().items()}
         save_file(mapper_sd, str(path / MAPPER_NAME))
-        self.lm.save_pretrained(path / LM_DIR)  # safetensors by default
+        lm = lora.merged(self.lm) if lora.has_lora(self.lm) else self.lm
+        lm.save_pretrained(path / LM_DIR)  # safetensors by default
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "ClipCap":

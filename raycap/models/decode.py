@@ -16,6 +16,16 @@ from raycap.models.captioner import Captions
 from raycap.models.decoding import next_token
 
 
+def rollout_decoder(captioner):
+    """What decodes a role's rollouts: a `StaticDecoder` (static cache, CUDA graph) for a ClipCap on CUDA, the
+    captioner's own `generate` elsewhere (a CPU, or a captioner the static decoder does not know, e.g. BLIP).
+    Both produce the same tokens."""
+    if getattr(captioner, "lm", None) is not None and hasattr(captioner, "prefix") \
+            and captioner.device.type == "cuda":
+        return StaticDecoder(captioner)
+    return captioner
+
+
 class StaticDecoder:
     """`generate(image_embeds, mode, ...)` like `ClipCap.generate` for greedy and sampling.
 
@@ -120,13 +130,17 @@ class _Step:
         if not self.cuda_graph:
             return self._forward()
         if self.graph is None:
+            # under bf16 autocast, capture without autocast's weight cache (torch.cuda.graph's rule): the graph
+            # then casts the live fp32 weights at every replay, so updated weights are what it decodes with
+            amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                 enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), amp:
                 self.out = self._forward()  # warm-up: writes this position's cache slot, as the replay will
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph), amp:
                 self.out = self._forward()
         self.graph.replay()
         return self.out.clone()

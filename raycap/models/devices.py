@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from raycap.errors import UserError
+
 
 def resolve_device(setting: str = "auto", gpu_ids: Sequence | None = None, cuda_count: int | None = None) -> torch.device:
     """`auto`: inside Ray (`gpu_ids` given, the role's assigned GPUs) its first GPU, which Ray exposes as cuda:0,
@@ -14,8 +16,8 @@ def resolve_device(setting: str = "auto", gpu_ids: Sequence | None = None, cuda_
     if setting != "auto":
         try:
             return torch.device(setting)
-        except RuntimeError as e:
-            raise ValueError(f"device {setting!r} is not a torch device (auto, cpu, cuda, cuda:N)") from e
+        except RuntimeError:
+            raise UserError(f"device {setting!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
     if gpu_ids is not None:
         return torch.device("cuda", 0) if len(gpu_ids) else torch.device("cpu")
     count = torch.cuda.device_count() if cuda_count is None else cuda_count

@@ -42,12 +42,15 @@ def policy_temperature(cfg: RunConfig) -> float:
 
 
 def rollout(policy: Captioner, img: torch.Tensor, cfg: RunConfig, step: int, shard: int = 0,
-            greedy: bool = False) -> Captions:
-    """Captions of one shard of a step's images: `num_samples` sampled per image (image-major), or greedy."""
+            greedy: bool = False, decoder=None) -> Captions:
+    """Captions of one shard of a step's images: `num_samples` sampled per image (image-major), or greedy.
+    `decoder`: what decodes them (`raycap.models.decode.rollout_decoder`: the static-cache decoder on CUDA),
+    by default the policy's own `generate`; both give the same tokens."""
     policy.eval()  # no dropout in RL: the learner scores exactly the policy that sampled
+    decode = (decoder or policy).generate
     if greedy or cfg.rl.rollout == "greedy":
-        return policy.generate(img, mode="greedy", num_samples=1 if greedy else cfg.rl.num_samples)
-    return policy.generate(img, mode="sample", temperature=cfg.rl.temperature, num_samples=cfg.rl.num_samples,
+        return decode(img, mode="greedy", num_samples=1 if greedy else cfg.rl.num_samples)
+    return decode(img, mode="sample", temperature=cfg.rl.temperature, num_samples=cfg.rl.num_samples,
                            generator=generator(cfg.seed, step, ROLLOUT, shard))
 
 
@@ -184,7 +187,8 @@ def reinforce_loss(policy: Captioner, reference: Captioner, img, tokens, lengths
                  "importance_ratio_truncated": float((ratio > cfg.rl.importance_ratio_cap).float().mean())}
     pg = losses.reinforce(token_lp, lengths, advantages, cfg.rl.length_normalise, weights)
     kl = kl_guard(reference, img, tokens, lengths, logits, token_lp, cfg.rl.kl_estimator)
-    ent = losses.entropy(logits, lengths)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.rl.entropy_coef)):
+        ent = losses.entropy(logits, lengths)  # only a statistic (no graph kept) unless it is in the loss
     loss = pg + cfg.rl.kl_coef * kl.mean()
     if cfg.rl.entropy_coef:
         loss = loss - cfg.rl.entropy_coef * ent.mean()

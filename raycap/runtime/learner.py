@@ -11,7 +11,6 @@ into the captioner). In `colocated` mode a rank also decodes its own shard with 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import os
 import tempfile
@@ -23,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from raycap.config import RunConfig
-from raycap.inputs import load_captioner, load_retriever
+from raycap.models.decode import rollout_decoder
 from raycap.rl import algorithm
+from raycap.roles import build_role_models, optimizer
 from raycap.runtime import resources
 from raycap.runtime.rollout import captions_payload
 from raycap.runtime.weights import BroadcastGroup, flat_weights, master_store
@@ -62,8 +62,9 @@ CLIP_NORM = 1.0  # as the reference loop
 
 
 def deepspeed_config(cfg: RunConfig, rows_per_rank: int) -> dict:
-    """Adam (passed in as the client optimizer: plain torch Adam at a constant lr, as the reference loop),
-    ZeRO stage from the config, fp32. Gradients are clipped to norm 1.0: by DeepSpeed under ZeRO 1-2 (the
+    """Adam (passed in as the client optimizer: plain torch Adam at a constant lr, as the reference loop, fused on
+    CUDA), ZeRO stage from the config, fp32 weights (bf16 is autocast around the forward passes, so the weights
+    the optimizer updates stay the fp32 masters). Gradients are clipped to norm 1.0: by DeepSpeed under ZeRO 1-2 (the
     gradients are partitioned), and without ZeRO by the reference loop's own `clip_grad_norm_` after the
     all-reduce, so that one rank reproduces the reference loop's updates bit for bit."""
     world, zero = cfg.runtime.learner_workers, cfg.runtime.zero_stage
@@ -97,8 +98,8 @@ class Learner:
         cfg, rt = self.cfg, self.cfg.runtime
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(rt.learner_workers), LOCAL_RANK="0")
-        gpu = rt.gpus_per_learner > 0 and torch.cuda.is_available()
-        backend = "nccl" if gpu else "gloo"
+        device = resources.role_device(rt.device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
         store = getattr(self, "_store", None) if self.rank == 0 else None
         if store is None:
             store = dist.TCPStore(master_addr, master_port, rt.learner_workers, is_master=False,
@@ -106,19 +107,18 @@ class Learner:
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=rt.learner_workers)
         with _without_build_notice():  # DeepSpeed adopts the process group joined above
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        policy, self.tokenizer = load_captioner(cfg.captioner.path)
-        policy.config.max_new_tokens = cfg.rl.max_new_tokens
-        policy.set_trainable(cfg.rl.train_lm)
-        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.rl.lr)
+        models = build_role_models(cfg, device, reference=True, retriever=cfg.rl.method == "gumbel")
+        self.tokenizer, self.reference, self.autocast = models.tokenizer, models.reference, models.autocast
         rows = cfg.rl.batch_size * (1 if cfg.rl.method == "gumbel" else cfg.rl.num_samples) // rt.learner_workers
-        self.engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, config=deepspeed_config(cfg, rows))
+        self.engine, *_ = deepspeed.initialize(model=models.policy, optimizer=optimizer(models.policy, cfg),
+                                               config=deepspeed_config(cfg, rows))
         self.device = self.engine.device
         self.reference.to(self.device)
+        self.decoder = rollout_decoder(self.policy)  # colocated rollouts: the static-cache decoder on CUDA
         self.scorer = None
         if cfg.rl.method == "gumbel":
-            self.scorer = algorithm.Scorer(load_retriever(cfg.retriever).to(self.device), images.to(self.device),
-                                           self.tokenizer, policy.stop_ids, cfg)
+            self.scorer = algorithm.Scorer(models.retriever.to(self.device), images.to(self.device),
+                                           self.tokenizer, models.policy.stop_ids, cfg)
 
     @property
     def policy(self):
@@ -136,14 +136,15 @@ class Learner:
         per-token log-probs when an older policy sampled them (importance-weighted update)."""
         t = time.perf_counter()
         img = img.to(self.device)
-        if self.cfg.rl.method == "gumbel":
-            eos = self.tokenizer.eos_token_id
-            loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img, cands.to(self.device),
-                                                eos, self.cfg, step, self.rank)
-        else:
-            loss, stats = algorithm.reinforce_loss(self.policy, self.reference, img, tokens.to(self.device),
-                                                   lengths.to(self.device), advantages.to(self.device), self.cfg,
-                                                   behaviour_logprobs)
+        with self.autocast():  # forward passes in the role's precision; backward and step outside
+            if self.cfg.rl.method == "gumbel":
+                eos = self.tokenizer.eos_token_id
+                loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img,
+                                                    cands.to(self.device), eos, self.cfg, step, self.rank)
+            else:
+                loss, stats = algorithm.reinforce_loss(self.policy, self.reference, img, tokens.to(self.device),
+                                                       lengths.to(self.device), advantages.to(self.device),
+                                                       self.cfg, behaviour_logprobs)
         algorithm.check_loss(loss, step)
         self.engine.backward(loss)
         if not self.cfg.runtime.zero_stage:
@@ -163,8 +164,9 @@ class Learner:
         if version != self.version:
             raise RuntimeError(f"colocated rollout asked for v{version}, learner holds v{self.version}")
         t = time.perf_counter()
-        with torch.no_grad():
-            caps = algorithm.rollout(self.policy, img.to(self.device), self.cfg, step, self.rank, greedy=greedy)
+        with torch.no_grad(), self.autocast():
+            caps = algorithm.rollout(self.policy, img.to(self.device), self.cfg, step, self.rank, greedy=greedy,
+                                     decoder=self.decoder)
         return captions_payload(caps, self.version, sync_seconds=0.0, decode_seconds=time.perf_counter() - t,
                                 pid=os.getpid())
 

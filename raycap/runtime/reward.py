@@ -12,8 +12,9 @@ import time
 import torch
 
 from raycap.config import RunConfig
-from raycap.inputs import SplitImages, load_captioner, load_retriever
+from raycap.inputs import SplitImages
 from raycap.rl import algorithm
+from raycap.roles import build_role_models
 from raycap.runtime import resources
 from raycap.runtime.weights import load_flat_weights
 from raycap.supervised.captioner import evaluate_images
@@ -24,29 +25,34 @@ class RewardService:
         """`splits`: train/val/test images and embeddings, opened by the controller (`raycap.inputs`)."""
         self.cfg = RunConfig.model_validate_json(config_json)
         self.threads = resources.apply_threads(self.cfg.threads)  # its CPU share, or `threads`
-        self.retriever = load_retriever(self.cfg.retriever)
-        self.captioner, self.tokenizer = load_captioner(self.cfg.captioner.path)
-        self.splits = splits
-        self.images = splits["train"].embeddings
+        # the retriever scores on the role's device; the captioner (evaluations load the learner's weights into
+        # it) has the learner's trainable set and adapters
+        self.models = build_role_models(self.cfg, resources.role_device(self.cfg.runtime.device), retriever=True)
+        self.retriever, self.captioner, self.tokenizer = self.models.retriever, self.models.policy, self.models.tokenizer
+        self.device = self.models.device
+        self.splits = splits  # on the CPU, as the controller opened them
+        train = splits["train"]
+        self.images = train.embeddings.to(self.device)
         self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.captioner.stop_ids, self.cfg,
-                                       inputs=splits["train"].inputs)
-        self.captioner.set_trainable(self.cfg.rl.train_lm)  # evaluations load the learner's flat weights
-        self.captioner.config.max_new_tokens = self.cfg.rl.max_new_tokens
+                                       inputs=None if train.inputs is None else train.inputs.to(self.device))
 
     def pid(self) -> int:
         return os.getpid()
 
     def image_embeddings(self) -> torch.Tensor:
-        return self.images
+        return self.splits["train"].embeddings
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.scorer.batch(step)
+        """The step's (image indices, captioner inputs, candidates), on the CPU for the controller."""
+        return tuple(t.cpu() for t in self.scorer.batch(step))
 
     def score(self, cands: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, step: int) -> dict:
         t = time.perf_counter()
-        s = self.scorer.score(cands, tokens, lengths, step)
-        return {"reward": s.reward, "task": s.task, "check": s.check, "accuracy": s.accuracy, "texts": s.texts,
-                "score_seconds": time.perf_counter() - t}
+        with self.models.autocast():
+            s = self.scorer.score(cands, tokens, lengths, step)
+        cpu = {k: None if v is None else v.float().cpu()
+               for k, v in {"reward": s.reward, "task": s.task, "check": s.check, "accuracy": s.accuracy}.items()}
+        return cpu | {"texts": s.texts, "score_seconds": time.perf_counter() - t}
 
     def evaluate(self, weights: list, n: int, split: str = "val") -> dict:
         """Metrics on `split` of the captioner with the given trainable weights (greedy captions; the test split
@@ -56,7 +62,8 @@ class RewardService:
         load_flat_weights(self.captioner, ray.get(weights[0]))
         s = self.splits[split]
         mode = self.cfg.eval.decoding if split == "test" else "greedy"
-        return evaluate_images(self.captioner, self.tokenizer, self.retriever, s.source, s.embeddings, n,
-                               examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,
-                               num_beams=self.cfg.eval.num_beams, selection=self.cfg.selection(),
-                               pool=self.splits["train"].embeddings, batch_size=self.cfg.eval.batch_size)
+        with self.models.autocast():
+            return evaluate_images(self.captioner, self.tokenizer, self.retriever, s.source, s.embeddings, n,
+                                   examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,
+                                   num_beams=self.cfg.eval.num_beams, selection=self.cfg.selection(),
+                                   pool=self.splits["train"].embeddings, batch_size=self.cfg.eval.batch_size)

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from raycap.config import RunConfig
-from raycap.inputs import load_captioner
+from raycap.models.decode import rollout_decoder
 from raycap.rl import algorithm
+from raycap.roles import build_role_models
 from raycap.runtime import resources
 from raycap.runtime.weights import BroadcastGroup, flat_weights, load_flat_weights
 
@@ -27,11 +28,10 @@ class RolloutWorker:
         self.cfg = RunConfig.model_validate_json(config_json)
         self.threads = resources.apply_threads(self.cfg.threads)  # its CPU share, or `threads`
         self.shard, self.version = shard, 0
-        self.policy, _ = load_captioner(self.cfg.captioner.path)
-        self.policy.config.max_new_tokens = self.cfg.rl.max_new_tokens
-        self.policy.set_trainable(self.cfg.rl.train_lm)  # the learner's trainable set, addressed by weight movement
-        self.device = resources.role_device(self.cfg.runtime.device)
-        self.policy.to(self.device).eval()
+        # the learner's trainable set (and adapters), which weight movement addresses
+        self.models = build_role_models(self.cfg, resources.role_device(self.cfg.runtime.device))
+        self.policy, self.device = self.models.policy.eval(), self.models.device
+        self.decoder = rollout_decoder(self.policy)  # the static-cache decoder on CUDA
         self.group: BroadcastGroup | None = None
 
     def pid(self) -> int:
@@ -62,7 +62,8 @@ class RolloutWorker:
             load_flat_weights(self.policy, ray.get(weights[0]))
             sync, self.version = time.perf_counter() - t, version
         t = time.perf_counter()
-        with torch.no_grad():
-            caps = algorithm.rollout(self.policy, img.to(self.device), self.cfg, step, self.shard, greedy=greedy)
+        with torch.no_grad(), self.models.autocast():
+            caps = algorithm.rollout(self.policy, img.to(self.device), self.cfg, step, self.shard, greedy=greedy,
+                                     decoder=self.decoder)
         return captions_payload(caps, self.version, sync_seconds=sync, decode_seconds=time.perf_counter() - t,
                                 pid=os.getpid())

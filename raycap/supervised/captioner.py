@@ -108,9 +108,11 @@ def train_on_references(model: ClipCap, tokenizer, train_emb: torch.Tensor, trai
             opt.step()
             sched.step()
         model.eval()
-        with torch.no_grad():
-            val_lp = model.log_probs(val_emb[val_owner], val_ids, val_lengths, reduction="sum")
-            val_loss = float(-val_lp.sum() / val_lengths.sum())
+        with torch.no_grad():  # the validation references, cfg.batch_size at a time
+            val_lp = sum(float(model.log_probs(val_emb[val_owner[k:k + cfg.batch_size]], val_ids[k:k + cfg.batch_size],
+                                               val_lengths[k:k + cfg.batch_size], reduction="sum").sum())
+                         for k in range(0, len(val_caps), cfg.batch_size))
+            val_loss = -val_lp / float(val_lengths.sum())
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}")
         with (work_dir / "log.jsonl").open("a") as f:
             f.write(json.dumps({"epoch": epoch + 1, "train_loss": loss.item(), "val_loss": val_loss}) + "\n")
@@ -154,6 +156,7 @@ def score_captions(captions, retriever: Retriever, image_emb, scenes, seed: int 
     with `scenes` (the world's images) the world's caption checks. The first `examples` captions are listed
     beside their full descriptions (world) or references."""
     text_emb = retriever.encode_captions(captions, chunk=batch_size) if text_emb is None else text_emb
+    text_emb = text_emb.float().to(image_emb.device)  # the retriever's device; the cached embeddings' may differ
     out = {"p_at_1": p_at_1(text_emb, image_emb, candidate_sets(len(captions), 100, seed))}
     if scenes is not None:
         out |= caption_checks(captions, scenes)

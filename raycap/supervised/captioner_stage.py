@@ -72,6 +72,8 @@ class CaptionerStageConfig(BaseModel):
 
     seed: int = 0
     threads: int | None = Field(None, ge=1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|meta|cuda(:\d+)?)$",
+                        description="where the captioner trains and the retriever encodes: auto (cuda when visible)")
     data: DataConfig = DataConfig(splits={"train": "labelled", "val": "val", "test": "test"})
     retriever: RetrieverConfig = RetrieverConfig()
     model: CaptionerModelConfig
@@ -144,13 +146,15 @@ def run_captioner_stage(cfg: CaptionerStageConfig, out: Path, log=print) -> dict
 
     from raycap.config import RunConfig
     from raycap.inputs import load_retriever, open_split
+    from raycap.models.devices import resolve_device
     from raycap.supervised.captioner import CaptionerTraining, evaluate_images, train_on_references
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    retriever = load_retriever(cfg.retriever)
+    device = resolve_device(cfg.device)
+    retriever = load_retriever(cfg.retriever).to(device)
     run = RunConfig(data=cfg.data, retriever=cfg.retriever)  # what open_split reads: data, retriever, runtime
     splits = {role: open_split(run, retriever, role, log) for role in ("train", "val", "test")}
     for role in ("train", "val"):
@@ -160,6 +164,7 @@ def run_captioner_stage(cfg: CaptionerStageConfig, out: Path, log=print) -> dict
     torch.manual_seed(cfg.seed)
     token_shape = retriever.token_shape if cfg.model.image_input == "tokens" else None  # a ViT's, or one line
     captioner, tokenizer = build_captioner(cfg.model, retriever.embed_dim, cfg.training.max_new_tokens, token_shape)
+    captioner.to(device)
     t = cfg.training
     training = CaptionerTraining(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
                                  warmup_steps=t.warmup_steps, max_new_tokens=t.max_new_tokens, seed=cfg.seed)
