@@ -70,3 +70,14 @@ def test_precision_auto_is_bf16_on_cuda_only():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with autocast(torch.device("cpu"), None):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_a_local_ray_without_gpus_refuses_roles_that_reserve_them():
+    from raycap.config import RuntimeConfig
+    from raycap.runtime.resources import check_local_gpus
+
+    with pytest.raises(UserError, match="gpus_per_learner 1, gpus_per_reward 0.5 but this machine has no GPU"):
+        check_local_gpus(RuntimeConfig(gpus_per_learner=1, gpus_per_reward=0.5), visible=0)
+    check_local_gpus(RuntimeConfig(gpus_per_learner=1), visible=1)
+    check_local_gpus(RuntimeConfig(gpus_per_learner=1, num_gpus=2), visible=0)  # a local Ray told it has GPUs
+    check_local_gpus(RuntimeConfig(), visible=0)

@@ -100,8 +100,8 @@ def interrupt(src, dst):
 LORA = ("--set", "captioner.lora.r=4", "--set", "captioner.lora.alpha=8")
 
 
-@pytest.mark.parametrize("runtime,adapters", [("local", False), ("ray", False), ("local", True), ("ray", True)],
-                         ids=["local", "ray", "local-lora", "ray-lora"])
+@pytest.mark.parametrize("runtime,adapters", [("local", False), ("ray", False), ("ray", True)],
+                         ids=["local", "ray", "ray-lora"])
 def test_a_resumed_run_equals_an_uninterrupted_one(tiny_world_dir, tmp_path, capsys, runtime, adapters, request):
     if runtime == "ray":
         request.getfixturevalue("ray_session")

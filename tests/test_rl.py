@@ -234,3 +234,20 @@ def test_pool_reward_against_a_hand_computation():
     # a claim that fits another pool image better costs the target, though that image is no candidate
     assert rewards.compute("pool", texts, images, cands, scale)[0] < \
         rewards.compute("discriminative", texts, images, torch.tensor([[0, 3]]), scale)[0]
+
+
+def test_the_lean_full_kl_has_the_exact_gradient():
+    """`kl_full` keeps only the two log-softmaxes for its backward pass (a hand-written gradient, computed a few
+    captions at a time): it must be the true gradient (gradcheck, float64) and equal autograd's product rule."""
+    torch.manual_seed(0)
+    z = torch.randn(20, 5, 7, dtype=torch.float64, requires_grad=True)
+    q = torch.log_softmax(torch.randn(20, 5, 7, dtype=torch.float64), -1)
+    lengths = torch.randint(1, 6, (20,))
+    assert torch.autograd.gradcheck(lambda x: losses.kl_full_from_logprobs(torch.log_softmax(x, -1), q, lengths), (z,))
+    lp = torch.log_softmax(z, -1)
+    plain = ((lp.exp() * (lp - q)).sum(-1) * losses.token_mask(lengths, 5)).sum(1)
+    lean = losses.kl_full_from_logprobs(torch.log_softmax(z, -1), q, lengths)
+    assert torch.allclose(plain, lean)
+    g_plain, = torch.autograd.grad(plain.sum(), z)
+    g_lean, = torch.autograd.grad(lean.sum(), z)
+    assert torch.allclose(g_plain, g_lean)

@@ -157,6 +157,13 @@ def _build_lm(spec: str | dict, weights: bool = True) -> PreTrainedModel:
                         "HF causal LM, or download it first (huggingface-cli download NAME) on a machine online") from None
 
 
+def _keeps_logits(lm) -> bool:
+    """Whether the LM's forward takes `logits_to_keep` (transformers' causal LMs since 4.50)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
 # -----------------------------------------------------------------------------
 # model
 
@@ -256,8 +263,11 @@ class ClipCap(Decoding, nn.Module):
         tokens[:, :t]. image_embeds may have N/k rows (repeat_interleaved k times, the num_samples layout)."""
         prefix = self.prefix(repeat_rows(image_embeds, tokens.shape[0]))
         tokens = tokens.to(prefix.device)
-        P = prefix.size(1)
-        return self.lm(inputs_embeds=self._embed(prefix, tokens[:, :-1]), use_cache=False).logits[:, P - 1:].float()
+        P, T = prefix.size(1), tokens.size(1)
+        embeds = self._embed(prefix, tokens[:, :-1])
+        if _keeps_logits(self.lm):  # the LM head only at the T positions read (not over the prefix)
+            return self.lm(inputs_embeds=embeds, use_cache=False, logits_to_keep=T).logits.float()
+        return self.lm(inputs_embeds=embeds, use_cache=False).logits[:, P - 1:].float()
 
     # -------------------------------------------------------------------------
     # checkpoints

@@ -159,14 +159,16 @@ class Advantages:
         self.running.load_state_dict(state)
 
 
-def kl_guard(reference: Captioner, img, tokens, lengths, logits, token_lp, estimator: str) -> torch.Tensor:
-    """(N,) KL(policy || frozen reference captioner) on the given tokens: exact per position ("full"), or the
-    k2 estimate from the sampled tokens ("sampled"), whose gradient is the reverse KL's in expectation."""
+def kl_guard(reference: Captioner, img, tokens, lengths, logp, token_lp, estimator: str) -> torch.Tensor:
+    """(N,) KL(policy || frozen reference captioner) on the given tokens, from the policy's (N, T, V) log-softmax
+    `logp` and its log-probs `token_lp` at the tokens: exact per position ("full"), or the k2 estimate from the
+    sampled tokens ("sampled"), whose gradient is the reverse KL's in expectation."""
     with torch.no_grad():
-        ref_logits = reference.logits(img, tokens)
+        ref = reference.logits(img, tokens).float()
+        ref = ref.sub_(ref.logsumexp(-1, keepdim=True))  # its log-softmax, in place
     if estimator == "full":
-        return losses.kl_full(logits, ref_logits, lengths)
-    return losses.kl_sampled(token_lp, losses.token_logprobs(ref_logits, tokens), lengths)
+        return losses.kl_full_from_logprobs(logp, ref, lengths)
+    return losses.kl_sampled(token_lp, ref.gather(-1, tokens[..., None].to(ref.device)).squeeze(-1), lengths)
 
 
 def reinforce_loss(policy: Captioner, reference: Captioner, img, tokens, lengths, advantages,
@@ -174,10 +176,14 @@ def reinforce_loss(policy: Captioner, reference: Captioner, img, tokens, lengths
     """REINFORCE `-(R-b) log P(c|i)` by teacher forcing, + kl_coef * KL guard - entropy_coef * entropy, all
     under the tempered policy. `behaviour_logprobs` (N, T): per-token log-probs under the policy that sampled
     the captions when it is older than this one (off-policy); each caption's term is then weighted by the
-    importance ratio pi(c)/mu(c), truncated at `importance_ratio_cap`."""
+    importance ratio pi(c)/mu(c), truncated at `importance_ratio_cap`. The (N, T, V) log-softmax is computed
+    once and read by every term."""
     policy.eval()
-    logits = policy.logits(img, tokens) / policy_temperature(cfg)
-    token_lp = losses.token_logprobs(logits, tokens)
+    logits = policy.logits(img, tokens)
+    temperature = policy_temperature(cfg)
+    logp = torch.log_softmax((logits if temperature == 1.0 else logits / temperature).float(), -1)
+    del logits
+    token_lp = logp.gather(-1, tokens[..., None].to(logp.device)).squeeze(-1)
     stats = {}
     weights = None
     if behaviour_logprobs is not None:
@@ -186,9 +192,9 @@ def reinforce_loss(policy: Captioner, reference: Captioner, img, tokens, lengths
         stats = {"importance_ratio_mean": float(ratio.mean()), "importance_ratio_max": float(ratio.max()),
                  "importance_ratio_truncated": float((ratio > cfg.rl.importance_ratio_cap).float().mean())}
     pg = losses.reinforce(token_lp, lengths, advantages, cfg.rl.length_normalise, weights)
-    kl = kl_guard(reference, img, tokens, lengths, logits, token_lp, cfg.rl.kl_estimator)
+    kl = kl_guard(reference, img, tokens, lengths, logp, token_lp, cfg.rl.kl_estimator)
     with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.rl.entropy_coef)):
-        ent = losses.entropy(logits, lengths)  # only a statistic (no graph kept) unless it is in the loss
+        ent = losses.entropy_from_logprobs(logp, lengths)  # only a statistic (no graph kept) unless in the loss
     loss = pg + cfg.rl.kl_coef * kl.mean()
     if cfg.rl.entropy_coef:
         loss = loss - cfg.rl.entropy_coef * ent.mean()
@@ -212,7 +218,8 @@ def gumbel_loss(policy: Captioner, reference: Captioner, scorer: Scorer, img, ca
     T = soft.logits.shape[1]
     kl_len = soft.lengths.clamp(max=T)
     tokens = soft.tokens[:, :T]
-    kl = kl_guard(reference, img, tokens, kl_len, soft.logits, losses.token_logprobs(soft.logits, tokens),
+    logp = torch.log_softmax(soft.logits.float(), -1)
+    kl = kl_guard(reference, img, tokens, kl_len, logp, logp.gather(-1, tokens[..., None]).squeeze(-1),
                   cfg.rl.kl_estimator)
     loss = task + cfg.rl.kl_coef * kl.mean()
     with torch.no_grad():

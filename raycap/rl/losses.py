@@ -38,13 +38,40 @@ def importance_ratio(policy_token_logprobs: torch.Tensor, behaviour_token_logpro
     return d.clamp(max=80.0).exp()
 
 
+ROWS = 8  # captions per slice when a (N, T, V) computation runs slice by slice (bounds its temporaries)
+
+
+class _FullKL(torch.autograd.Function):
+    """Per-position KL(p || q) = sum_v p_v (log p_v - log q_v) from log-probs, computed `ROWS` captions at a time.
+    It keeps only its two inputs for the backward pass (autograd's product rule would keep p and the difference
+    too: two more (N, T, V) tensors, gigabytes at GPT-2's vocabulary); d KL / d log p_v = p_v (log p_v - log q_v
+    + 1)."""
+
+    @staticmethod
+    def forward(ctx, logp, logq):
+        ctx.save_for_backward(logp, logq)
+        return torch.cat([(lp.exp() * (lp - lq)).sum(-1) for lp, lq in zip(logp.split(ROWS), logq.split(ROWS))])
+
+    @staticmethod
+    def backward(ctx, grad):
+        logp, logq = ctx.saved_tensors
+        parts = [g[..., None] * lp.exp() * (lp - lq + 1)
+                 for g, lp, lq in zip(grad.split(ROWS), logp.split(ROWS), logq.split(ROWS))]
+        return torch.cat(parts), None
+
+
+def kl_full_from_logprobs(policy_logp: torch.Tensor, reference_logp: torch.Tensor,
+                          lengths: torch.Tensor) -> torch.Tensor:
+    """`kl_full` from the two (N, T, V) log-softmaxes; the gradient flows into the policy's only."""
+    per_token = _FullKL.apply(policy_logp, reference_logp.detach())
+    return (per_token * token_mask(lengths, per_token.shape[1])).sum(1)
+
+
 def kl_full(policy_logits: torch.Tensor, reference_logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Exact KL(policy || reference) of the next-token distributions, summed over each caption's positions
     (N,). Zero when the two agree; its gradient flows into the policy only."""
-    logp = F.log_softmax(policy_logits.float(), -1)
-    logq = F.log_softmax(reference_logits.detach().float(), -1)
-    per_token = (logp.exp() * (logp - logq)).sum(-1)
-    return (per_token * token_mask(lengths, per_token.shape[1])).sum(1)
+    return kl_full_from_logprobs(F.log_softmax(policy_logits.float(), -1),
+                                 F.log_softmax(reference_logits.detach().float(), -1), lengths)
 
 
 def kl_sampled(policy_token_logprobs: torch.Tensor, reference_token_logprobs: torch.Tensor,
@@ -61,8 +88,15 @@ def kl_sampled(policy_token_logprobs: torch.Tensor, reference_token_logprobs: to
 
 def entropy(policy_logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy of each caption's next-token distributions (N,)."""
-    logp = F.log_softmax(policy_logits.float(), -1)
-    per_token = -(logp.exp() * logp).sum(-1)
+    return entropy_from_logprobs(F.log_softmax(policy_logits.float(), -1), lengths)
+
+
+def entropy_from_logprobs(logp: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`entropy` from the (N, T, V) log-softmax; without gradients it runs `ROWS` captions at a time."""
+    if torch.is_grad_enabled() and logp.requires_grad:
+        per_token = -(logp.exp() * logp).sum(-1)
+    else:
+        per_token = torch.cat([-(lp.exp() * lp).sum(-1) for lp in logp.split(ROWS)])
     mask = token_mask(lengths, per_token.shape[1])
     return (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
 

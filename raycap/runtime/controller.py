@@ -10,6 +10,7 @@ restarts of crashed actors and the dashboard metrics.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -60,6 +61,8 @@ class Controller:
         the first (the trial's own) instead of reserving a group of their own."""
         self.cfg, self.out, self.log = config, Path(out), log
         rt = config.runtime
+        if not (rt.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+            resources.check_local_gpus(rt)  # before a local Ray starts: its roles' GPUs must exist here
         prepare_run_dir(self.out, config, "ray", allow_new_config)  # before anything loads or is written
         captioner = load_captioner(config.captioner.path)[0]  # bad dirs and mismatches fail here, not in actors
         retriever = load_retriever(config.retriever)

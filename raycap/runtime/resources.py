@@ -122,6 +122,24 @@ def start_ray(rt: RuntimeConfig) -> tuple[bool, str | None]:
     return True, ctx.dashboard_url
 
 
+def check_local_gpus(rt: RuntimeConfig, visible: int | None = None) -> None:
+    """Before a local Ray starts: a one-line UserError if the roles reserve GPUs this machine does not have
+    (`visible`: the CUDA devices torch sees, or `runtime.num_gpus` when set)."""
+    need = {k: getattr(rt, k) for k in ("gpus_per_learner", "gpus_per_rollout", "gpus_per_reward") if getattr(rt, k)}
+    have = rt.num_gpus if rt.num_gpus is not None else (
+        torch_cuda_count() if visible is None else visible)
+    if need and not have:
+        raise UserError("runtime: " + ", ".join(f"{k} {v:g}" for k, v in need.items()) + " but this machine has no "
+                        "GPU: set them to 0 (--set runtime.gpus_per_learner=0 ...) or use --runtime local, which "
+                        "needs none")
+
+
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def check_resources(rt: RuntimeConfig) -> None:
     """A one-line UserError if the roles' totals exceed what the Ray cluster has."""
     roles = Roles.of(rt)
