@@ -16,7 +16,7 @@ from raycap.inputs import attach_captioner_inputs, check_run_compatible, open_sp
 from raycap.models.decode import rollout_decoder
 from raycap.models.devices import resolve_device
 from raycap.models.loading import load_captioner_model
-from raycap.roles import build_role_models, optimizer
+from raycap.roles import build_role_models, optimizer, train_scorer
 from raycap.rl import algorithm
 from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
 from raycap.supervised.captioner import evaluate_images
@@ -51,10 +51,7 @@ class LocalTrainer:
         check_run_compatible(self.policy, self.retriever, config)
         self.splits = splits if splits is not None else open_splits(config, self.retriever, log)
         attach_captioner_inputs(self.policy, self.splits, self.retriever, log)  # patch tokens, BLIP's features
-        train = self.splits["train"]
-        self.images = train.embeddings.to(self.device)
-        self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.policy.stop_ids, config,
-                                       inputs=None if train.inputs is None else train.inputs.to(self.device))
+        self.scorer = train_scorer(self.models, self.splits["train"], config)
         self.opt = optimizer(self.policy, config)
         self.advantages = algorithm.Advantages(config)
         self.step = 0

@@ -55,6 +55,16 @@ def build_role_models(cfg: RunConfig, device, reference: bool = False, retriever
     return RoleModels(device, precision.compute_dtype(cfg.runtime.precision, device), policy, tokenizer, ref, ret)
 
 
+def train_scorer(models: RoleModels, train, cfg: RunConfig):
+    """The scorer of a role that draws batches and rewards them: the retriever and the train split's embeddings
+    (and what the captioner reads of them, when not those) on the role's device."""
+    from raycap.rl.algorithm import Scorer
+
+    inputs = None if train.inputs is None else train.inputs.to(models.device)
+    return Scorer(models.retriever, train.embeddings.to(models.device), models.tokenizer, models.policy.stop_ids,
+                  cfg, inputs=inputs)
+
+
 def optimizer(policy: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """Adam over the trainable parameters at the run's constant lr (fused kernels on CUDA)."""
     params = [p for p in policy.parameters() if p.requires_grad]

@@ -61,10 +61,6 @@ def mark_trainable(module: nn.Module) -> None:
         p.requires_grad_(LORA_MARK in name)
 
 
-def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu() for n, p in module.named_parameters() if LORA_MARK in n}
-
-
 @torch.no_grad()
 def merged(module: nn.Module) -> nn.Module:
     """A copy of `module` with every adapter merged into its base weight and the adapter layers replaced by

@@ -13,8 +13,7 @@ import torch
 
 from raycap.config import RunConfig
 from raycap.inputs import SplitImages
-from raycap.rl import algorithm
-from raycap.roles import build_role_models
+from raycap.roles import build_role_models, train_scorer
 from raycap.runtime import resources
 from raycap.runtime.weights import load_flat_weights
 from raycap.supervised.captioner import evaluate_images
@@ -31,10 +30,7 @@ class RewardService:
         self.retriever, self.captioner, self.tokenizer = self.models.retriever, self.models.policy, self.models.tokenizer
         self.device = self.models.device
         self.splits = splits  # on the CPU, as the controller opened them
-        train = splits["train"]
-        self.images = train.embeddings.to(self.device)
-        self.scorer = algorithm.Scorer(self.retriever, self.images, self.tokenizer, self.captioner.stop_ids, self.cfg,
-                                       inputs=None if train.inputs is None else train.inputs.to(self.device))
+        self.scorer = train_scorer(self.models, splits["train"], self.cfg)
 
     def pid(self) -> int:
         return os.getpid()
