@@ -179,6 +179,10 @@ class CaptionerConfig(BaseModel):
     path: str = Field(str(ASSETS_DIR / "world" / "captioner"), description="a raycap captioner dir")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters on the LM (with the mapper) instead "
                                       "of the whole LM; the run's captioners save merged")
+    vision_features: Literal["auto", "cached", "per_batch"] = Field(
+        "auto", description="a captioner with its own frozen vision tower (BLIP): cache its features of every "
+        "image once (cached), or run the tower per batch on the role's device from the images (per_batch: "
+        "memory for one batch at any dataset size); auto: cached when they fit in half the machine's memory")
 
 
 class EvalConfig(BaseModel):

@@ -183,10 +183,12 @@ def open_source(data: DataConfig, role: str) -> tuple[ImageSource, list[dict]]:
                        captions=data.captions, on_bad_image=data.on_bad_image)
 
 
-def open_splits(cfg: RunConfig, retriever, log=print) -> dict[str, SplitImages]:
+def open_splits(cfg: RunConfig, retriever, log=print, captioner=None) -> dict[str, SplitImages]:
     """train, val and test images with their embeddings (train: the first `data.train_images` if set). Image
     files are embedded with Ray Data, on a local Ray started here (and stopped after) when none is running.
-    Images the reader or the cache left out (`data.on_bad_image: skip`) are reported and listed in `skipped`."""
+    Images the reader or the cache left out (`data.on_bad_image: skip`) are reported and listed in `skipped`.
+    With the run's `captioner`, its cached vision features that would not fit are refused before anything is
+    embedded (`vision_feature_mode`)."""
     from raycap.data.cache import retriever_fingerprint
 
     opened = {}
@@ -195,6 +197,8 @@ def open_splits(cfg: RunConfig, retriever, log=print) -> dict[str, SplitImages]:
         if role == "train" and cfg.data.train_images:
             source = source.subset(range(min(cfg.data.train_images, len(source))))
         opened[role] = (source, skipped)
+    if captioner is not None:
+        vision_feature_mode(captioner, sum(len(s) for s, _ in opened.values()), cfg.captioner.vision_features)
     fingerprint = retriever_fingerprint(retriever)  # once for the three splits' cache keys
     with local_ray_for([source for source, _ in opened.values()], cfg.runtime):
         return {role: _embed(cfg, retriever, fingerprint, role, source, skipped, log)
@@ -230,12 +234,70 @@ def _embed(cfg: RunConfig, retriever, fingerprint: str, role: str, source: Image
     return SplitImages(role, source, cached.embeddings, skipped)
 
 
+class ImageRows:
+    """A split's images as the pixel values a captioner with its own vision tower reads (BLIP), produced per
+    batch instead of held: a tensor-like stand-in for its (N, 3, S, S) inputs. Indexing with image indices (a
+    tensor or list) reads those images and returns their pixel values on the CPU; a slice is another lazy view;
+    `.to(device)` reads all rows of the view (callers slice a chunk first). The captioner runs its frozen vision
+    tower on those pixels on its own device (`_start`), so memory holds one batch, at any dataset size."""
+
+    def __init__(self, source: ImageSource, processor, rows: range | None = None):
+        self.source, self.processor = source, processor
+        self.rows = range(len(source)) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def size(self, dim: int = 0) -> int:
+        if dim != 0:
+            raise ValueError("ImageRows knows only its number of rows (dim 0)")
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return ImageRows(self.source, self.processor, self.rows[index])
+        ids = index.tolist() if isinstance(index, torch.Tensor) else list(index)
+        return self.pixels([self.rows[int(i)] for i in ids])
+
+    def pixels(self, ids) -> torch.Tensor:
+        """Pixel values (len(ids), 3, S, S) of the source's images `ids`."""
+        return self.processor(images=[self.source.image(i) for i in ids], return_tensors="pt")["pixel_values"]
+
+    def to(self, device=None, dtype=None) -> torch.Tensor:
+        return self.pixels(list(self.rows)).to(device=device, dtype=dtype)
+
+
+VISION_FEATURES = ("auto", "cached", "per_batch")
+
+
+def vision_feature_mode(captioner, n_images: int, setting: str = "auto", memory_bytes: int | None = None,
+                        log=None) -> str:
+    """"cached" or "per_batch" for a captioner with its own vision tower and `n_images` images under
+    `captioner.vision_features` (`auto`: cached when they fit, `check_cached_inputs_fit`, else per batch, said
+    on `log`); "cached" for every other captioner. `cached` that would not fit is refused in one line."""
+    if setting not in VISION_FEATURES:
+        raise UserError(f"captioner.vision_features: {setting!r} is not one of {', '.join(VISION_FEATURES)}")
+    if own_feature_shape(captioner) is None or setting == "cached":
+        check_cached_inputs_fit(captioner, n_images, memory_bytes)
+        return "cached"
+    if setting == "per_batch":
+        return "per_batch"
+    try:
+        check_cached_inputs_fit(captioner, n_images, memory_bytes)
+        return "cached"
+    except UserError as e:
+        if log:
+            log(f"captioner.vision_features auto -> per_batch: {str(e).split('; ')[0]}")
+        return "per_batch"
+
+
 def captioner_inputs(captioner, source: ImageSource, embeddings: torch.Tensor, batch: int = 256, log=print,
-                     retriever=None):
+                     retriever=None, vision_features: str = "auto"):
     """What the captioner reads for each image of `source`: the retriever's embeddings (ClipCap), the retriever's
     patch tokens (a ClipCap with `image_input: tokens`, from the embedding cache), or, for a captioner with its
     own frozen vision tower (BLIP: `reads_retriever_embeddings = False`), that tower's features, computed once
-    here in batches (the image side stays frozen, so they hold for the whole run)."""
+    here in batches (the image side stays frozen, so they hold for the whole run), or with `vision_features`
+    per_batch (or auto, when cached ones would not fit) the images' `ImageRows`, read per batch."""
     if getattr(captioner, "reads_image_tokens", False):
         if retriever is None:
             raise ValueError("a captioner reading image tokens needs the retriever whose tokens it reads")
@@ -244,6 +306,9 @@ def captioner_inputs(captioner, source: ImageSource, embeddings: torch.Tensor, b
         return image_embeddings(retriever, source, log=log, features="tokens").embeddings
     if getattr(captioner, "reads_retriever_embeddings", True):
         return embeddings
+    if vision_feature_mode(captioner, len(source), vision_features, log=log) == "per_batch":
+        log(f"{source.name}: {len(source)} images -> vision features per batch from the images")
+        return ImageRows(source, captioner.processor)
     from raycap.progress import progress
 
     parts = [captioner.encode_images([source.image(i) for i in range(k, min(k + batch, len(source)))])
@@ -267,31 +332,33 @@ def machine_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_cached_inputs_fit(captioner, splits: dict[str, SplitImages], memory_bytes: int | None = None,
+def check_cached_inputs_fit(captioner, n_images: int, memory_bytes: int | None = None,
                             share: float = 0.5) -> None:
-    """Refuse, in one line with the estimate and before any feature is computed, cached captioner features
-    (BLIP's own vision features, fp32) larger than `share` of the machine's memory: the controller holds them and
-    Ray's object store holds another copy."""
+    """Refuse, in one line with the estimate and before any feature is computed, cached captioner features of
+    `n_images` images (BLIP's own vision features, fp32) larger than `share` of the machine's memory: the
+    controller holds them and Ray's object store holds another copy."""
     shape = own_feature_shape(captioner)
     if shape is None:
         return
     memory = machine_memory_bytes() if memory_bytes is None else memory_bytes
-    n = sum(len(s.source) for s in splits.values())
     per_image = shape[0] * shape[1] * 4
-    need = n * per_image
+    need = n_images * per_image
     if need > share * memory:
-        raise UserError(f"captioner features for {n:,} images ({shape[0]} x {shape[1]} float32, "
+        raise UserError(f"captioner features for {n_images:,} images ({shape[0]} x {shape[1]} float32, "
                         f"{per_image / 2**20:.2f} MiB each) need {need / 1e9:.1f} GB, more than {share:.0%} of this "
-                        f"machine's {memory / 1e9:.1f} GB memory; use fewer images (data.train_images or smaller "
-                        "splits) or a machine with more memory")
+                        f"machine's {memory / 1e9:.1f} GB memory; set captioner.vision_features: per_batch (or auto) "
+                        "to compute them per batch from the images, or use fewer images")
 
 
-def attach_captioner_inputs(captioner, splits: dict[str, SplitImages], retriever, log=print) -> None:
-    """Give each split the captioner's own inputs when it does not read the retriever's embeddings (refused
-    first when they would not fit in memory: `check_cached_inputs_fit`)."""
-    check_cached_inputs_fit(captioner, splits)
+def attach_captioner_inputs(captioner, splits: dict[str, SplitImages], retriever, vision_features: str = "auto",
+                            log=print) -> None:
+    """Give each split the captioner's own inputs when it does not read the retriever's embeddings: cached
+    features for all splits, or every split's `ImageRows` (`vision_feature_mode` over all their images, decided
+    before any feature is computed)."""
+    mode = vision_feature_mode(captioner, sum(len(s.source) for s in splits.values()), vision_features, log=log)
     for s in splits.values():
-        inputs = captioner_inputs(captioner, s.source, s.embeddings, log=log, retriever=retriever)
+        inputs = captioner_inputs(captioner, s.source, s.embeddings, log=log, retriever=retriever,
+                                  vision_features="cached" if mode == "cached" else "per_batch")
         s.inputs = None if inputs is s.embeddings else inputs
 
 

@@ -49,8 +49,8 @@ class LocalTrainer:
         self.reference, self.retriever = self.models.reference, self.models.retriever
         self.decoder = rollout_decoder(self.policy)
         check_run_compatible(self.policy, self.retriever, config)
-        self.splits = splits if splits is not None else open_splits(config, self.retriever, log)
-        attach_captioner_inputs(self.policy, self.splits, self.retriever, log)  # patch tokens, BLIP's features
+        self.splits = splits if splits is not None else open_splits(config, self.retriever, log, self.policy)
+        attach_captioner_inputs(self.policy, self.splits, self.retriever, config.captioner.vision_features, log)  # patch tokens, BLIP's features
         self.scorer = train_scorer(self.models, self.splits["train"], config)
         self.opt = optimizer(self.policy, config)
         self.advantages = algorithm.Advantages(config)

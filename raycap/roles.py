@@ -60,7 +60,7 @@ def train_scorer(models: RoleModels, train, cfg: RunConfig):
     (and what the captioner reads of them, when not those) on the role's device."""
     from raycap.rl.algorithm import Scorer
 
-    inputs = None if train.inputs is None else train.inputs.to(models.device)
+    inputs = train.inputs.to(models.device) if isinstance(train.inputs, torch.Tensor) else train.inputs  # ImageRows
     return Scorer(models.retriever, train.embeddings.to(models.device), models.tokenizer, models.policy.stop_ids,
                   cfg, inputs=inputs)
 

@@ -81,8 +81,10 @@ def stage(tmp_path, world, blip_dir):
     return tmp_path / "stage.yaml"
 
 
-@pytest.mark.parametrize("runtime", ["local", "ray"])
-def test_supervised_stage_then_discritune(tiny_world_dir, blip_dir, tmp_path, runtime):
+@pytest.mark.parametrize("runtime,features", [("local", "cached"), ("ray", "per_batch")])
+def test_supervised_stage_then_discritune(tiny_world_dir, blip_dir, tmp_path, runtime, features):
+    """The ray run reads BLIP's vision features per batch (`ImageRows` through the object store, the tower run
+    on each role's device)."""
     from transformers import BlipForConditionalGeneration
 
     from raycap.inputs import free_port
@@ -102,7 +104,8 @@ def test_supervised_stage_then_discritune(tiny_world_dir, blip_dir, tmp_path, ru
                         "--set", f"captioner.path={tmp_path / 'sup' / 'captioner'}", "--set", "rl.steps=2",
                         "--set", "eval.images=100", "--set", "rl.max_new_tokens=8", "--set", "eval.every=2",
                         "--set", "threads=1", "--set", "eval.report=false", "--set", "rl.batch_size=24",
-                        "--set", "rl.num_candidates=24", "--set", f"runtime.dashboard_port={free_port()}"])
+                        "--set", "rl.num_candidates=24", "--set", f"runtime.dashboard_port={free_port()}",
+                        "--set", f"captioner.vision_features={features}"])
     assert final["updates"] == 2
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[2]["kl"] > 0 and isinstance(records[1]["example"], str)
@@ -144,15 +147,82 @@ def test_cached_features_that_cannot_fit_are_refused_with_the_estimate(blip, mon
         def image(self, i):
             pytest.fail("no image is read before the estimate")
 
-    splits = {r: SimpleNamespace(source=NoImages(n)) for r, n in (("train", 1000), ("val", 10), ("test", 10))}
     per_image = shape[0] * shape[1] * 4
-    check_cached_inputs_fit(blip, splits, memory_bytes=4 * 1020 * per_image)  # fits in half
+    check_cached_inputs_fit(blip, 1020, memory_bytes=4 * 1020 * per_image)  # fits in half
     with pytest.raises(UserError, match=r"1,020 images .* more than 50% of this machine") as e:
-        check_cached_inputs_fit(blip, splits, memory_bytes=1020 * per_image)
-    assert "\n" not in str(e.value)
+        check_cached_inputs_fit(blip, 1020, memory_bytes=1020 * per_image)
+    assert "\n" not in str(e.value) and "captioner.vision_features: per_batch" in str(e.value)
     base = SimpleNamespace(reads_retriever_embeddings=False, model=SimpleNamespace(config=SimpleNamespace(
         vision_config=SimpleNamespace(image_size=384, patch_size=16, hidden_size=768))))
-    coco = {"train": SimpleNamespace(source=NoImages(113_287)), "val": SimpleNamespace(source=NoImages(5000)),
-            "test": SimpleNamespace(source=NoImages(5000))}
     with pytest.raises(UserError, match=r"577 x 768 float32.* need 218\.5 GB"):
-        check_cached_inputs_fit(base, coco, memory_bytes=128 * 2**30)
+        check_cached_inputs_fit(base, 113_287 + 5000 + 5000, memory_bytes=128 * 2**30)
+
+
+def test_vision_features_auto_goes_per_batch_when_cached_ones_cannot_fit(blip):
+    """`captioner.vision_features`: auto caches BLIP's features when they fit in half the memory and otherwise
+    reads them per batch (said in one line); cached is refused when it cannot fit; a ClipCap always reads the
+    retriever's embeddings."""
+    from types import SimpleNamespace
+
+    from raycap.errors import UserError
+    from raycap.inputs import own_feature_shape, vision_feature_mode
+
+    shape = own_feature_shape(blip)
+    per_image = shape[0] * shape[1] * 4
+    lines = []
+    assert vision_feature_mode(blip, 100, "auto", memory_bytes=1000 * per_image, log=lines.append) == "cached"
+    assert vision_feature_mode(blip, 100, "auto", memory_bytes=100 * per_image, log=lines.append) == "per_batch"
+    assert len(lines) == 1 and lines[0].startswith("captioner.vision_features auto -> per_batch: captioner "
+                                                   "features for 100 images")
+    assert vision_feature_mode(blip, 100, "per_batch", memory_bytes=1000 * per_image) == "per_batch"
+    with pytest.raises(UserError, match="need"):
+        vision_feature_mode(blip, 100, "cached", memory_bytes=100 * per_image)
+    clipcap = SimpleNamespace(reads_retriever_embeddings=True)
+    assert vision_feature_mode(clipcap, 10**6, "per_batch", memory_bytes=1) == "cached"
+
+
+def test_image_rows_read_per_batch_decode_and_score_as_cached_features(blip, blip_dir, tiny_world_dir):
+    """BLIP reading `ImageRows` (pixels read per batch, the vision tower run on the captioner's device) gives
+    the captions, teacher-forced log-probs and evaluation of the cached features; slicing stays lazy, so an
+    evaluation of n images reads only its chunks."""
+    from raycap.data.sources import WorldSource
+    from raycap.inputs import ImageRows, captioner_inputs, load_world
+    from raycap.supervised.captioner import decode_images
+
+    source = WorldSource(load_world(tiny_world_dir), "test").subset(range(12))
+    read = []
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def image(self, i):
+            read.append(i)
+            return self.inner.image(i)
+
+    rows = ImageRows(Spy(source), blip.processor)
+    feats = captioner_inputs(blip, source, None, vision_features="cached")
+    lazy = captioner_inputs(blip, source, None, vision_features="per_batch")
+    assert isinstance(lazy, ImageRows) and len(lazy) == 12 and not read
+    view = rows[3:9]
+    assert isinstance(view, ImageRows) and len(view) == 6 and not read
+    idx = torch.tensor([5, 0, 11])
+    torch.testing.assert_close(blip.features(rows[idx]), feats[idx], atol=1e-5, rtol=1e-5)
+    assert read == [5, 0, 11]
+    read.clear()
+    a = blip.generate(feats[3:9], mode="greedy")
+    b = blip.generate(view.to(blip.device), mode="greedy")
+    assert read == list(range(3, 9)) and a.tolist() == b.tolist()
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    s1 = blip.generate(feats[idx], mode="sample", num_samples=3, generator=g1)
+    s2 = blip.generate(rows[idx], mode="sample", num_samples=3, generator=g2)
+    assert s1.tolist() == s2.tolist()
+    torch.testing.assert_close(blip.log_probs(rows[idx], s1.tokens, s1.lengths),
+                               blip.log_probs(feats[idx], s1.tokens, s1.lengths), atol=1e-5, rtol=1e-4)
+    tok = load_tokenizer(blip_dir)
+    cached = decode_images(blip, tok, None, feats, None, "beam", num_beams=2, batch_size=4)
+    per_batch = decode_images(blip, tok, None, lazy, None, "beam", num_beams=2, batch_size=4)
+    assert cached == per_batch and len(cached) == 12

@@ -4,8 +4,9 @@ The vision tower is frozen in RL: its features (the ViT's last hidden states, (1
 are computed once per run and read like ClipCap reads the retriever's embeddings (`reads_retriever_embeddings`
 is False, so `raycap.inputs.captioner_inputs` computes them); the text decoder, which cross-attends to them, is
 what RL trains. Features take (1 + (image_size / patch_size)^2) * width * 4 bytes per image in fp32: 577 x 768 x
-4 = 1.7 MiB for BLIP-base at 384 px (so a COCO train split of 113K images does not fit in memory, and a user
-would subset or shard it), 37 x 64 x 4 = 9.25 KiB for the tiny world BLIP at 48 px. Decoding (greedy, sampled,
+4 = 1.7 MiB for BLIP-base at 384 px (a COCO train split of 113K images does not fit in memory, so there the
+inputs are each batch's pixel values, `raycap.inputs.ImageRows`, run through the tower wherever the captioner
+is), 37 x 64 x 4 = 9.25 KiB for the tiny world BLIP at 48 px. Decoding (greedy, sampled,
 beam, with the KV cache) is `raycap.models.decoding`'s, as for ClipCap: each caption starts from BLIP's decoder
 start token and ends at its end token (`[SEP]` in BLIP's BERT vocabulary). `logits` and `log_probs` also take
 pixel values (N, 3, H, W): the supervised stage of a BLIP trained from scratch runs its vision tower with
@@ -109,7 +110,7 @@ class BlipCaptioner(Decoding, nn.Module):
 
     def logits(self, inputs: Tensor, tokens: Tensor) -> Tensor:
         """Teacher-forced next-token logits (N, T, V), fp32; `inputs` may have N/k rows (num_samples layout)."""
-        feats = self._start(repeat_rows(inputs, tokens.shape[0]))
+        feats = repeat_rows(self._start(inputs), tokens.shape[0])  # pixels through the tower once per image
         ids = self._with_start(tokens.to(feats.device)[:, :-1])
         return self._decoder(feats, ids).logits.float()
 

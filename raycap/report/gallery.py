@@ -69,7 +69,7 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
     pool = open_split(cfg, retriever, "train", log).embeddings if cfg.eval.decoding == "select" else None
     for name, (model, tokenizer) in models.items():
         model.config.max_new_tokens = cfg.rl.max_new_tokens
-        reads = captioner_inputs(model, split.source, split.embeddings, log=log, retriever=retriever)[:n]
+        reads = captioner_inputs(model, split.source.subset(range(n)), emb, log=log, retriever=retriever)
         mode = cfg.eval.decoding if name == "fine-tuned" else "greedy"  # the supervised captioner as RL starts
         texts[name] = decode_images(model.eval(), tokenizer, retriever, reads, emb, mode, cfg.eval.num_beams,
                                     cfg.selection(), pool, cfg.eval.batch_size)
