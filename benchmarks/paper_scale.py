@@ -5,7 +5,7 @@ CLIP ViT-B/32 (open_clip, `pretrained=None`) as the retriever, ClipCap (MLP mapp
 In one run, on the same weights and the same batch:
 - raycap's update: the pool's image embeddings cached once (untimed), then `Scorer.batch` -> `rollout` (sampled,
   KV cache; `rollout_decoder`: the static cache + CUDA graph on CUDA) -> `Scorer.score` -> `Advantages` ->
-  `reinforce_loss` (REINFORCE + KL guard), those in the run's
+  `reinforce_backward` (REINFORCE + KL guard, `rl.micro_batch` images per teacher-forced pass), those in the run's
   precision (`runtime.precision`, auto: bf16 autocast on CUDA, fp32 on a CPU) -> backward -> clip_grad_norm_ 1.0
   -> raycap's Adam (`raycap.roles.optimizer`: fused on CUDA), exactly `LocalTrainer.update`'s sequence;
 - the ClipCap/EGG-style update: the batch's pixels re-encoded by the CLIP image tower every step, the captions
@@ -23,6 +23,7 @@ line with the sizes, then exactly
     ratio: Y/X
     eval_1000_beam5_s: Z     (the key names the evaluation's real size: --eval-images, --beams)
     peak_rss_gb: W           (this process's peak resident set, GiB: getrusage ru_maxrss, children not counted)
+    raycap_peak_rss_gb: V    (the same, read after raycap's first timed update, before the EGG-style loop runs)
 
     python benchmarks/paper_scale.py                    # the paper's sizes on the CPU (minutes on 2 cores)
     python benchmarks/paper_scale.py --device cuda      # the same on a GPU (timers read after cuda synchronize)
@@ -70,6 +71,11 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - START:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident set so far, GiB (getrusage ru_maxrss: KiB on Linux; children not counted)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def millions(module: torch.nn.Module) -> str:
     return f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M"
 
@@ -94,6 +100,8 @@ def run_config(args, batch: int, tokens: int):
         sets.append(f"rl.num_samples={args.samples}")
     if args.precision is not None:
         sets.append(f"runtime.precision={args.precision}")
+    if args.micro_batch is not None:
+        sets.append(f"rl.micro_batch={min(args.micro_batch, batch) or 'null'}")
     cfg = load_config(CONFIG, sets)
     if cfg.rl.method != "discritune" or cfg.rl.hard_distractors:
         raise SystemExit(f"{CONFIG}: this benchmark times DiscriTune with in-batch distractors")
@@ -155,18 +163,24 @@ class Bench:
 
     # -- raycap: cached embeddings, KV-cache decode, raycap's learner step (LocalTrainer.update) --------------
     def raycap_update(self, cfg, scorer: algorithm.Scorer, advantages: algorithm.Advantages, step: int) -> None:
-        with autocast(self.dev, self.dtype):  # the forward passes; backward and the step outside
-            _, img, cands = scorer.batch(step)
+        def forward():
+            return autocast(self.dev, self.dtype)  # the forward passes; backward and the step outside
+
+        _, img, cands = scorer.batch(step)
+        self.opt.zero_grad(set_to_none=True)
+        with forward():
             caps = algorithm.rollout(self.policy, img, cfg, step, decoder=self.decoder)
             scores = scorer.score(cands, caps.tokens, caps.lengths, step)
             greedy = None
             if cfg.rl.baseline == "greedy":
                 g = algorithm.rollout(self.policy, img, cfg, step, greedy=True, decoder=self.decoder)
                 greedy = scorer.score(cands, g.tokens, g.lengths, step).reward
-            r = scores.reward
-            adv = r - advantages.baseline(r, greedy)
-            loss, _ = algorithm.reinforce_loss(self.policy, self.reference, img, caps.tokens, caps.lengths, adv, cfg)
-        self._learner_step(self.opt, loss, step, clip=True)
+        r = scores.reward
+        adv = r - advantages.baseline(r, greedy)
+        algorithm.reinforce_backward(self.policy, self.reference, img, caps.tokens, caps.lengths, adv, cfg, step,
+                                     torch.Tensor.backward, forward)  # over rl.micro_batch images at a time
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+        self.opt.step()
 
     # -- ClipCap/EGG style: pixels re-encoded, the sequence re-run per token, full-context CLIP text, fp32 -----
     def egg_update(self, cfg, scorer: algorithm.Scorer, advantages: algorithm.Advantages, step: int) -> None:
@@ -203,21 +217,25 @@ class Bench:
         def scorer(cfg):
             return algorithm.Scorer(self.retriever, self.embeddings, self.tokenizer, self.policy.stop_ids, cfg)
 
-        log("warm-up (2 images, 2 tokens) ...")
-        self.policy.config.max_new_tokens = self.warm_cfg.rl.max_new_tokens  # generate reads the captioner's own
-        warm = scorer(self.warm_cfg)
-        self.raycap_update(self.warm_cfg, warm, algorithm.Advantages(self.warm_cfg), step=10_000)
-        self.egg_update(self.warm_cfg, warm, algorithm.Advantages(self.warm_cfg), step=10_000)
+        def warm_up(update):
+            self.policy.config.max_new_tokens = self.warm_cfg.rl.max_new_tokens  # generate reads the captioner's
+            update(self.warm_cfg, scorer(self.warm_cfg), algorithm.Advantages(self.warm_cfg), 10_000)
+            self.policy.config.max_new_tokens = self.cfg.rl.max_new_tokens  # as LocalTrainer sets it
+
+        log("raycap warm-up (2 images, 2 tokens) ...")
+        warm_up(self.raycap_update)
         if not args.skip_eval:
             self.evaluate(self.eval_emb[:2])
-
-        self.policy.config.max_new_tokens = self.cfg.rl.max_new_tokens  # as LocalTrainer sets it
         s = scorer(self.cfg)
         adv_raycap, adv_egg = algorithm.Advantages(self.cfg), algorithm.Advantages(self.cfg)
         times = {"raycap": [], "egg": [], "eval": []}
         for rep in range(args.repeats):  # interleaved; each repeat a new step (a new batch draw)
             times["raycap"].append(self.timed(lambda: self.raycap_update(self.cfg, s, adv_raycap, rep)))
             log(f"raycap update {rep}: {times['raycap'][-1]:.2f} s")
+            if rep == 0:  # before the EGG-style loop allocates anything (its own Adam state, its activations)
+                self.raycap_peak = peak_rss_gib()
+                log("EGG-style warm-up (2 images, 2 tokens) ...")
+                warm_up(self.egg_update)
             times["egg"].append(self.timed(lambda: self.egg_update(self.cfg, s, adv_egg, rep)))
             log(f"EGG-style update {rep}: {times['egg'][-1]:.2f} s")
         if not args.skip_eval:
@@ -241,6 +259,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each variant (the median is printed)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None, help="raycap's update and "
                    f"evaluation (default: {CONFIG}'s runtime.precision); the EGG-style update is always fp32")
+    p.add_argument("--micro-batch", type=int, default=None, help=f"images per teacher-forced pass of raycap's "
+                   f"update (default: {CONFIG}'s rl.micro_batch; 0: the whole batch)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-eval", action="store_true")
@@ -253,7 +273,7 @@ def main() -> None:
 
     bench = Bench(args)
     t = bench.run()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+    peak_rss = peak_rss_gib()
     device = f"cuda ({torch.cuda.get_device_name()}, peak allocated " \
              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)" if args.device == "cuda" \
         else f"cpu ({args.threads} threads)"
@@ -267,6 +287,7 @@ def main() -> None:
     print(f"ratio: {t['egg'] / t['raycap']:.2f}")
     print(f"eval_{args.eval_images}_beam{args.beams}_s: {t['eval']:.3f}")
     print(f"peak_rss_gb: {peak_rss:.2f}")
+    print(f"raycap_peak_rss_gb: {bench.raycap_peak:.2f}")
 
 
 if __name__ == "__main__":

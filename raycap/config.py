@@ -252,6 +252,9 @@ class RLConfig(BaseModel):
                                                   "substitution self-check (e.g. the colour words, the shape words)")
     length_normalise: bool = False
     batch_size: int = Field(100, ge=2)
+    micro_batch: int | None = Field(None, ge=1, description="images (with all their samples) per teacher-forced "
+                                    "pass of a DiscriTune update, gradients accumulated over the batch: bounds the "
+                                    "update's memory, not its gradient; null (or >= the images of a learner rank): the whole batch")
     num_candidates: int = Field(100, ge=2)
     hard_distractors: int = Field(0, ge=0)
     near_duplicate: float = Field(0.8, gt=0, le=1)
@@ -301,6 +304,13 @@ class RunConfig(BaseModel):
         if self.rl.batch_size % self.runtime.learner_workers:  # all samples of an image stay on one rank
             raise ValueError(f"runtime.learner_workers ({self.runtime.learner_workers}) must divide rl.batch_size "
                              f"({self.rl.batch_size}): each learner rank takes whole images with all their samples")
+        per_rank = self.rl.batch_size // self.runtime.learner_workers
+        if self.rl.micro_batch and self.rl.micro_batch < per_rank and per_rank % self.rl.micro_batch:
+            raise ValueError(f"rl.micro_batch ({self.rl.micro_batch}) must divide the images of a learner rank "
+                             f"(rl.batch_size / runtime.learner_workers = {per_rank})")
+        if self.rl.micro_batch and self.rl.method == "gumbel":
+            raise ValueError("rl.micro_batch splits DiscriTune's teacher-forced pass; rl.method gumbel decodes the "
+                             "whole batch at once (rl.micro_batch: null)")
         if self.runtime.max_policy_lag and self.rl.rollout != "sample":
             raise ValueError("runtime.max_policy_lag=1 needs rl.rollout: sample (the off-policy correction "
                              "reweights by the sampling distribution)")

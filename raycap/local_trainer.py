@@ -87,37 +87,34 @@ class LocalTrainer:
 
     # -- one update -----------------------------------------------------------------------------------
     def update(self, step: int) -> dict:
-        """One update; its forward passes run in the role's precision, the backward and the step outside."""
-        with self.models.autocast():
-            loss, stats = self._loss(step)
-        self._step(loss)
-        return stats | {"loss": float(loss.detach())}
-
-    def _loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        """One update; its forward passes run in the role's precision, the backward passes and the step outside
+        (DiscriTune's over `rl.micro_batch` images at a time: `algorithm.reinforce_backward`)."""
         cfg = self.cfg
         _, img, cands = self.scorer.batch(step)
-        if cfg.rl.method == "gumbel":
-            loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img, cands,
-                                                self.tokenizer.eos_token_id, cfg, step)
-            return loss, stats
-        caps = algorithm.rollout(self.policy, img, cfg, step, decoder=self.decoder)
-        scores = self.scorer.score(cands, caps.tokens, caps.lengths, step)
-        greedy = None
-        if cfg.rl.baseline == "greedy":
-            g = algorithm.rollout(self.policy, img, cfg, step, greedy=True, decoder=self.decoder)
-            greedy = self.scorer.score(cands, g.tokens, g.lengths, step).reward
-        r = scores.reward
-        advantages = r - self.advantages.baseline(r, greedy)
-        loss, stats = algorithm.reinforce_loss(self.policy, self.reference, img, caps.tokens, caps.lengths,
-                                               advantages, cfg)
-        return loss, stats | summarise(scores, caps.lengths)
-
-    def _step(self, loss):
-        algorithm.check_loss(loss, self.step)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if cfg.rl.method == "gumbel":
+            with self.models.autocast():
+                loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img, cands,
+                                                    self.tokenizer.eos_token_id, cfg, step)
+            algorithm.check_loss(loss, step)
+            loss.backward()
+        else:
+            with self.models.autocast():
+                caps = algorithm.rollout(self.policy, img, cfg, step, decoder=self.decoder)
+                scores = self.scorer.score(cands, caps.tokens, caps.lengths, step)
+                greedy = None
+                if cfg.rl.baseline == "greedy":
+                    g = algorithm.rollout(self.policy, img, cfg, step, greedy=True, decoder=self.decoder)
+                    greedy = self.scorer.score(cands, g.tokens, g.lengths, step).reward
+            r = scores.reward
+            advantages = r - self.advantages.baseline(r, greedy)
+            loss, stats = algorithm.reinforce_backward(self.policy, self.reference, img, caps.tokens,
+                                                       caps.lengths, advantages, cfg, step, torch.Tensor.backward,
+                                                       self.models.autocast)
+            stats |= summarise(scores, caps.lengths)
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
         self.opt.step()
+        return stats | {"loss": float(loss.detach())}
 
     # -- the run --------------------------------------------------------------------------------------
     def evaluate(self, split: str = "val") -> dict:

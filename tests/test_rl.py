@@ -251,3 +251,54 @@ def test_the_lean_full_kl_has_the_exact_gradient():
     g_plain, = torch.autograd.grad(plain.sum(), z)
     g_lean, = torch.autograd.grad(lean.sum(), z)
     assert torch.allclose(g_plain, g_lean)
+
+
+@pytest.mark.parametrize("micro", [1, 2, 3])
+def test_micro_batches_accumulate_the_whole_batch_gradient(micro):
+    """`reinforce_backward` over micro-batches of images (each with all its samples) gives the loss, statistics
+    and gradients of one `reinforce_loss` over the whole batch, calling backward once per micro-batch, and its
+    forward passes run inside the given context."""
+    import contextlib
+    import copy
+
+    from raycap.config import load_config
+    from raycap.rl import algorithm
+
+    cfg = load_config("world-demo", ["rl.num_samples=2", "rl.baseline=mean", f"rl.micro_batch={micro}",
+                                     "rl.batch_size=6", "rl.num_candidates=6", "rl.entropy_coef=0.01"])
+    policy = tiny_captioner(seed=1)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():  # a policy away from its reference, so the KL term has a gradient
+        for p in policy.mapper.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    img = torch.randn(6, 8)
+    caps = policy.generate(img, mode="sample", num_samples=2, generator=torch.Generator().manual_seed(0))
+    adv = torch.randn(12, generator=torch.Generator().manual_seed(1))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    full, full_stats = algorithm.reinforce_loss(policy, reference, img, caps.tokens, caps.lengths, adv, cfg)
+    want = torch.autograd.grad(full, params)
+    calls, entered = [], []
+
+    @contextlib.contextmanager
+    def forward_context():
+        entered.append(1)
+        yield
+
+    loss, stats = algorithm.reinforce_backward(policy, reference, img, caps.tokens, caps.lengths, adv, cfg, 0,
+                                               lambda part: (calls.append(1), part.backward()), forward_context)
+    assert len(calls) == len(entered) == 6 // micro
+    torch.testing.assert_close(loss, full.detach(), atol=1e-6, rtol=1e-5)
+    for key in ("kl", "entropy", "advantage_std"):
+        assert stats[key] == pytest.approx(full_stats[key], rel=1e-5, abs=1e-7), key
+    for p, g in zip(params, want):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+def test_micro_batch_settings_are_checked_when_the_config_loads():
+    from raycap.config import load_config
+    from raycap.errors import UserError
+
+    with pytest.raises(UserError, match=r"rl.micro_batch \(7\) must divide the images of a learner rank"):
+        load_config("world-demo", ["rl.micro_batch=7"])
+    with pytest.raises(UserError, match="rl.micro_batch splits DiscriTune"):
+        load_config("world-demo", ["rl.micro_batch=8", "rl.method=gumbel"])

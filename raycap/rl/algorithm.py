@@ -4,7 +4,8 @@
 - `Scorer`: the frozen retriever and the cached image embeddings draw the batch and its candidates, and turn
   captions into rewards (task reward plus the optional word-swap self-check);
 - `Advantages`: the baseline (none, running mean, self-critical, leave-one-out);
-- `reinforce_loss` / `gumbel_loss`: the learner's loss, with the KL guard to the frozen reference captioner.
+- `reinforce_loss` / `gumbel_loss`: the learner's loss, with the KL guard to the frozen reference captioner;
+  `reinforce_backward`: that loss's backward pass over micro-batches (`rl.micro_batch`).
 
 The policy is the distribution rollouts sample from: softmax(logits / temperature) when `rollout: sample`, so
 the REINFORCE log-probs, the KL guard and the entropy all read the tempered logits. Rollouts that an older
@@ -15,6 +16,7 @@ same functions inside actors, so the two compute the same update. No Ray here.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,6 +202,37 @@ def reinforce_loss(policy: Captioner, reference: Captioner, img, tokens, lengths
         loss = loss - cfg.rl.entropy_coef * ent.mean()
     return loss, stats | {"kl": float(kl.detach().mean()), "entropy": float(ent.detach().mean()),
                           "advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0}
+
+
+def micro_batches(n_images: int, micro_batch: int | None) -> list[slice]:
+    """The image slices of one update's teacher-forced passes: `micro_batch` images each (all when None)."""
+    per = n_images if not micro_batch else min(micro_batch, n_images)
+    return [slice(a, min(a + per, n_images)) for a in range(0, n_images, per)]
+
+
+def reinforce_backward(policy: Captioner, reference: Captioner, img, tokens, lengths, advantages, cfg: RunConfig,
+                       step: int, backward, forward_context=contextlib.nullcontext,
+                       behaviour_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """`reinforce_loss` and its backward pass over micro-batches of `rl.micro_batch` images (with all their
+    samples): each micro-batch's loss, weighted by its share of the captions, is checked (`check_loss`) and
+    handed to `backward`, so the gradients accumulate to those of the whole batch's loss while only one
+    micro-batch's (N, T, V) tensors are alive. Forward passes run inside `forward_context()` (the role's
+    autocast), backward passes outside it. Returns (the whole batch's loss, detached; its statistics)."""
+    k = tokens.shape[0] // img.shape[0]
+    total, stats, n = torch.zeros(()), {}, tokens.shape[0]
+    for part in micro_batches(img.shape[0], cfg.rl.micro_batch):
+        rows = slice(part.start * k, part.stop * k)
+        with forward_context():
+            loss, s = reinforce_loss(policy, reference, img[part], tokens[rows], lengths[rows], advantages[rows],
+                                     cfg, None if behaviour_logprobs is None else behaviour_logprobs[rows])
+        weight = (rows.stop - rows.start) / n
+        check_loss(loss, step)
+        backward(loss * weight)
+        total = total + loss.detach().float().cpu() * weight
+        for key, v in s.items():
+            stats[key] = max(stats.get(key, v), v) if key.endswith("_max") else stats.get(key, 0.0) + v * weight
+    stats["advantage_std"] = float(advantages.std()) if advantages.numel() > 1 else 0.0
+    return total, stats
 
 
 def gumbel_loss(policy: Captioner, reference: Captioner, scorer: Scorer, img, cands, eos_id: int,

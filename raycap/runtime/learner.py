@@ -64,12 +64,14 @@ CLIP_NORM = 1.0  # as the reference loop
 def deepspeed_config(cfg: RunConfig, rows_per_rank: int) -> dict:
     """Adam (passed in as the client optimizer: plain torch Adam at a constant lr, as the reference loop, fused on
     CUDA), ZeRO stage from the config, fp32 weights (bf16 is autocast around the forward passes, so the weights
-    the optimizer updates stay the fp32 masters). Gradients are clipped to norm 1.0: by DeepSpeed under ZeRO 1-2 (the
+    the optimizer updates stay the fp32 masters), one gradient-accumulation step per `rl.micro_batch`. Gradients are clipped to norm 1.0: by DeepSpeed under ZeRO 1-2 (the
     gradients are partitioned), and without ZeRO by the reference loop's own `clip_grad_norm_` after the
     all-reduce, so that one rank reproduces the reference loop's updates bit for bit."""
     world, zero = cfg.runtime.learner_workers, cfg.runtime.zero_stage
-    return {"train_batch_size": rows_per_rank * world, "train_micro_batch_size_per_gpu": rows_per_rank,
-            "gradient_accumulation_steps": 1, "gradient_clipping": CLIP_NORM if zero else 0.0,
+    images = cfg.rl.batch_size // world
+    micro = 1 if cfg.rl.method == "gumbel" else len(algorithm.micro_batches(images, cfg.rl.micro_batch))
+    return {"train_batch_size": rows_per_rank * world, "train_micro_batch_size_per_gpu": rows_per_rank // micro,
+            "gradient_accumulation_steps": micro, "gradient_clipping": CLIP_NORM if zero else 0.0,
             "zero_optimization": {"stage": cfg.runtime.zero_stage}, "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
@@ -136,17 +138,25 @@ class Learner:
         per-token log-probs when an older policy sampled them (importance-weighted update)."""
         t = time.perf_counter()
         img = img.to(self.device)
-        with self.autocast():  # forward passes in the role's precision; backward and step outside
-            if self.cfg.rl.method == "gumbel":
-                eos = self.tokenizer.eos_token_id
+        if self.cfg.rl.method == "gumbel":
+            with self.autocast():  # forward passes in the role's precision; backward and step outside
                 loss, stats = algorithm.gumbel_loss(self.policy, self.reference, self.scorer, img,
-                                                    cands.to(self.device), eos, self.cfg, step, self.rank)
-            else:
-                loss, stats = algorithm.reinforce_loss(self.policy, self.reference, img, tokens.to(self.device),
-                                                       lengths.to(self.device), advantages.to(self.device),
-                                                       self.cfg, behaviour_logprobs)
-        algorithm.check_loss(loss, step)
-        self.engine.backward(loss)
+                                                    cands.to(self.device), self.tokenizer.eos_token_id, self.cfg,
+                                                    step, self.rank)
+            algorithm.check_loss(loss, step)
+            self.engine.backward(loss)
+        else:  # micro-batches: DeepSpeed accumulates their gradients (gradient_accumulation_steps) to one step
+            micro = iter(range(len(algorithm.micro_batches(img.shape[0], self.cfg.rl.micro_batch)) - 1))
+
+            def backward(part_loss):
+                self.engine.backward(part_loss, scale_wrt_gas=False)  # weighted by its share already
+                if next(micro, None) is not None:
+                    self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+            loss, stats = algorithm.reinforce_backward(
+                self.policy, self.reference, img, tokens.to(self.device), lengths.to(self.device),
+                advantages.to(self.device), self.cfg, step, backward, self.autocast,
+                None if behaviour_logprobs is None else behaviour_logprobs.to(self.device))
         if not self.cfg.runtime.zero_stage:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), CLIP_NORM)
         self.engine.step()
