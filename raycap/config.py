@@ -269,6 +269,9 @@ class RLConfig(BaseModel):
     def _consistent(self):
         if self.baseline in ("loo", "best") and self.num_samples < 2:
             raise ValueError(f"baseline '{self.baseline}' needs num_samples >= 2")
+        if self.rollout == "greedy" and self.baseline in ("loo", "best", "greedy") and self.method == "discritune":
+            raise ValueError(f"baseline '{self.baseline}' with rollout 'greedy': an image's greedy captions are all "
+                             "the same caption, so every advantage is 0; use rollout: sample (or baseline: mean)")
         if self.num_candidates > self.batch_size + self.hard_distractors:
             raise ValueError(f"num_candidates ({self.num_candidates}) exceeds batch_size + hard_distractors")
         if self.hard_distractors >= self.num_candidates:
@@ -444,15 +447,31 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> RunConfig:
         if hint:
             raise UserError(f"{path}: {key!r} is no longer a top-level setting{hint}; configs have sections "
                             "data, retriever, captioner, rl, runtime, eval")
-    set_keys = set()
-    for key, value in parse_overrides(list(overrides)):
+    given = {}  # key -> the --set as written
+    for pair, (key, value) in zip(overrides, parse_overrides(list(overrides))):
         check_override_key(key)
         set_dotted(data, key, value)
-        set_keys.add(key)
+        given[key] = pair.strip()
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         locs = {".".join(str(x) for x in err.get("loc", ())) for err in e.errors()}
-        if locs and locs <= set_keys:  # only overridden values are wrong: blame the --set, not the YAML file
+        if locs and locs <= set(given):  # only overridden values are wrong: blame the --set, not the YAML file
             raise UserError("--set " + format_validation_error(e)) from None
+        blamed = overrides_behind(locs, given)
+        if blamed:  # a section's (or the run's) consistency check, broken by these --set values
+            raise UserError(f"--set {' '.join(blamed)}: " + format_validation_error(e)) from None
         raise UserError(format_validation_error(e, str(path))) from None
+
+
+def overrides_behind(locs: set[str], given: dict[str, str]) -> list[str]:
+    """The `--set` pairs that can have caused every one of these model-level errors (`rl`: a check across the
+    rl section's fields, fed by an `--set rl.x`; `""`: across sections, fed by any `--set`), or [] when some
+    error has none and so lies in the config file itself."""
+    blamed = set()
+    for loc in locs:
+        mine = {k for k in given if not loc or k.startswith(loc + ".")}
+        if not mine:
+            return []
+        blamed |= mine
+    return [given[k] for k in sorted(blamed)]

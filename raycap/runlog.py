@@ -10,6 +10,22 @@ from torch.utils.tensorboard import SummaryWriter
 from raycap.errors import UserError
 
 
+SHOWN = (("p_at_1", "P@1"), ("wellformed", "wellformed"), ("faithful", "faithful"), ("precision", "precision"),
+         ("recall", "recall"), ("mean_length", "length"))  # what a validation line shows (metrics.jsonl has all)
+
+
+def metrics_line(metrics: dict) -> str:
+    """An evaluation's headline numbers, rounded, for a log line (`P@1 0.656, wellformed 0.998, ...`); a collapse
+    warning, when there is one, follows."""
+    parts = []
+    for key, label in SHOWN:
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and v == v:  # NaN (no claims to check) is left out
+            parts.append(f"{label} {v:.1f}" if key == "mean_length" else f"{label} {v:.3f}")
+    warning = metrics.get("collapse_warning")
+    return ", ".join(parts) + (f" ({warning})" if warning else "")
+
+
 def read_records(path: Path) -> list[dict]:
     """The records of a metrics.jsonl. A torn last line (what a SIGKILL or a full disk leaves mid-write) is
     dropped with a warning on stderr; an unreadable line before the last one is a UserError naming it."""
@@ -174,8 +190,7 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
     if start == 0:
         initial = evaluate("val")
         runlog.write({"step": 0, "eval": initial} | ({"skipped_images": skipped} if skipped else {}))
-        log("step 0 (supervised captioner, val): " + ", ".join(
-            f"{k} {initial[k]:.3f}" for k in ("p_at_1", "wellformed", "faithful") if k in initial))
+        log("step 0 (supervised captioner, val): " + metrics_line(initial))
         last_val = initial
         if on_eval:
             on_eval(0, initial)
@@ -192,7 +207,7 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
                         p1=f"{record['train_p_at_1']:.2f}", kl=f"{record['kl']:.3f}")
         if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.rl.steps:
             record["eval"] = evaluate("val")
-            log(f"step {step + 1} (val): " + json.dumps({k: v for k, v in record["eval"].items() if k != "examples"}))
+            log(f"step {step + 1} (val): " + metrics_line(record["eval"]))
         runlog.write(record)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.rl.steps:
             checkpoint(step + 1)

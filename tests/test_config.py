@@ -94,3 +94,30 @@ def test_collectives_that_fit_load():
     load_config("world-demo", ["runtime.weight_sync=nccl", "runtime.collective_backend=gloo"])
     load_config("world-demo", ["runtime.learner_workers=2", "runtime.gpus_per_learner=1", "rl.batch_size=64"])
     load_config("world-gpu")
+
+
+@pytest.mark.parametrize("baseline", ["loo", "best", "greedy"])
+def test_a_per_image_baseline_with_greedy_rollouts_is_refused(baseline):
+    """n greedy captions of an image are one caption: baselines that compare an image's own captions would make
+    every advantage 0 and train silently on nothing."""
+    with pytest.raises(UserError, match=f"baseline '{baseline}' with rollout 'greedy'.*every advantage is 0"):
+        load_config("world-demo", ["rl.rollout=greedy", f"rl.baseline={baseline}", "rl.num_samples=2"])
+    load_config("world-demo", ["rl.rollout=greedy", "rl.baseline=mean"])
+
+
+def test_a_contradiction_made_by_set_names_the_set_not_the_shipped_yaml():
+    with pytest.raises(UserError) as e:
+        load_config("world-demo", ["rl.num_samples=1"])  # world-demo's baseline is best
+    msg = str(e.value)
+    assert msg.startswith("--set rl.num_samples=1: rl: ") and "needs num_samples >= 2" in msg
+    assert "world-demo.yaml" not in msg and "\n" not in msg
+    with pytest.raises(UserError) as e:  # a cross-section check, fed by a runtime --set
+        load_config("world-demo", ["runtime.learner_workers=5"])
+    assert str(e.value).startswith("--set runtime.learner_workers=5: <root>: ")
+
+
+def test_a_contradiction_inside_the_file_still_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rl: {baseline: best, num_samples: 1}\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: rl: .*needs num_samples >= 2"):
+        load_config(str(bad), ["eval.every=10"])
