@@ -13,6 +13,7 @@ import torch
 
 from raycap.config import RunConfig
 from raycap.inputs import attach_captioner_inputs, check_run_compatible, open_splits, skipped_counts
+from raycap.models import lora
 from raycap.models.decode import rollout_decoder
 from raycap.models.devices import resolve_device
 from raycap.models.loading import load_captioner_model
@@ -64,10 +65,7 @@ class LocalTrainer:
             return
         state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
         if "adapted" in state:  # a LoRA run: the saved captioner is merged, its trainable weights are here
-            params = dict(self.policy.named_parameters())
-            with torch.no_grad():
-                for name, value in state["adapted"].items():
-                    params[name].copy_(value)
+            lora.load_trainable(self.policy, state["adapted"])
         else:
             self.policy.load_state_dict(load_captioner_model(last).state_dict())
         self.opt.load_state_dict(state["optimizer"])
@@ -82,7 +80,7 @@ class LocalTrainer:
         state = {"optimizer": self.opt.state_dict(), "baseline": self.advantages.state_dict(), "step": self.step,
                  "torch_rng": torch.get_rng_state()}
         if self.cfg.captioner.lora is not None:
-            state["adapted"] = {n: p.detach().cpu() for n, p in self.policy.named_parameters() if p.requires_grad}
+            state["adapted"] = lora.trainable_state(self.policy)
         torch.save(state, path / STATE_FILE)
 
     # -- one update -----------------------------------------------------------------------------------

@@ -73,3 +73,19 @@ def merged(module: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(out.get_submodule(parent) if parent else out, child, m.get_base_layer())
     return out
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (a LoRA run: the adapters and the mapper), detached CPU copies by name."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `trainable_state`'s tensors back into `model`'s parameters of those names."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise KeyError(f"weights for unknown parameters: {unknown[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

@@ -23,21 +23,6 @@ import torch
 import torch.distributed as dist
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters the learner updates, detached CPU copies in a fixed (named_parameters) order."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise KeyError(f"weights for unknown parameters: {unknown[:3]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
