@@ -254,7 +254,8 @@ class RLConfig(BaseModel):
     batch_size: int = Field(100, ge=2)
     micro_batch: int | None = Field(None, ge=1, description="images (with all their samples) per teacher-forced "
                                     "pass of a DiscriTune update, gradients accumulated over the batch: bounds the "
-                                    "update's memory, not its gradient; null (or >= the images of a learner rank): the whole batch")
+                                    "update's memory, not its gradient; null (or >= the images of a learner "
+                                    "rank): the whole batch")
     num_candidates: int = Field(100, ge=2)
     hard_distractors: int = Field(0, ge=0)
     near_duplicate: float = Field(0.8, gt=0, le=1)

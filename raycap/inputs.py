@@ -248,11 +248,6 @@ class ImageRows:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def size(self, dim: int = 0) -> int:
-        if dim != 0:
-            raise ValueError("ImageRows knows only its number of rows (dim 0)")
-        return len(self.rows)
-
     def __getitem__(self, index):
         if isinstance(index, slice):
             return ImageRows(self.source, self.processor, self.rows[index])
@@ -277,8 +272,7 @@ def vision_feature_mode(captioner, n_images: int, setting: str = "auto", memory_
     on `log`); "cached" for every other captioner. `cached` that would not fit is refused in one line."""
     if setting not in VISION_FEATURES:
         raise UserError(f"captioner.vision_features: {setting!r} is not one of {', '.join(VISION_FEATURES)}")
-    if own_feature_shape(captioner) is None or setting == "cached":
-        check_cached_inputs_fit(captioner, n_images, memory_bytes)
+    if own_feature_shape(captioner) is None:
         return "cached"
     if setting == "per_batch":
         return "per_batch"
@@ -286,6 +280,8 @@ def vision_feature_mode(captioner, n_images: int, setting: str = "auto", memory_
         check_cached_inputs_fit(captioner, n_images, memory_bytes)
         return "cached"
     except UserError as e:
+        if setting == "cached":
+            raise
         if log:
             log(f"captioner.vision_features auto -> per_batch: {str(e).split('; ')[0]}")
         return "per_batch"

@@ -51,7 +51,8 @@ class LocalTrainer:
         self.decoder = rollout_decoder(self.policy)
         check_run_compatible(self.policy, self.retriever, config)
         self.splits = splits if splits is not None else open_splits(config, self.retriever, log, self.policy)
-        attach_captioner_inputs(self.policy, self.splits, self.retriever, config.captioner.vision_features, log)  # patch tokens, BLIP's features
+        # patch tokens, or BLIP's own features (cached, or read per batch)
+        attach_captioner_inputs(self.policy, self.splits, self.retriever, config.captioner.vision_features, log)
         self.scorer = train_scorer(self.models, self.splits["train"], config)
         self.opt = optimizer(self.policy, config)
         self.advantages = algorithm.Advantages(config)

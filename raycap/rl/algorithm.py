@@ -219,7 +219,7 @@ def reinforce_backward(policy: Captioner, reference: Captioner, img, tokens, len
     micro-batch's (N, T, V) tensors are alive. Forward passes run inside `forward_context()` (the role's
     autocast), backward passes outside it. Returns (the whole batch's loss, detached; its statistics)."""
     k = tokens.shape[0] // img.shape[0]
-    total, stats, n = torch.zeros(()), {}, tokens.shape[0]
+    total, stats, n = 0.0, {}, tokens.shape[0]
     for part in micro_batches(img.shape[0], cfg.rl.micro_batch):
         rows = slice(part.start * k, part.stop * k)
         with forward_context():
@@ -228,7 +228,7 @@ def reinforce_backward(policy: Captioner, reference: Captioner, img, tokens, len
         weight = (rows.stop - rows.start) / n
         check_loss(loss, step)
         backward(loss * weight)
-        total = total + loss.detach().float().cpu() * weight
+        total = total + loss.detach().float() * weight  # on the loss's device: no sync per micro-batch
         for key, v in s.items():
             stats[key] = max(stats.get(key, v), v) if key.endswith("_max") else stats.get(key, 0.0) + v * weight
     stats["advantage_std"] = float(advantages.std()) if advantages.numel() > 1 else 0.0

@@ -75,7 +75,8 @@ class Controller:
         # the images and their embeddings (the cache's Ray Data build has the cluster before the actors hold it);
         # the reward service gets them through the object store
         self.splits = splits if splits is not None else open_splits(config, retriever, log, captioner)
-        attach_captioner_inputs(captioner, self.splits, retriever, config.captioner.vision_features, log)  # patch tokens or BLIP's own features
+        # patch tokens, or BLIP's own features (cached, or read per batch)
+        attach_captioner_inputs(captioner, self.splits, retriever, config.captioner.vision_features, log)
         del retriever, captioner
         self.pg, first = resources.reserve(rt)
         self.owns_pg = first == 0

@@ -64,9 +64,10 @@ CLIP_NORM = 1.0  # as the reference loop
 def deepspeed_config(cfg: RunConfig, rows_per_rank: int) -> dict:
     """Adam (passed in as the client optimizer: plain torch Adam at a constant lr, as the reference loop, fused on
     CUDA), ZeRO stage from the config, fp32 weights (bf16 is autocast around the forward passes, so the weights
-    the optimizer updates stay the fp32 masters), one gradient-accumulation step per `rl.micro_batch`. Gradients are clipped to norm 1.0: by DeepSpeed under ZeRO 1-2 (the
-    gradients are partitioned), and without ZeRO by the reference loop's own `clip_grad_norm_` after the
-    all-reduce, so that one rank reproduces the reference loop's updates bit for bit."""
+    the optimizer updates stay the fp32 masters), one gradient-accumulation micro-step per `rl.micro_batch`.
+    Gradients are clipped to norm 1.0: by DeepSpeed under ZeRO 1-2 (the gradients are partitioned), and without
+    ZeRO by the reference loop's own `clip_grad_norm_` after the all-reduce, so that one rank reproduces the
+    reference loop's updates bit for bit."""
     world, zero = cfg.runtime.learner_workers, cfg.runtime.zero_stage
     images = cfg.rl.batch_size // world
     micro = 1 if cfg.rl.method == "gumbel" else len(algorithm.micro_batches(images, cfg.rl.micro_batch))
@@ -146,12 +147,10 @@ class Learner:
             algorithm.check_loss(loss, step)
             self.engine.backward(loss)
         else:  # micro-batches: DeepSpeed accumulates their gradients (gradient_accumulation_steps) to one step
-            micro = iter(range(len(algorithm.micro_batches(img.shape[0], self.cfg.rl.micro_batch)) - 1))
-
             def backward(part_loss):
                 self.engine.backward(part_loss, scale_wrt_gas=False)  # weighted by its share already
-                if next(micro, None) is not None:
-                    self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+                if not self.engine.is_gradient_accumulation_boundary():
+                    self.engine.step()  # DeepSpeed only counts the micro-step; the last one steps below
 
             loss, stats = algorithm.reinforce_backward(
                 self.policy, self.reference, img, tokens.to(self.device), lengths.to(self.device),
