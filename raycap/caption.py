@@ -20,12 +20,13 @@ from raycap.config import ASSETS_DIR
 from raycap.errors import UserError, exit_on_user_error
 from raycap.inputs import add_retriever_arguments, check_retriever_arguments
 from raycap.progress import quiet_library_progress
+from raycap.commands import prog
 
 WORLD_RETRIEVER = ASSETS_DIR / "world" / "retriever"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m raycap.caption", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("raycap.caption"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--captioner", type=Path, default=ASSETS_DIR / "world" / "captioner",
@@ -45,7 +46,6 @@ def caption_files(args) -> tuple[list[dict], list[str]]:
     from raycap.data.sources import BadImage, load_image
     from raycap.inputs import check_compatible, load_captioner, retriever_from_arguments
     from raycap.models.devices import resolve_device
-    from raycap.supervised.captioner import caption_embeddings
 
     retriever, retriever_label = retriever_from_arguments(args, WORLD_RETRIEVER)
     captioner, tokenizer = load_captioner(args.captioner)
@@ -53,31 +53,44 @@ def caption_files(args) -> tuple[list[dict], list[str]]:
     device = resolve_device(args.device)
     captioner.to(device)
     retriever.to(device)
-    transform = retriever.preprocess()
-    pixels, names, errors, images = [], [], [], []
-    own_features = not getattr(captioner, "reads_retriever_embeddings", True)  # BLIP reads its own vision tower
+    names, errors, images = [], [], []
     for path in args.images:
         try:
-            image = load_image(path)
-            pixels.append(transform(image))
+            images.append(load_image(path))
             names.append(str(path))
-            if own_features:
-                images.append(image)
         except BadImage as e:
             errors.append(str(e))
-    if not pixels:
+    if not images:
         return [], errors
-    step = max(1, args.batch_size // (args.num_beams if args.decoding == "beam" else 1))
-    captions = []
-    for k in range(0, len(pixels), step):  # images read, encoded and decoded a batch at a time
-        if own_features:
-            emb = captioner.encode_images(images[k:k + step])
-        elif getattr(captioner, "reads_image_tokens", False):
-            emb = retriever.encode_image_tokens(torch.stack(pixels[k:k + step]).to(device)).float()
-        else:
-            emb = retriever.encode_image(torch.stack(pixels[k:k + step]).to(device)).float()
-        captions += caption_embeddings(captioner.eval(), tokenizer, emb, args.decoding, args.num_beams, args.batch_size)
+    captions = caption_images(captioner, tokenizer, retriever, images, args.decoding, args.num_beams,
+                              args.batch_size)
     return [{"image": n, "caption": c} for n, c in zip(names, captions)], errors
+
+
+@torch.no_grad()
+def caption_images(captioner, tokenizer, retriever, images: list, decoding: str = "greedy", num_beams: int = 5,
+                   batch_size: int = 512) -> list[str]:
+    """One caption per PIL image: read, encoded (by the retriever, or BLIP's own vision tower) and decoded a batch
+    at a time on the captioner's device."""
+    from raycap.supervised.captioner import caption_embeddings
+
+    device = next(captioner.parameters()).device
+    transform = retriever.preprocess()
+    own_features = not getattr(captioner, "reads_retriever_embeddings", True)  # BLIP reads its own vision tower
+    step = max(1, batch_size // (num_beams if decoding == "beam" else 1))
+    captions = []
+    for k in range(0, len(images), step):
+        chunk = images[k:k + step]
+        if own_features:
+            emb = captioner.encode_images(chunk)
+        else:
+            pixels = torch.stack([transform(image) for image in chunk]).to(device)
+            if getattr(captioner, "reads_image_tokens", False):
+                emb = retriever.encode_image_tokens(pixels).float()
+            else:
+                emb = retriever.encode_image(pixels).float()
+        captions += caption_embeddings(captioner.eval(), tokenizer, emb, decoding, num_beams, batch_size)
+    return captions
 
 
 def main(argv=None) -> list[dict]:

@@ -62,6 +62,17 @@ class RuntimeConfig(BaseModel):
                                 "allow_public_dashboard")
     dashboard_port: int = Field(8265, ge=1, le=65535)
     placement_timeout_s: float = Field(60.0, gt=0, description="seconds to wait for the placement group")
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="where the run's scalars, config and report go besides metrics.jsonl (raycap.tracking): "
+                    "tensorboard (RUN/tensorboard), wandb (pip install 'raycap[wandb]'; its key and mode from the "
+                    "environment: WANDB_API_KEY, WANDB_MODE=offline), mlflow (pip install 'raycap[mlflow]')")
+    tracker_project: str = Field("raycap", description="the W&B project and MLflow experiment of the run (the "
+                                 "tracker run is named after the run dir)")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server (http://host:5000) or file "
+                                            "store (file:./mlruns, which MLflow 3 needs MLFLOW_ALLOW_FILE_STORE=true "
+                                            "for: raycap sets it unless set); unset: MLFLOW_TRACKING_URI, else "
+                                            "MLflow's default")
 
     @field_validator("device")
     @classmethod
@@ -71,6 +82,35 @@ class RuntimeConfig(BaseModel):
         if not re.fullmatch(r"auto|cpu|meta|cuda(:\d+)?", device):
             raise ValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
         return device
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _a_list(cls, loggers):
+        return [x.strip() for x in loggers.split(",")] if isinstance(loggers, str) else loggers  # "tensorboard,wandb"
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers_once(cls, loggers: list[str]) -> list[str]:
+        twice = sorted({x for x in loggers if loggers.count(x) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} named more than once")
+        return loggers
+
+    @field_validator("tracker_project")
+    @classmethod
+    def _a_project_name(cls, name: str) -> str:
+        bad = sorted(set(name) & set("/\\#?%:"))
+        if not name.strip() or len(name) > 128 or bad:
+            raise ValueError(f"{name!r}: a W&B project / MLflow experiment name needs 1-128 characters, none of "
+                             "/ \\ # ? % :")
+        return name
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _a_uri(cls, uri: str | None) -> str | None:
+        if uri is not None and not uri.strip():
+            raise ValueError("empty; leave it unset for MLFLOW_TRACKING_URI or MLflow's default")
+        return uri
 
     @field_validator("dashboard_host")
     @classmethod
@@ -326,14 +366,6 @@ class RunConfig(BaseModel):
             raise ValueError("eval.decoding select with eval.select_check > 0 needs rl.substitution_classes (the "
                              "self-check's word classes), or eval.select_check: 0")
         return self
-
-    def selection(self):
-        """The `select` decoding's settings (`raycap.rl.selection.Selection`)."""
-        from raycap.rl.selection import Selection
-
-        e = self.eval
-        return Selection(samples=e.select_samples, cosine_coef=e.select_cosine, check_coef=e.select_check,
-                         classes=self.rl.substitution_classes, seed=self.seed)
 
 
 def set_dotted(data: dict, key: str, value) -> None:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from raycap.errors import UserError, exit_on_user_error
 from raycap.paths import check_output_dir
+from raycap.commands import prog
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m raycap.convert", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("raycap.convert"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="kind", required=True)
     c = sub.add_parser("clipcap", help="an original ClipCap .pt checkpoint")

@@ -23,25 +23,40 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from raycap.config import ASSETS_DIR
+from raycap.metrics.results import coco_results
 from raycap.errors import UserError, exit_on_user_error
 from raycap.paths import check_output_file
 from raycap.progress import quiet_library_progress
+from raycap.commands import prog
 
 MIN_IMAGES = 100  # P@1 candidates per target (raycap.metrics.retrieval.candidate_sets)
 
 
-def open_dataset(spec: str, world_dir: Path, on_bad_image: str):
-    """The image source a `--dataset` string names (world splits from `world_dir`) and the items left out."""
+def open_dataset(spec: str, world_dir: Path, on_bad_image: str, image_root: Path | None = None):
+    """The image source a `--dataset` string names (world splits from `world_dir`; image paths under
+    `image_root` when given) and the items left out."""
     from raycap.data.datasets import parse_dataset_spec
     from raycap.inputs import open_images
 
-    kw = parse_dataset_spec(spec)
+    kw = parse_dataset_spec(spec, image_root)
     if kw["kind"] == "world":
         kw["path"] = world_dir
     return open_images(**kw, where=f"--dataset {spec}", on_bad_image=on_bad_image)
+
+
+@contextmanager
+def bad_images_named_by_flag():
+    """An unreadable image says how to leave it out with this command's flag, not the run config's key."""
+    from raycap.data.sources import BadImage
+
+    try:
+        yield
+    except BadImage as e:
+        raise e.naming("pass --on-bad-image skip") from None
 
 
 def read_results(path: Path) -> dict[str, str]:
@@ -72,7 +87,8 @@ def evaluate_dataset(args) -> dict:
     from raycap.metrics.captions import SPICE_UNAVAILABLE, clip_metrics, ngram_metrics
     from raycap.supervised.captioner import score_captions
 
-    source, skipped = open_dataset(args.dataset, args.world_dir, "ignore" if args.text_only else args.on_bad_image)
+    source, skipped = open_dataset(args.dataset, args.world_dir, "ignore" if args.text_only else args.on_bad_image,
+                                   args.image_root)
     if args.text_only:
         return evaluate_text(args, source) | {"skipped_images": len(skipped)}
     n = min(args.images or len(source), len(source))
@@ -108,8 +124,9 @@ def evaluate_dataset(args) -> dict:
         decoding = args.decoding if args.decoding != "beam" else f"beam{args.num_beams}"
         if args.decoding == "select":
             from raycap.config import load_config
+            from raycap.rl.selection import Selection
 
-            selection = load_config(args.select_config).selection()
+            selection = Selection.from_config(load_config(args.select_config))
             pool_source, _ = open_dataset(args.pool, args.world_dir, "skip")
             with local_ray_for([pool_source], RuntimeConfig()):
                 pool = image_embeddings(retriever, pool_source, on_bad_image="skip", log=print).embeddings
@@ -150,7 +167,7 @@ def evaluate_dataset(args) -> dict:
                                  if scenes is not None else ""))
     result["spice"] = None
     result |= {"unavailable": unavailable, "n_images": len(source), "decoding": decoding, "dataset": args.dataset,
-               "skipped_images": len(skipped), "examples": examples}
+               "skipped_images": len(skipped), "examples": examples, "captions": coco_results(source.ids, captions)}
     return result
 
 
@@ -200,7 +217,7 @@ def evaluate_text(args, source) -> dict:
         unavailable["chair"] = "CHAIR needs COCO instance annotations (--instances instances_val2014.json)"
     examples = [{"caption": c, "references": r} for c, r in zip(captions[:3], refs[:3])]
     return result | {"spice": None, "unavailable": unavailable, "n_images": len(source), "decoding": "given",
-                     "dataset": args.dataset, "examples": examples}
+                     "dataset": args.dataset, "examples": examples, "captions": coco_results(source.ids, captions)}
 
 
 def hard_p_at_1(text_emb, image_emb, ks, max_cos: float, seed: int) -> dict:
@@ -217,13 +234,15 @@ def hard_p_at_1(text_emb, image_emb, ks, max_cos: float, seed: int) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from raycap.inputs import add_retriever_arguments
 
-    p = argparse.ArgumentParser(prog="python -m raycap.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("raycap.evaluate"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--captioner", type=Path, help="captioner dir (e.g. RUN/final)")
     what.add_argument("--captions", type=Path, help="COCO results JSON: [{\"image_id\", \"caption\"}]")
     p.add_argument("--dataset", default="world:test", help="world:SPLIT, karpathy:FILE[:SPLIT], coco:FILE[:IMAGES], "
                    "nocaps:FILE[:IMAGES], cc:TSV[:IMAGES], folder:DIR[:CAPTIONS.jsonl] (default: world:test)")
+    p.add_argument("--image-root", type=Path, help="where the dataset's image paths start (default: beside its "
+                   "annotation file; for coco/nocaps/cc, instead of the spec's IMAGE_ROOT)")
     p.add_argument("--world-dir", type=Path, default=ASSETS_DIR / "world",
                    help="pretrained world dir with world.json and retriever/ (default: the shipped one)")
     add_retriever_arguments(p, Path("WORLD_DIR/retriever"))
@@ -251,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "against the references (and CHAIR), the image metrics listed as unavailable")
     p.add_argument("--instances", type=Path, help="COCO instance annotations (instances_val2014.json): CHAIR-i/s")
     p.add_argument("--json", type=Path, help="write the metrics here")
+    p.add_argument("--save-captions", type=Path, metavar="RESULTS.json", help="write the evaluated captions in COCO "
+                   "results format ([{\"image_id\", \"caption\"}], the dataset's own ids), what the COCO and "
+                   "nocaps evaluation servers and --captions read")
     return p
 
 
@@ -304,22 +326,46 @@ def check_arguments(args) -> None:
                                 f"{MIN_IMAGES}")
     if args.json is not None:
         check_output_file(args.json, "--json")
+    if args.save_captions is not None:
+        check_output_file(args.save_captions, "--save-captions")
+    if args.image_root is not None and spec["kind"] in ("world", "folder"):
+        raise UserError(f"--image-root {args.image_root}: a {spec['kind']} dataset has no image root to move")
+    if args.image_root is not None and not args.image_root.is_dir() and not args.text_only:
+        raise UserError(f"--image-root {args.image_root}: no such directory")
+
+
+def run_evaluation(args) -> dict:
+    """The evaluation `args` (this module's parser) ask for: checked first, then computed; `--json` and
+    `--save-captions` written. Returns the metrics with the examples (the captions are in the saved file)."""
+    check_arguments(args)  # before any model loads, and the output paths before the evaluation runs
+    quiet_library_progress()
+    with bad_images_named_by_flag():
+        result = evaluate_dataset(args)
+    entries = result.pop("captions")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.save_captions:
+        args.save_captions.parent.mkdir(parents=True, exist_ok=True)
+        args.save_captions.write_text(json.dumps(entries))
+    return result
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     with exit_on_user_error():
-        check_arguments(args)  # before any model loads, and the --json path before the evaluation runs
-        quiet_library_progress()
-        result = evaluate_dataset(args)
+        result = run_evaluation(args)
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
     if "collapse_warning" in result:
         print(f"warning: {result['collapse_warning']}", file=sys.stderr)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    if args.save_captions:
+        print(f"captions: {args.save_captions} (COCO results format)")
     return result
 
 
 if __name__ == "__main__":
     main()
+else:  # `raycap.evaluate(captioner=..., dataset=...)` (the Python API) calls this module
+    from raycap.commands import make_callable
+
+    make_callable(__name__, "raycap.api:evaluate")

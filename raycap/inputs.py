@@ -167,7 +167,7 @@ def local_ray_for(sources, runtime: RuntimeConfig):
 
     started = False
     if any(getattr(s, "paths", None) is not None for s in sources) and not ray.is_initialized():
-        from raycap.runtime.resources import start_ray
+        from raycap.ray_start import start_ray
 
         started, _ = start_ray(runtime.model_copy(update={"dashboard_port": free_port()}))
     try:

@@ -19,6 +19,7 @@ from raycap.models.devices import resolve_device
 from raycap.models.loading import load_captioner_model
 from raycap.roles import build_role_models, optimizer, train_scorer
 from raycap.rl import algorithm
+from raycap.rl.selection import Selection
 from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
 from raycap.supervised.captioner import evaluate_images
 
@@ -122,8 +123,10 @@ class LocalTrainer:
         with self.models.autocast():
             return evaluate_images(self.policy, self.tokenizer, self.retriever, s.source, s.embeddings,
                                    self.cfg.eval.images, examples=self.cfg.eval.examples, inputs=s.inputs,
-                                   mode=mode, num_beams=self.cfg.eval.num_beams, selection=self.cfg.selection(),
-                                   pool=self.splits["train"].embeddings, batch_size=self.cfg.eval.batch_size)
+                                   mode=mode, num_beams=self.cfg.eval.num_beams,
+                                   selection=Selection.from_config(self.cfg),
+                                   pool=self.splits["train"].embeddings, batch_size=self.cfg.eval.batch_size,
+                                   keep_captions=split == "test")
 
     def fit(self, on_eval=None, test_at_end: bool = True) -> dict:
         """The run (resumed from its last checkpoint); `on_eval` and `test_at_end` as in `runlog.run_updates`."""

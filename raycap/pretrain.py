@@ -25,6 +25,7 @@ from raycap.data.world import World, WorldConfig
 from raycap.errors import UserError, exit_on_user_error
 from raycap.paths import check_output_dir
 from raycap.progress import quiet_library_progress
+from raycap.commands import prog
 
 STAGES = ("retriever", "captioner")
 
@@ -55,7 +56,7 @@ def load_world_config(path: str | None, overrides: dict, out: Path) -> WorldConf
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m raycap.pretrain", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("raycap.pretrain"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", choices=["world", "captioner"],
                    help="world: the embedded shapes world's retriever and captioner; captioner: a captioner on any "

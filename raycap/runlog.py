@@ -1,13 +1,13 @@
-"""A run directory's log: metrics.jsonl (one record per step) and TensorBoard scalars, shared by both runtimes."""
+"""A run directory's log: metrics.jsonl (one record per step) and its scalars in the trackers of
+`runtime.loggers` (TensorBoard, W&B, MLflow: raycap.tracking), shared by both runtimes."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
-
 from raycap.errors import UserError
+from raycap.tracking import Trackers, check_loggers
 
 
 SHOWN = (("p_at_1", "P@1"), ("wellformed", "wellformed"), ("faithful", "faithful"), ("precision", "precision"),
@@ -52,29 +52,28 @@ def read_records(path: Path) -> list[dict]:
 
 class RunLog:
     """Opening at `step` (a resumed run) drops the records of later steps, which a killed run wrote after its
-    last checkpoint and the resumed run will redo, so the log reads as one run."""
+    last checkpoint and the resumed run will redo, so the log reads as one run; the trackers of `config`'s
+    `runtime.loggers` (TensorBoard alone without a config) resume their runs as far as each allows
+    (raycap.tracking)."""
 
-    def __init__(self, out: Path, step: int = 0):
+    def __init__(self, out: Path, step: int = 0, config=None):
         path = Path(out) / "metrics.jsonl"
         if path.exists():
             kept = [json.dumps(r) for r in (read_records(path) if step else ())  # a fresh start keeps none
                     if r["step"] <= step]
             path.write_text("".join(line + "\n" for line in kept))
-        self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=step + 1 if step else None)
+        self.trackers = Trackers(out, config, step)
         self.file = path.open("a")
 
     def write(self, record: dict) -> None:
-        """Append a record (must hold "step"); its float fields, and those of record["eval"], go to TensorBoard."""
-        step = record["step"]
-        for prefix, fields in (("train", record), ("eval", record.get("eval", {}))):
-            for k, v in fields.items():
-                if isinstance(v, float):
-                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        """Append a record (must hold "step"); its numbers, and those of record["eval"], go to the trackers."""
+        self.trackers.log(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, failed: bool = False) -> None:
+        """`failed`: the run stopped on an error (trackers that have such a state mark their run so)."""
+        self.trackers.close(failed)
         self.file.close()
 
 
@@ -132,6 +131,7 @@ def prepare_run_dir(out: Path, config, runtime: str, allow_new_config: bool = Fa
     `rl.steps` alone extends the run and is allowed (and logged); fewer steps than the last checkpoint holds are
     refused either way."""
     out = Path(out)
+    check_loggers(config.runtime)  # a tracker's missing package or unusable store, before anything starts
     started = (out / "metrics.jsonl").is_file() or any((out / "checkpoints").glob("step-*"))
     changes: dict = {}
     if started:
@@ -185,42 +185,49 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
 
     from raycap.progress import progress
 
-    runlog = RunLog(out, start)
-    last_val = None
-    if start == 0:
-        initial = evaluate("val")
-        runlog.write({"step": 0, "eval": initial} | ({"skipped_images": skipped} if skipped else {}))
-        log("step 0 (supervised captioner, val): " + metrics_line(initial))
-        last_val = initial
-        if on_eval:
-            on_eval(0, initial)
-    t0 = time.time()
-    bar = progress(range(start, cfg.rl.steps), initial=start, total=cfg.rl.steps, desc="rl")
-    for step in bar:
-        t = time.time()
-        record = update(step)
-        record.setdefault("step_seconds", round(time.time() - t, 3))
-        record["step"] = step + 1
-        if on_record:
-            on_record(record)
-        bar.set_postfix(reward=f"{record.get('reward_mean', record.get('clip_cos', 0)):.3f}",
-                        p1=f"{record['train_p_at_1']:.2f}", kl=f"{record['kl']:.3f}")
-        if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.rl.steps:
-            record["eval"] = evaluate("val")
-            log(f"step {step + 1} (val): " + metrics_line(record["eval"]))
-        runlog.write(record)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.rl.steps:
-            checkpoint(step + 1)
-        if "eval" in record:
-            last_val = record["eval"]
+    runlog = RunLog(out, start, cfg)
+    try:
+        last_val = None
+        if start == 0:
+            initial = evaluate("val")
+            runlog.write({"step": 0, "eval": initial} | ({"skipped_images": skipped} if skipped else {}))
+            log("step 0 (supervised captioner, val): " + metrics_line(initial))
+            last_val = initial
             if on_eval:
-                on_eval(step + 1, record["eval"])
-    if test_at_end:
-        last = evaluate("test") | {"split": "test"}
-    else:
-        last = dict(last_val if last_val is not None else evaluate("val")) | {"split": "val"}
-    final = last | {"rl_seconds": round(time.time() - t0, 1), "updates": max(0, cfg.rl.steps - start)}
-    if skipped is not None:
-        final["skipped_images"] = skipped
+                on_eval(0, initial)
+        t0 = time.time()
+        bar = progress(range(start, cfg.rl.steps), initial=start, total=cfg.rl.steps, desc="rl")
+        for step in bar:
+            t = time.time()
+            record = update(step)
+            record.setdefault("step_seconds", round(time.time() - t, 3))
+            record["step"] = step + 1
+            if on_record:
+                on_record(record)
+            bar.set_postfix(reward=f"{record.get('reward_mean', record.get('clip_cos', 0)):.3f}",
+                            p1=f"{record['train_p_at_1']:.2f}", kl=f"{record['kl']:.3f}")
+            if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.rl.steps:
+                record["eval"] = evaluate("val")
+                log(f"step {step + 1} (val): " + metrics_line(record["eval"]))
+            runlog.write(record)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.rl.steps:
+                checkpoint(step + 1)
+            if "eval" in record:
+                last_val = record["eval"]
+                if on_eval:
+                    on_eval(step + 1, record["eval"])
+        if test_at_end:
+            last = evaluate("test") | {"split": "test"}
+            captions = last.pop("captions", None)
+            if captions is not None:  # COCO results format, beside final_metrics.json
+                (Path(out) / "final_captions.json").write_text(json.dumps(captions))
+        else:
+            last = dict(last_val if last_val is not None else evaluate("val")) | {"split": "val"}
+        final = last | {"rl_seconds": round(time.time() - t0, 1), "updates": max(0, cfg.rl.steps - start)}
+        if skipped is not None:
+            final["skipped_images"] = skipped
+    except BaseException:  # the trackers' runs are closed (marked failed) also on an error or Ctrl-C
+        runlog.close(failed=True)
+        raise
     runlog.close()
     return final

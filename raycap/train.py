@@ -20,10 +20,12 @@ from raycap.config import load_config, named_configs
 from raycap.errors import exit_on_user_error
 from raycap.paths import check_output_dir
 from raycap.progress import quiet_library_progress
+from raycap.tracking import log_report_artifact
+from raycap.commands import prog
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m raycap.train", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("raycap.train"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="world-demo", help="named config or YAML path (default: world-demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
@@ -65,15 +67,23 @@ def main(argv=None) -> dict | None:
             raise UserError("--out: a run directory is required")
         check_output_dir(args.out, "--out")  # before the config, Ray and the models load
         config = load_config(args.config, args.set)
-        check_inputs_exist(config)
-        quiet_library_progress()
-        run = run_local if args.runtime == "local" else run_ray
-        final = run(config, args.out, allow_new_config=args.resume_with_new_config)
-        summary = {k: v for k, v in final.items() if k != "examples"}
-        print(json.dumps(summary, indent=2))
-        if config.eval.report:
-            write_report(args.out, config.eval.report_gallery)
+        final = execute(config, args.out, args.runtime, args.resume_with_new_config)
     print(f"run dir: {args.out}  (final captioner: {args.out / 'final'}, metrics: {args.out / 'metrics.jsonl'})")
+    return final
+
+
+def execute(config, out: Path, runtime: str = "ray", allow_new_config: bool = False) -> dict:
+    """The run of a loaded config in `out` on `runtime` ("ray" or "local"), then its report; the final
+    (test) metrics. What `main` and the Python API (`raycap.api.train`) share."""
+    check_inputs_exist(config)
+    quiet_library_progress()
+    run = run_local if runtime == "local" else run_ray
+    final = run(config, out, allow_new_config=allow_new_config)
+    summary = {k: v for k, v in final.items() if k != "examples"}
+    print(json.dumps(summary, indent=2))
+    if config.eval.report:
+        write_report(out, config.eval.report_gallery)
+        log_report_artifact(out, config)  # to the W&B / MLflow runs of runtime.loggers
     return final
 
 
@@ -113,3 +123,7 @@ def write_report(out: Path, gallery: int) -> None:
 
 if __name__ == "__main__":
     main()
+else:  # `raycap.train(config, out=...)` (the Python API) calls this module
+    from raycap.commands import make_callable
+
+    make_callable(__name__, "raycap.api:train")

@@ -27,12 +27,13 @@ from pathlib import Path
 from raycap.errors import UserError, exit_on_user_error
 from raycap.paths import check_output_dir
 from raycap.progress import quiet_library_progress
+from raycap.commands import prog
 
 INTERRUPTED = 130  # the exit code of a search stopped by Ctrl-C (resumable with --resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m raycap.tune", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("raycap.tune"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", help="named search space or YAML path (default: demo)")
     p.add_argument("--config", help="run config the trials start from (default: the one the space names)")
@@ -107,13 +108,14 @@ def main(argv=None) -> dict | None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "search.json").write_text(json.dumps(state, indent=2))
         quiet_library_progress()
+        from raycap.local_trainer import LocalTrainer
         from raycap.runtime.tuning import run_search
 
         print(f"search space {space.path}: {len(space.params)} parameters ({', '.join(p.name for p in space.params)}), "
               f"{space.search.num_samples} trials, {space.search.max_concurrent} at a time, trials on the "
               f"{space.search.trial_runtime} runtime; objective: {objective.describe()}")
         summary = run_search(space, base, args.out, state["storage"], objective, resume=args.resume,
-                             name=state["name"])
+                             name=state["name"], local_trainer=LocalTrainer)
     if summary.get("interrupted"):
         print(f"the search was interrupted with {summary['unfinished']} trials unfinished; its state is in "
               f"{summary['storage']}: python -m raycap.tune --out {args.out} --resume continues it", file=sys.stderr)

@@ -6,6 +6,7 @@ import torch
 
 from raycap.config import ASSETS_DIR, load_config
 from raycap.models.loading import load_world_dir
+from raycap.rl.selection import Selection
 from raycap.supervised.captioner import caption_embeddings, decode_images
 
 
@@ -35,7 +36,7 @@ class CountingCaptioner:
 @pytest.mark.parametrize("mode", ["greedy", "beam", "select"])
 def test_captions_do_not_depend_on_the_batch_size(shipped, mode):
     pw, emb, pool = shipped
-    sel = load_config("world-demo").selection()
+    sel = Selection.from_config(load_config("world-demo"))
     sel.samples, sel.chunk = 4, 8  # 20 images: blocks of 8, 8 and 4
     tok = pw.retriever.tokenizer
     got = {}
@@ -83,7 +84,7 @@ def test_every_decoding_on_cuda_gives_the_cpu_captions(shipped, mode):
     import copy
 
     pw, emb, pool = shipped
-    sel = load_config("world-demo").selection()
+    sel = Selection.from_config(load_config("world-demo"))
     sel.samples = 4
     tok = pw.retriever.tokenizer
     cpu = decode_images(pw.captioner, tok, pw.retriever, emb, emb, mode, 3, sel, pool)

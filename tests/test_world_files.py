@@ -113,3 +113,32 @@ def test_evaluate_any_dataset_and_captions_from_any_system(tiny_world_dir, expor
     with pytest.raises(SystemExit) as e:
         evaluate_main(["--captions", str(results), "--dataset", "world:test", *common])
     assert e.value.code == 2
+
+
+def test_evaluate_reads_images_from_an_image_root_and_names_the_flag_for_missing_ones(tiny_world_dir, exported,
+                                                                                       tmp_path, capsys):
+    """`--image-root DIR`: a Karpathy JSON away from its images reads them from DIR (the same metrics as beside
+    them); without it, the missing image is one line naming the command's flag, not a config key."""
+    import shutil
+
+    from raycap.evaluate import main as evaluate_main
+
+    elsewhere = tmp_path / "annotations"
+    elsewhere.mkdir()
+    shutil.copy(exported / "dataset_world.json", elsewhere / "dataset_world.json")
+    common = ["--captioner", str(tiny_world_dir / "captioner"), "--world-dir", str(tiny_world_dir),
+              "--images", "100", "--retriever", str(exported / "retriever"), "--hard-distractors"]
+    beside = evaluate_main([*common, "--dataset", f"karpathy:{exported}/dataset_world.json:val"])
+    rooted = evaluate_main([*common, "--dataset", f"karpathy:{elsewhere}/dataset_world.json:val",
+                            "--image-root", str(exported)])
+    for key in ("p_at_1", "bleu4", "cider", "faithful"):
+        assert rooted[key] == pytest.approx(beside[key], abs=1e-9, nan_ok=True), key
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate_main([*common, "--dataset", f"karpathy:{elsewhere}/dataset_world.json:val"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "image file not found" in err
+    assert "pass --on-bad-image skip" in err and "data.on_bad_image" not in err
+    with pytest.raises(SystemExit) as e:
+        evaluate_main([*common, "--dataset", "world:val", "--image-root", str(exported)])
+    assert e.value.code == 2 and "a world dataset has no image root" in capsys.readouterr().err

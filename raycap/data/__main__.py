@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Sequence
 
 from raycap.errors import exit_on_user_error
+from raycap.commands import prog
 
 
 def build_parser() -> argparse.ArgumentParser:
     from raycap.data import export
 
-    p = argparse.ArgumentParser(prog="python -m raycap.data", description=__doc__)
+    p = argparse.ArgumentParser(prog=prog("raycap.data"), description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     e = sub.add_parser("export-world", help="write the world's images, Karpathy JSON and retriever as files",
                        description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

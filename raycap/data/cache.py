@@ -149,7 +149,7 @@ def _write(final: Path, emb, kept, skipped, parts, source, builder, shard_rows) 
 def _bad(source: ImageSource, skipped: list[dict]) -> BadImage:
     first = skipped[0]
     more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
-    return BadImage(f"{first['reason']}{more}; set data.on_bad_image: skip to leave unreadable images out "
+    return BadImage(f"{first['reason']}{more}; {BadImage.SKIP} to leave unreadable images out "
                     f"(they are counted in the run's log)")
 
 

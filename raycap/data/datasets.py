@@ -64,16 +64,19 @@ def open_files(kind: str, path: str, split, image_root: str | None = None, capti
     return source, skipped
 
 
-def parse_dataset_spec(spec: str) -> dict:
-    """`kind:PATH[:extra]` -> keyword arguments of `open_files` (or {"kind": "world", "split": ...})."""
+def parse_dataset_spec(spec: str, image_root: str | Path | None = None) -> dict:
+    """`kind:PATH[:extra]` -> keyword arguments of `open_files` (or {"kind": "world", "split": ...}); `image_root`
+    (a command's `--image-root`) is where a karpathy/coco/nocaps/cc dataset's image paths start, in place of the
+    annotation file's dir or the spec's IMAGE_ROOT."""
     kind, _, rest = spec.partition(":")
     if kind not in KINDS or not rest:
         raise UserError(f"dataset {spec!r}: expected one of {', '.join(SPEC_FORMS)}")
     if kind == "world":
         return {"kind": "world", "split": rest}
     path, _, extra = rest.partition(":")
+    root = None if image_root is None else str(image_root)
     if kind == "karpathy":
-        return {"kind": kind, "path": path, "split": extra or "test"}
+        return {"kind": kind, "path": path, "split": extra or "test", "image_root": root}
     if kind == "folder":
         return {"kind": kind, "path": path, "split": ".", "captions": extra or None}
-    return {"kind": kind, "path": path, "split": Path(path).name, "image_root": extra or None}
+    return {"kind": kind, "path": path, "split": Path(path).name, "image_root": root or extra or None}

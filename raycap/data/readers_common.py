@@ -42,8 +42,8 @@ def check_images(records: list[Record], on_bad_image: str, source_file: Path,
         (kept if os.path.isfile(r.path) else missing).append(r)
     if missing and on_bad_image == "error" and not always_skip:
         more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
-        raise BadImage(f"{missing[0].path}: image file not found, listed in {source_file}{more}; set "
-                       "data.on_bad_image: skip to leave missing images out")
+        raise BadImage(f"{missing[0].path}: image file not found, listed in {source_file}{more}; "
+                       f"{BadImage.SKIP} to leave missing images out")
     return kept, [Skipped(r.id, str(r.path), "missing") for r in missing]
 
 

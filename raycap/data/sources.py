@@ -19,7 +19,15 @@ from raycap.errors import UserError
 
 
 class BadImage(UserError):
-    """An image that cannot be read: missing, truncated or not an image. The message names the file."""
+    """An image that cannot be read: missing, truncated or not an image. The message names the file and, where
+    the reader can leave such images out, how: `SKIP` (the config's setting), which a command line swaps for
+    its own flag with `naming(flag)`."""
+
+    SKIP = "set data.on_bad_image: skip"
+
+    def naming(self, remedy: str) -> "BadImage":
+        """The same error, with `remedy` (e.g. "pass --on-bad-image skip") in place of the config's setting."""
+        return BadImage(str(self).replace(self.SKIP, remedy))
 
 
 class ImageSource:

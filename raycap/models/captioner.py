@@ -5,12 +5,12 @@ A captioner reads frozen image embeddings (the retriever's, or its own vision to
 as token ids of its own tokenizer (greedy, sampled with a seeded CPU generator, beam) with per-token log-probs,
 scores given tokens by teacher forcing, says which parameters RL trains, and saves to / loads from a directory.
 Captions travel as token ids; the reward side decodes them with the captioner's tokenizer and the retriever
-re-tokenizes the text with its own.
+re-tokenizes the text with its own. The kinds of captioner (a directory's kind, how it loads) are registered in
+`raycap.models.loading`, above the implementations, so that this protocol imports none of them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -55,15 +55,3 @@ class Captioner(Protocol):
     def set_trainable(self, train_lm: bool) -> None: ...
 
     def save_pretrained(self, path) -> None: ...
-
-
-def captioner_kind(path: Path) -> str | None:
-    """Which implementation a captioner directory holds, from its config file (None: not a captioner dir)."""
-    from raycap.models.blip import CONFIG_NAME as BLIP_CONFIG
-    from raycap.models.clipcap import CONFIG_NAME as CLIPCAP_CONFIG
-
-    if (Path(path) / CLIPCAP_CONFIG).is_file():
-        return "clipcap"
-    if (Path(path) / BLIP_CONFIG).is_file():
-        return "blip"
-    return None

@@ -1,5 +1,11 @@
-"""Load a pretrained world directory (`python -m raycap.pretrain world --out DIR`): its world config, the
-frozen retriever and the supervised captioner with its tokenizer."""
+"""Load a captioner directory of any kind, and a pretrained world directory (`python -m raycap.pretrain world
+--out DIR`): its world config, the frozen retriever and the supervised captioner with its tokenizer.
+
+The kinds of captioner are one registry, `CAPTIONERS` (kind -> the config file its `save_pretrained` writes, by
+which a directory is recognised, and its class): it sits here, above the implementations, so the protocol
+(`raycap.models.captioner`) and the decoding they share import none of them. A new captioner is its module
+(implementing `raycap.models.captioner.Captioner`) and its line here.
+"""
 from __future__ import annotations
 
 import json
@@ -8,10 +14,23 @@ from pathlib import Path
 
 from raycap.data.world import World, WorldConfig
 from raycap.errors import UserError
+from raycap.models import blip, clipcap
 from raycap.models.clip import Retriever
-from raycap.models.clipcap import CONFIG_NAME as CLIPCAP_CONFIG
 from raycap.models.clipcap import ClipCap
 from raycap.models.tokenizers import load_tokenizer
+
+
+@dataclass(frozen=True)
+class CaptionerKind:
+    config_file: str  # what `save_pretrained` writes: a directory holding it is of this kind
+    cls: type         # its `from_pretrained(path)` loads the directory
+    label: str        # its name in messages
+
+
+CAPTIONERS: dict[str, CaptionerKind] = {  # kind -> how to recognise and load it (checked in this order)
+    "clipcap": CaptionerKind(clipcap.CONFIG_NAME, clipcap.ClipCap, "ClipCap"),
+    "blip": CaptionerKind(blip.CONFIG_NAME, blip.BlipCaptioner, "BLIP"),
+}
 
 
 @dataclass
@@ -23,20 +42,19 @@ class PretrainedWorld:
     path: Path
 
 
+def captioner_kind(path: str | Path) -> str | None:
+    """Which kind of captioner a directory holds, from its config file (None: not a captioner dir)."""
+    return next((name for name, kind in CAPTIONERS.items() if (Path(path) / kind.config_file).is_file()), None)
+
+
 def load_captioner_model(path: str | Path):
     """The captioner (any implementation of `raycap.models.captioner.Captioner`) saved in a directory."""
-    from raycap.models.captioner import captioner_kind
-
     path = Path(path)
     kind = captioner_kind(path)
-    if kind == "clipcap":
-        return ClipCap.from_pretrained(path)
-    if kind == "blip":
-        from raycap.models.blip import BlipCaptioner
-
-        return BlipCaptioner.from_pretrained(path)
-    raise UserError(f"{path} is not a raycap captioner directory: no {CLIPCAP_CONFIG} (ClipCap) or "
-                    "raycap_blip.json (BLIP) in it")
+    if kind is None:
+        files = " or ".join(f"{k.config_file} ({k.label})" for k in CAPTIONERS.values())
+        raise UserError(f"{path} is not a raycap captioner directory: no {files} in it")
+    return CAPTIONERS[kind].cls.from_pretrained(path)
 
 
 def load_captioner(path: str | Path) -> tuple[ClipCap, object]:

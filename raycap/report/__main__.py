@@ -7,10 +7,11 @@ from pathlib import Path
 from raycap.errors import UserError, exit_on_user_error
 from raycap.paths import check_output_dir
 from raycap.progress import quiet_library_progress
+from raycap.commands import prog
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m raycap.report", description=__doc__)
+    p = argparse.ArgumentParser(prog=prog("raycap.report"), description=__doc__)
     p.add_argument("run_dir", type=Path, help="a run dir of python -m raycap.train (config.json, metrics.jsonl)")
     p.add_argument("--gallery", type=int, default=24, help="test images shown with their captions (default: 24)")
     p.add_argument("--out", type=Path, help="where index.html and its images go (default: RUN_DIR/report)")

@@ -12,6 +12,7 @@ from PIL import Image
 from raycap.config import RunConfig
 from raycap.inputs import captioner_inputs, load_captioner, load_retriever, open_split
 from raycap.metrics.retrieval import candidate_sets, target_ranks
+from raycap.rl.selection import Selection
 from raycap.supervised.captioner import decode_images, evaluate_images
 
 P_AT_1_SEED = 0  # score_captions' candidate sets: the ranks shown are those P@1 counts
@@ -72,7 +73,7 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
         reads = captioner_inputs(model, split.source.subset(range(n)), emb, log=log, retriever=retriever)
         mode = cfg.eval.decoding if name == "fine-tuned" else "greedy"  # the supervised captioner as RL starts
         texts[name] = decode_images(model.eval(), tokenizer, retriever, reads, emb, mode, cfg.eval.num_beams,
-                                    cfg.selection(), pool, cfg.eval.batch_size)
+                                    Selection.from_config(cfg), pool, cfg.eval.batch_size)
         metrics[name] = evaluate_images(model, tokenizer, retriever, split.source, emb, n, examples=0,
                                         captions=texts[name])
         metrics[name].pop("examples", None)

@@ -141,18 +141,8 @@ class Advantages:
         self.running = baselines.RunningMean(momentum=cfg.rl.baseline_momentum)
 
     def baseline(self, reward: torch.Tensor, greedy_reward: torch.Tensor | None = None) -> torch.Tensor:
-        kind = self.cfg.rl.baseline
-        if kind == "none":
-            return torch.zeros_like(reward)
-        if kind == "mean":
-            return self.running(reward)
-        if kind == "loo":
-            return baselines.leave_one_out(reward, self.cfg.rl.num_samples)
-        if kind == "best":
-            return baselines.best_of_n(reward, self.cfg.rl.num_samples)
-        if greedy_reward is None:
-            raise ValueError("the greedy (self-critical) baseline needs the greedy captions' rewards")
-        return baselines.self_critical(greedy_reward, self.cfg.rl.num_samples)
+        return baselines.compute(self.cfg.rl.baseline, reward, running=self.running, greedy=greedy_reward,
+                                 num_samples=self.cfg.rl.num_samples)
 
     def state_dict(self) -> dict:
         return self.running.state_dict()

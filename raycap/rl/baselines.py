@@ -10,14 +10,16 @@
   highest-reward caption and 0 for the others: the update is cross-entropy on the policy's own best caption
   (rejection-sampling fine-tuning, expert iteration). The reward only ranks an image's captions; a caption is
   never pushed down, and a guess that the reward sees through is simply not the one imitated.
+
+`BASELINES` is the registry of `rl.baseline`'s choices (name -> a function of the rewards and what a baseline
+may read); a new baseline is its function and its entry there (and its name in `RLConfig.baseline`, which a test
+checks against the registry).
 """
 from __future__ import annotations
 
 from collections import deque
 
 import torch
-
-BASELINES = ("none", "mean", "greedy", "loo", "best")
 
 
 class RunningMean:
@@ -79,3 +81,27 @@ def best_of_n(rewards: torch.Tensor, num_samples: int) -> torch.Tensor:
     groups = rewards.view(-1, num_samples)
     best = torch.zeros_like(groups).scatter_(1, groups.argmax(dim=1, keepdim=True), 1.0)
     return (groups - best).reshape(rewards.shape)
+
+
+def _greedy(rewards: torch.Tensor, *, greedy: torch.Tensor | None, num_samples: int, **_) -> torch.Tensor:
+    if greedy is None:
+        raise ValueError("the greedy (self-critical) baseline needs the greedy captions' rewards")
+    return self_critical(greedy, num_samples)
+
+
+BASELINES = {  # name -> baseline(rewards, *, running, greedy, num_samples): b, the shape of the rewards
+    "none": lambda rewards, **_: torch.zeros_like(rewards),
+    "mean": lambda rewards, *, running, **_: running(rewards),
+    "greedy": _greedy,
+    "loo": lambda rewards, *, num_samples, **_: leave_one_out(rewards, num_samples),
+    "best": lambda rewards, *, num_samples, **_: best_of_n(rewards, num_samples),
+}
+
+
+def compute(kind: str, rewards: torch.Tensor, *, running: RunningMean | None = None,
+            greedy: torch.Tensor | None = None, num_samples: int = 1) -> torch.Tensor:
+    """The baseline of one kind (`BASELINES`) for N rewards: `running` is the running mean ("mean" updates it),
+    `greedy` the greedy captions' rewards per image ("greedy"), `num_samples` the samples per image."""
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")
+    return BASELINES[kind](rewards, running=running, greedy=greedy, num_samples=num_samples)

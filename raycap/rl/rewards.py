@@ -9,12 +9,19 @@ One scale: the retriever's logits, `logit_scale * cos` (CLIP's own; 100 for Open
 - accuracy: 1 if the target scores strictly above every distractor (a tie is a miss), else 0;
 - cosine: `logit_scale * cos(text, target image)`, CLIPScore-like, no distractors (the `cosine_coef` term of
   the discriminative reward is this same quantity).
+
+`REWARDS` is the registry of `rl.reward`'s choices (name -> a `Reward`); a new reward is its function and its
+entry there (and its name in `RLConfig.reward`, which a test checks against the registry).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-REWARDS = ("discriminative", "pool", "accuracy", "cosine")
+Reward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""(text_emb (N, D), image_emb (P, D) the pool, candidates (N, K) indices into it with the target in column 0,
+logit_scale) -> (N,) rewards."""
 
 
 def candidate_scores(text_emb: torch.Tensor, image_emb: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -43,18 +50,19 @@ def cosine(text_emb, target_emb, logit_scale: float = 1.0) -> torch.Tensor:
     return logit_scale * (text_emb.float() * target_emb.float()).sum(-1)
 
 
+REWARDS: dict[str, Reward] = {  # each called as (text_emb, image_emb, candidates, logit_scale)
+    "discriminative": discriminative,
+    "pool": lambda t, i, c, scale: pool(t, i, c[:, 0], scale),
+    "accuracy": lambda t, i, c, scale: accuracy(t, i, c),
+    "cosine": lambda t, i, c, scale: cosine(t, i[c[:, 0]], scale),
+}
+
+
 def compute(kind: str, text_emb, image_emb, candidates, logit_scale, batch: int | str = "?") -> torch.Tensor:
-    """Reward of one kind for N captions; targets are `candidates[:, 0]`. A non-finite reward raises."""
-    if kind == "discriminative":
-        r = discriminative(text_emb, image_emb, candidates, logit_scale)
-    elif kind == "pool":
-        r = pool(text_emb, image_emb, candidates[:, 0], logit_scale)
-    elif kind == "accuracy":
-        r = accuracy(text_emb, image_emb, candidates)
-    elif kind == "cosine":
-        r = cosine(text_emb, image_emb[candidates[:, 0]], logit_scale)
-    else:
+    """Reward of one kind (`REWARDS`) for N captions; targets are `candidates[:, 0]`. A non-finite reward raises."""
+    if kind not in REWARDS:
         raise ValueError(f"unknown reward {kind!r}; choose from {', '.join(REWARDS)}")
+    r = REWARDS[kind](text_emb, image_emb, candidates, logit_scale)
     check_finite(r, batch)
     return r
 

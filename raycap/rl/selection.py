@@ -14,18 +14,35 @@ from typing import Callable, Sequence
 
 import torch
 
+from raycap.config import RunConfig
 from raycap.models.tokenizers import decode
 from raycap.rl.self_check import substitution_check
 
 
 @dataclass
 class Selection:
+    """The `select` decoding's settings; `decode` runs it (so the evaluation that decodes with it, in
+    `raycap.supervised.captioner`, needs no import of rl/)."""
+
     samples: int = 16
     cosine_coef: float = 0.5
     check_coef: float = 3.0
     classes: Sequence[Sequence[str]] = field(default_factory=list)
     seed: int = 0
     chunk: int = 64  # images per seed block: each block's sampling noise comes from one generator seeded by its start
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Selection:
+        """A run's settings: its `eval.select_*`, the self-check's word classes `rl.substitution_classes`, its
+        seed."""
+        e = cfg.eval
+        return cls(samples=e.select_samples, cosine_coef=e.select_cosine, check_coef=e.select_check,
+                   classes=cfg.rl.substitution_classes, seed=cfg.seed)
+
+    def decode(self, captioner, tokenizer, inputs: torch.Tensor, image_emb: torch.Tensor, retriever,
+               pool_emb: torch.Tensor, batch_size: int = 512) -> list[str]:
+        """One caption per image, the best of `samples` (`select_captions`)."""
+        return select_captions(captioner, tokenizer, inputs, image_emb, retriever, pool_emb, self, batch_size)
 
 
 def selection_scores(texts: Sequence[str], text_emb: torch.Tensor, image_emb: torch.Tensor, pool_emb: torch.Tensor,

@@ -13,6 +13,7 @@ import torch
 
 from raycap.config import RunConfig
 from raycap.inputs import SplitImages
+from raycap.rl.selection import Selection
 from raycap.roles import build_role_models, train_scorer
 from raycap.runtime import resources
 from raycap.runtime.weights import load_flat_weights
@@ -61,5 +62,6 @@ class RewardService:
         with self.models.autocast():
             return evaluate_images(self.captioner, self.tokenizer, self.retriever, s.source, s.embeddings, n,
                                    examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,
-                                   num_beams=self.cfg.eval.num_beams, selection=self.cfg.selection(),
-                                   pool=self.splits["train"].embeddings, batch_size=self.cfg.eval.batch_size)
+                                   num_beams=self.cfg.eval.num_beams, selection=Selection.from_config(self.cfg),
+                                   pool=self.splits["train"].embeddings, batch_size=self.cfg.eval.batch_size,
+                                   keep_captions=split == "test")

@@ -3,7 +3,8 @@ evaluation, ASHA stopping the worst trials, the objective respecting caption qua
 
 Where a trial's work runs (`search.trial_runtime`):
 
-- `local` (default): the single-process reference loop inside the trial, one placement bundle of
+- `local` (default): the single-process reference loop inside the trial (`run_search`'s `local_trainer`, which
+  the entry point passes in: the Ray runtime does not import the reference loop), one placement bundle of
   `cpus_per_trial`. It computes the same updates as the Ray runtime (tested) without its actors, DeepSpeed
   start-up and weight movement, so on a few cores it gives more trials per minute: measured on 2 cores by
   `benchmarks/tune_trials.py` (benchmarks/RESULTS.md). The default for laptops and small models.
@@ -54,8 +55,9 @@ def trial_config(space: SearchSpace, base: dict, drawn: dict, cpus: float) -> Ru
     return cfg.model_copy(update=updates)
 
 
-def _run_trial(drawn: dict, *, space: SearchSpace, base: dict, objective: Objective, splits) -> None:
-    """The trainable: one raycap run of `drawn`, reporting every validation evaluation to Tune."""
+def _run_trial(drawn: dict, *, space: SearchSpace, base: dict, objective: Objective, splits, local_trainer) -> None:
+    """The trainable: one raycap run of `drawn`, reporting every validation evaluation to Tune; a `local` trial
+    runs `local_trainer` (`raycap.local_trainer.LocalTrainer`)."""
     from ray import tune
 
     from raycap.progress import quiet_library_progress
@@ -88,9 +90,7 @@ def _run_trial(drawn: dict, *, space: SearchSpace, base: dict, objective: Object
             finally:
                 trainer.shutdown()
         else:
-            from raycap.local_trainer import LocalTrainer
-
-            LocalTrainer(cfg, run_dir, log=quiet, splits=splits).fit(on_eval=on_eval, test_at_end=False)
+            local_trainer(cfg, run_dir, log=quiet, splits=splits).fit(on_eval=on_eval, test_at_end=False)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -125,11 +125,12 @@ def tune_domain(param):
     return tune.choice(param.args)
 
 
-def trainable(space: SearchSpace, base: dict, objective: Objective, splits):
+def trainable(space: SearchSpace, base: dict, objective: Objective, splits, local_trainer):
     """The trial function with its parameters (through the object store) and its resources declared to Tune."""
     from ray import tune
 
-    fn = tune.with_parameters(_run_trial, space=space, base=base, objective=objective, splits=splits)
+    fn = tune.with_parameters(_run_trial, space=space, base=base, objective=objective, splits=splits,
+                              local_trainer=local_trainer)
     s = space.search
     if s.trial_runtime == "ray":
         from raycap.runtime.resources import trial_bundles
@@ -154,10 +155,11 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def run_search(space: SearchSpace, base: RunConfig, out: Path, storage: str, objective: Objective,
-               resume: bool = False, name: str = "search", log=print) -> dict:
+               resume: bool = False, name: str = "search", log=print, *, local_trainer) -> dict:
     """Run (or resume) the search, Tune's experiment `name` under `storage`, and write its results under `out`;
     returns the summary written to OUT/summary.json (the table rows, the best trial, its test metrics and where
-    everything is)."""
+    everything is). `local_trainer`: the class that runs a `local` trial (`raycap.local_trainer.LocalTrainer`,
+    passed in by the entry point)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -175,7 +177,7 @@ def run_search(space: SearchSpace, base: RunConfig, out: Path, storage: str, obj
         if dashboard:
             log(f"Ray dashboard: http://{dashboard}  (trials and their actors under Jobs and Cluster)")
         splits = open_splits(base, load_retriever(base.retriever), log)
-        fn = trainable(space, base_dict, objective, ray.put(splits))
+        fn = trainable(space, base_dict, objective, ray.put(splits), local_trainer)
         path = _join(storage, name)
         if resume:
             if not tune.Tuner.can_restore(path):

@@ -184,15 +184,13 @@ def decode_images(captioner: Captioner, tokenizer, retriever: Retriever, reads: 
                   mode: str = "greedy", num_beams: int = 5, selection=None, pool: torch.Tensor | None = None,
                   batch_size: int = EVAL_BATCH) -> list[str]:
     """One caption per image: greedy, beam, or (mode "select") the best of `selection.samples` samples against the
-    `pool` embeddings (`raycap.rl.selection`); `reads` is what the captioner reads, `image_emb` the retriever's;
-    `batch_size` sequences are decoded at a time."""
+    `pool` embeddings (`selection`: a `raycap.rl.selection.Selection`, which decodes them); `reads` is what the
+    captioner reads, `image_emb` the retriever's; `batch_size` sequences are decoded at a time."""
     if mode != "select":
         return caption_embeddings(captioner, tokenizer, reads, mode, num_beams, batch_size)
-    from raycap.rl.selection import select_captions
-
     if selection is None or pool is None:
         raise ValueError("decoding 'select' needs its selection settings and a pool of other images")
-    return select_captions(captioner, tokenizer, reads, image_emb, retriever, pool, selection, batch_size)
+    return selection.decode(captioner, tokenizer, reads, image_emb, retriever, pool, batch_size)
 
 
 @torch.no_grad()
@@ -200,10 +198,11 @@ def evaluate_images(captioner: Captioner, tokenizer, retriever: Retriever, sourc
                     n: int | None = None, mode: str = "greedy", seed: int = 0, examples: int = 8,
                     inputs: torch.Tensor | None = None, num_beams: int = 5, selection=None,
                     pool: torch.Tensor | None = None, captions: list[str] | None = None,
-                    batch_size: int = EVAL_BATCH) -> dict:
+                    batch_size: int = EVAL_BATCH, keep_captions: bool = False) -> dict:
     """Captions of the first n images of any image source (`raycap.data.sources`) from their cached embeddings
     (or `inputs`, what the captioner reads when not those), decoded by `decode_images` (or given), scored by
-    `score_captions`; the world's checks when the source knows its scenes."""
+    `score_captions`; the world's checks when the source knows its scenes. `keep_captions`: the captions too,
+    under "captions" in COCO results format."""
     n = min(n or len(source), len(source))
     image_emb = image_emb[:n]
     if captions is None:
@@ -212,5 +211,9 @@ def evaluate_images(captioner: Captioner, tokenizer, retriever: Retriever, sourc
     scenes = source.scenes
     scenes = None if scenes is None else scenes[:n]
     refs = [source.references(i) for i in range(min(n, examples))] if source.labelled else None
-    return score_captions(captions, retriever, image_emb, scenes, seed, examples, refs, batch_size=batch_size) \
-        | {"n_images": n}
+    result = score_captions(captions, retriever, image_emb, scenes, seed, examples, refs, batch_size=batch_size)
+    if keep_captions:
+        from raycap.metrics.results import coco_results
+
+        result["captions"] = coco_results(source.ids[:n], captions)
+    return result | {"n_images": n}
