@@ -1,8 +1,12 @@
 """Markdown rows of finished runs: the last validation evaluation and the final test evaluation of each run dir.
 
     python benchmarks/run_table.py runs/demo-s0 runs/demo-s1 runs/demo-s2 [--mean]
+    python benchmarks/run_table.py runs/demo-s0 runs/demo-s1 runs/demo-s2 --test-table
 
-`--mean` adds a row with the mean and the range (min-max) of every column over the given runs (seeds).
+`--mean` adds a row with the mean and the range (min-max) of every column over the given runs (seeds); the error
+cut is relative to the supervised captioner's greedy P@1 in the run's own test table. `--test-table` prints the
+runs' test tables (each captioner greedy and with the run's decoding: final_metrics.json's `test_table`) as one
+table, each cell the mean and range over the runs.
 """
 from __future__ import annotations
 
@@ -10,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-BASE = 0.416  # test P@1 of the shipped supervised captioner
 TEST = ("p_at_1", "wellformed", "faithful", "precision", "recall", "multi_object")
+TABLE = ("p_at_1", "wellformed", "faithful", "precision")
 
 
 def row(run: Path) -> dict:
@@ -20,18 +24,44 @@ def row(run: Path) -> dict:
     val = [r["eval"] for r in records if "eval" in r][-1]
     out = {"val_p_at_1": val["p_at_1"], "val_wellformed": val["wellformed"], "val_faithful": val["faithful"]}
     out |= {k: final[k] for k in TEST}
-    out["error_cut"] = (final["p_at_1"] - BASE) / (1 - BASE)
+    if "test_table" in final:
+        base = next(r["p_at_1"] for r in final["test_table"]["rows"] if (r["captioner"], r["decoding"]) ==
+                    ("supervised", "greedy"))
+        out["error_cut"] = (final["p_at_1"] - base) / (1 - base)
     out["rl_seconds"] = final.get("rl_seconds", float("nan"))
     return out
+
+
+def spread(values: list[float], percent: bool = False) -> str:
+    f = (lambda v: f"{100 * v:.1f}%") if percent else (lambda v: f"{v:.3f}")
+    mean = sum(values) / len(values)
+    return f(mean) if len(values) == 1 else f"{f(mean)} ({f(min(values))}-{f(max(values))})"
+
+
+def test_table(runs: list[Path]) -> None:
+    """The runs' test tables as one: a row per captioner and decoding, mean (range) over the runs."""
+    tables = [json.loads((r / "final_metrics.json").read_text())["test_table"] for r in runs]
+    keys = [(r["captioner"], r["decoding"]) for r in tables[0]["rows"]]
+    print(f"| test, first {tables[0]['n_images']} images | " + " | ".join(TABLE) + " | P@1 error cut |")
+    print("| --- " * (len(TABLE) + 2) + "|")
+    for i, (captioner, decoding) in enumerate(keys):
+        cells = [spread([t["rows"][i][k] for t in tables]) for k in TABLE]
+        cut = "-" if captioner == "supervised" else spread(
+            [t["error_cut_vs_supervised_greedy"][decoding] for t in tables], percent=True)
+        print(f"| {captioner}, {decoding} | " + " | ".join(cells) + f" | {cut} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--mean", action="store_true", help="add the mean and range over the runs")
+    p.add_argument("--test-table", action="store_true", help="the runs' four-row test tables, mean and range")
     args = p.parse_args()
+    if args.test_table:
+        test_table(args.runs)
+        return
     rows = {str(r): row(r) for r in args.runs}
-    cols = list(next(iter(rows.values())))
+    cols = [c for c in next(iter(rows.values())) if all(c in r for r in rows.values())]
     print("| run | " + " | ".join(cols) + " |")
     print("| --- " * (len(cols) + 1) + "|")
     for name, r in rows.items():

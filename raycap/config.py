@@ -245,6 +245,9 @@ class EvalConfig(BaseModel):
     select_check: float = Field(3.0, ge=0, description="select: weight of the substitution self-check (its word "
                                 "classes: rl.substitution_classes)")
     report: bool = Field(True, description="write the HTML report (RUN/report/index.html) when the run ends")
+    test_table: bool = Field(True, description="when the run ends, score the supervised and the fine-tuned "
+                             "captioner on test with greedy decoding and with `decoding`, into final_metrics.json "
+                             "(test_table) and the report, so RL's effect and the decoding's are seen apart")
     report_gallery: int = Field(24, ge=0, description="test images in the report's gallery")
 
 

@@ -117,9 +117,10 @@ class LocalTrainer:
         return stats | {"loss": float(loss.detach())}
 
     # -- the run --------------------------------------------------------------------------------------
-    def evaluate(self, split: str = "val") -> dict:
+    def evaluate(self, split: str = "val", decoding: str | None = None) -> dict:
+        """Metrics on `split`, decoded as `decoding` says (default: greedy, and `eval.decoding` on test)."""
         s = self.splits[split]
-        mode = self.cfg.eval.decoding if split == "test" else "greedy"
+        mode = decoding or (self.cfg.eval.decoding if split == "test" else "greedy")
         with self.models.autocast():
             return evaluate_images(self.policy, self.tokenizer, self.retriever, s.source, s.embeddings,
                                    self.cfg.eval.images, examples=self.cfg.eval.examples, inputs=s.inputs,

@@ -7,8 +7,10 @@ actor) a tqdm bar writes every refresh with a carriage return, which a file keep
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
+from contextlib import contextmanager
 from typing import Iterable
 
 LINE_EVERY_S = 30.0  # seconds between progress lines when stderr is not a terminal
@@ -32,8 +34,9 @@ class LineProgress:
     """The part of tqdm's interface raycap uses (iteration, `set_postfix`, `close`), printing whole lines."""
 
     def __init__(self, iterable: Iterable, total: int | None = None, initial: int = 0, desc: str = "",
-                 every_s: float = LINE_EVERY_S, file=None):
-        self.iterable, self.desc, self.every_s = iterable, desc, every_s
+                 every_s: float | None = None, file=None):
+        self.iterable, self.desc = iterable, desc
+        self.every_s = LINE_EVERY_S if every_s is None else every_s
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.n = self.start = initial
         self.file = file
@@ -63,9 +66,14 @@ class LineProgress:
     def __iter__(self):
         for item in self.iterable:
             yield item
-            self.n += 1
-            if self.n - self.start == 1 or self.n == self.total or time.time() - self._last >= self.every_s:
-                self._print()
+            self.update(1)
+
+    def update(self, n: int = 1) -> None:
+        """`n` more done (tqdm's `update`): a line at the first, at the last and every `every_s` seconds."""
+        first = self.n == self.start
+        self.n += n
+        if first or self.n == self.total or time.time() - self._last >= self.every_s:
+            self._print()
 
     def close(self) -> None:
         pass
@@ -88,3 +96,15 @@ def quiet_library_progress() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR):
+    """While inside: the logger `name` shows records of `level` and above only."""
+    log = logging.getLogger(name)
+    saved = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(saved)

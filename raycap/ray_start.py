@@ -10,6 +10,7 @@ import sys
 from contextlib import contextmanager
 
 from raycap.config import RuntimeConfig, is_loopback
+from raycap.progress import quiet_logger
 
 
 def quiet_worker() -> None:
@@ -50,17 +51,6 @@ def _loopback_node():
             os.environ[LOOPBACK_ONLY_ENV] = saved_env
 
 
-@contextmanager
-def _quiet_logger(name: str, level: int = logging.ERROR):
-    log = logging.getLogger(name)
-    saved = log.level
-    log.setLevel(level)
-    try:
-        yield
-    finally:
-        log.setLevel(saved)
-
-
 def start_ray(rt: RuntimeConfig) -> tuple[bool, str | None]:
     """Join `rt.address` (or the cluster of a Ray job: RAY_ADDRESS) or start a local Ray bound to loopback
     (dashboard on `rt.dashboard_host`, which the config accepts off loopback only with `allow_public_dashboard`). Returns whether this call started Ray (so
@@ -81,7 +71,7 @@ def start_ray(rt: RuntimeConfig) -> tuple[bool, str | None]:
                   file=sys.stderr)
         # Ray >= 2.59 turns token authentication on for a cluster ray.init starts, and logs a notice saying so
         # at WARNING on every start: that is the secure default working, not a problem, so it is not shown
-        with _loopback_node(), _quiet_logger("ray._private.authentication.authentication_token_setup"):
+        with _loopback_node(), quiet_logger("ray._private.authentication.authentication_token_setup"):
             ctx = ray.init(num_cpus=rt.num_cpus or os.cpu_count(), num_gpus=rt.num_gpus, include_dashboard=True,
                            dashboard_host=rt.dashboard_host, dashboard_port=rt.dashboard_port,
                            runtime_env=JOB_RUNTIME_ENV)

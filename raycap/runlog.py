@@ -176,11 +176,13 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
     """The loop both runtimes share: evaluate at step 0, then `update(step) -> record` for each remaining step
     with evaluations every `eval_every`, checkpoints every `checkpoint_every` (and at the end), the run log,
     and a progress bar (whole lines in a log file: raycap.progress). `evaluate(split)`: the evaluations during
-    the run read the validation split (what a user may choose settings on); the test split is read once, at the
-    end. Returns that final test evaluation with `rl_seconds` and `updates`. `skipped`: images left out per split
+    the run read the validation split (what a user may choose settings on), greedily; the test split is read
+    once, at the end, with `eval.decoding` (`evaluate(split, decoding)` decodes as `decoding` says, by default
+    greedy on val and `eval.decoding` on test). Returns that final test evaluation with `rl_seconds` and `updates`. `skipped`: images left out per split
     (`data.on_bad_image: skip`), recorded at step 0 and in the final metrics. `on_eval(step, metrics)` is called
     after each validation evaluation is logged (and the step's checkpoint written); `test_at_end=False` (a
-    trial of a search, which must choose on validation) returns the last validation evaluation instead."""
+    trial of a search, which must choose on validation) returns the last validation evaluation instead, which
+    then decodes with `eval.decoding`, as the run would ship, so the search chooses on that decoding."""
     import time
 
     from raycap.progress import progress
@@ -207,8 +209,13 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
             bar.set_postfix(reward=f"{record.get('reward_mean', record.get('clip_cos', 0)):.3f}",
                             p1=f"{record['train_p_at_1']:.2f}", kl=f"{record['kl']:.3f}")
             if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.rl.steps:
-                record["eval"] = evaluate("val")
-                log(f"step {step + 1} (val): " + metrics_line(record["eval"]))
+                if not test_at_end and step + 1 == cfg.rl.steps and cfg.eval.decoding != "greedy":
+                    # a trial's last evaluation, which its search chooses on, decodes as the run would ship
+                    record["eval"] = evaluate("val", cfg.eval.decoding) | {"decoding": cfg.eval.decoding}
+                    log(f"step {step + 1} (val, {cfg.eval.decoding}): " + metrics_line(record["eval"]))
+                else:
+                    record["eval"] = evaluate("val")
+                    log(f"step {step + 1} (val): " + metrics_line(record["eval"]))
             runlog.write(record)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.rl.steps:
                 checkpoint(step + 1)

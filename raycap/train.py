@@ -81,10 +81,36 @@ def execute(config, out: Path, runtime: str = "ray", allow_new_config: bool = Fa
     final = run(config, out, allow_new_config=allow_new_config)
     summary = {k: v for k, v in final.items() if k != "examples"}
     print(json.dumps(summary, indent=2))
+    comparison = None
+    if config.eval.test_table or config.eval.report:
+        comparison = compare_final(config, out)
+    if comparison is not None and config.eval.test_table:
+        from raycap.report.gallery import format_test_table
+
+        final["test_table"] = comparison.headline()
+        (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        print(format_test_table(final["test_table"]))
     if config.eval.report:
-        write_report(out, config.eval.report_gallery)
+        write_report(out, config.eval.report_gallery, comparison)
         log_report_artifact(out, config)  # to the W&B / MLflow runs of runtime.loggers
     return final
+
+
+def compare_final(config, out: Path):
+    """The test comparison of the run's final captioner with the supervised one (`gallery.compare_on_test`,
+    its gallery images into RUN/report when the report is wanted), or None with a warning if it fails: the run
+    is complete whatever happens here."""
+    import sys
+
+    from raycap.report.gallery import compare_on_test
+
+    gallery = config.eval.report_gallery if config.eval.report else 0
+    try:
+        return compare_on_test(config, out / "final", out / "report", gallery, log=lambda *_: None)
+    except Exception as e:  # noqa: BLE001 — the run's results are saved; the table and report can be rebuilt
+        print(f"warning: the test comparison failed ({type(e).__name__}: {e}); the run is complete, retry with "
+              f"raycap report {out}", file=sys.stderr)
+        return None
 
 
 def check_inputs_exist(config) -> None:
@@ -105,15 +131,15 @@ def check_inputs_exist(config) -> None:
             raise UserError(f"{field} {path}: no such {kind}{hint}")
 
 
-def write_report(out: Path, gallery: int) -> None:
-    """The run's HTML report. The run is complete whatever happens here, so a failure is a warning that says
-    how to retry, not an error."""
+def write_report(out: Path, gallery: int, comparison=None) -> None:
+    """The run's HTML report (`comparison`: its test comparison, when computed already). The run is complete
+    whatever happens here, so a failure is a warning that says how to retry, not an error."""
     import sys
 
     from raycap.report import build_report
 
     try:
-        page = build_report(out, gallery=gallery)
+        page = build_report(out, gallery=gallery, comparison=comparison)
     except Exception as e:  # noqa: BLE001 — the run's results are saved; the report can be rebuilt later
         print(f"warning: the report failed ({type(e).__name__}: {e}); the run is complete, retry with "
               f"python -m raycap.report {out}", file=sys.stderr)

@@ -43,9 +43,12 @@ def ray_cpu():
         ray.shutdown()
 
 
-def test_ray_and_local_builders_agree_and_the_second_call_reads_the_cache(tmp_path, ray_cpu):
+def test_ray_and_local_builders_agree_and_the_second_call_reads_the_cache(tmp_path, ray_cpu, capfd):
     src, r = files(tmp_path), retriever()
     built = image_embeddings(r, src, builder="ray", batch_size=5, log=lambda *_: None)
+    err = capfd.readouterr().err  # raycap's progress lines, not Ray Data's operator logs
+    assert "image embeddings of test:files: 12/12 (100%)" in err
+    assert "Execution plan" not in err and "Running Dataset" not in err and "Progress bars" not in err, err
     local = image_embeddings(r, src, builder="local", use_cache=False)
     assert built.built and built.embeddings.shape == (12, 64)
     assert torch.allclose(built.embeddings, local.embeddings, atol=1e-6)
@@ -113,3 +116,19 @@ def test_patch_tokens_have_their_own_entry_and_both_builders_agree(tmp_path, ray
     assert not again.built and torch.equal(again.embeddings, tok.embeddings)
     assert json.loads((tok.path / MANIFEST).read_text())["shape"] == [37, 96]
     assert torch.equal(image_embeddings(r, src, log=lambda *_: None).embeddings, emb.embeddings)
+
+
+def test_the_encoder_takes_a_read_only_batch_without_a_warning(tmp_path, ray_cpu):
+    """Ray Data may hand an actor a read-only view of its block; torch would warn on it (and on a write)."""
+    import warnings
+
+    from raycap.data.cache import _decode, _Encode
+
+    r = retriever()
+    pixels, ok, reasons = _decode(files(tmp_path, n=3), r.preprocess(), range(3))
+    pixels.setflags(write=False)
+    encoder = _Encode(ray.put(r))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = encoder({"index": np.arange(3), "pixels": pixels, "ok": ok, "reason": np.asarray(reasons, object)})
+    assert out["embedding"].shape == (3, 64) and not pixels.flags.writeable

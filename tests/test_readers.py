@@ -155,6 +155,8 @@ def test_dataset_specs():
     assert parse_dataset_spec("world:test") == {"kind": "world", "split": "test"}
     assert parse_dataset_spec("karpathy:d.json") == {"kind": "karpathy", "path": "d.json", "split": "test"}
     assert parse_dataset_spec("karpathy:d.json:val")["split"] == "val"
+    assert parse_dataset_spec("karpathy:d.json:val", image_root="/imgs")["image_root"] == "/imgs"
+    assert parse_dataset_spec("coco:a.json:/x", image_root="/imgs")["image_root"] == "/imgs"  # the flag wins
     assert parse_dataset_spec("folder:pics:c.jsonl") == {"kind": "folder", "path": "pics", "split": ".",
                                                         "captions": "c.jsonl"}
     with pytest.raises(UserError) as e:

@@ -57,10 +57,12 @@ def test_training_writes_the_report_with_the_runs_own_numbers(finished_run):
     # the fine-tuned column is the run's own final test evaluation, recomputed from final/
     for key in ("p_at_1", "wellformed", "faithful", "precision", "recall", "vocab_size"):
         assert comparison.after[key] == final[key], key
-    assert [c["caption"] for c in final["examples"]] == [i.captions["fine-tuned"].text for i in comparison.items[:3]]
+    shipped = "fine-tuned, select"  # world-demo's eval.decoding
+    assert [c["caption"] for c in final["examples"]] == [i.captions[shipped].text for i in comparison.items[:3]]
     assert len(comparison.items) == 6 and html.count('class="card"') == 6
     for item in comparison.items:
-        assert item.truth and item.references and set(item.captions) == {"supervised", "fine-tuned"}
+        assert item.truth and item.references
+        assert list(item.captions) == ["supervised, greedy", "fine-tuned, greedy", shipped]
         assert (report / item.image).is_file() and f'src="{item.image}"' in html
         for view in item.captions.values():
             assert 1 <= view.rank <= 100 and f"rank {view.rank}" in html
@@ -72,8 +74,49 @@ def test_training_writes_the_report_with_the_runs_own_numbers(finished_run):
     assert sum(v.faithful for v in views) == html.count('class="verdict good"')
     from raycap.data.grammar import word_verdicts
 
-    first = comparison.items[0].captions["supervised"]
+    first = comparison.items[0].captions["supervised, greedy"]
     assert first.words == word_verdicts(first.text, cfg_scene(cfg, 0))
+
+
+def test_the_test_table_shows_rl_and_the_decoding_apart(finished_run):
+    """Four rows on test (each captioner greedy and with the shipped `select`) in final_metrics.json, printed by
+    the run and shown by the report; the shipped row is the run's own test evaluation, the error cuts are relative
+    to the supervised captioner's greedy error."""
+    final = json.loads((finished_run / "final_metrics.json").read_text())
+    table = final["test_table"]
+    rows = {(r["captioner"], r["decoding"]): r for r in table["rows"]}
+    assert list(rows) == [("supervised", "greedy"), ("supervised", "select"), ("fine-tuned", "greedy"),
+                          ("fine-tuned", "select")]
+    assert table["n_images"] == final["n_images"] == 100
+    for key in ("p_at_1", "wellformed", "faithful", "precision"):
+        assert rows["fine-tuned", "select"][key] == final[key], key
+    sup = rows["supervised", "greedy"]["p_at_1"]
+    for decoding in ("greedy", "select"):
+        by_hand = ((1 - sup) - (1 - rows["fine-tuned", decoding]["p_at_1"])) / (1 - sup)
+        assert abs(table["error_cut_vs_supervised_greedy"][decoding] - by_hand) < 1e-9
+    # selection changes the supervised captioner's captions too: its row is not the greedy one
+    assert rows["supervised", "select"] != rows["supervised", "greedy"] | {"decoding": "select"}
+    html = (finished_run / "report" / "index.html").read_text()
+    table_html = html[html.index('id="decodings"'):].split("</table>")[0]
+    assert table_html.count("<tr>") == 5  # the header and four rows
+    for r in table["rows"]:
+        assert f"<td>{r['captioner']}</td><td>{r['decoding']}</td><td>{r['p_at_1']:.3f}</td>" in table_html
+    cut = table["error_cut_vs_supervised_greedy"]["select"]
+    assert f"{100 * cut:.1f}%" in table_html
+
+
+def test_the_test_table_prints_aligned_rows():
+    from raycap.report.gallery import format_test_table
+
+    table = {"n_images": 10, "error_cut_vs_supervised_greedy": {"greedy": 0.25, "select": 0.5},
+             "rows": [{"captioner": c, "decoding": d, "p_at_1": p, "faithful": f}
+                      for c, d, p, f in [("supervised", "greedy", 0.6, 0.8), ("supervised", "select", 0.7, 0.7),
+                                         ("fine-tuned", "greedy", 0.7, 0.75), ("fine-tuned", "select", 0.8, 0.6)]]}
+    lines = format_test_table(table).splitlines()
+    assert lines[0] == "test, the first 10 images:" and lines[1].split() == ["p_at_1", "faithful", "P@1", "error", "cut"]
+    assert lines[2].split() == ["supervised,", "greedy", "0.600", "0.800"]
+    assert lines[5].split() == ["fine-tuned,", "select", "0.800", "0.600", "50.0%"]
+    assert len({len(line) for line in lines[2:4]}) == 1  # the rows without a cut line up
 
 
 def cfg_scene(cfg, i):

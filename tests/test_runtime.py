@@ -145,3 +145,35 @@ def test_resources_beyond_the_cluster_fail_fast(tiny_world_dir, tmp_path, overri
 def test_zero_workers_is_a_config_error(tiny_world_dir):
     with pytest.raises(UserError, match="rollout_workers"):
         config(tiny_world_dir, "runtime.rollout_workers=0")
+
+
+def test_a_killed_reward_service_is_restarted_with_its_splits(tiny_world_dir, tmp_path, monkeypatch):
+    """The splits reach the reward service so that a restart gets them again: no actor the controller starts
+    with restarts has a constructor argument in the object store (which Ray does not keep for a restart, and warns
+    of once per process), and a killed reward service comes back and serves the run."""
+    import ray.actor
+
+    from raycap.runtime.controller import Controller
+
+    created, remote = [], ray.actor.ActorClass._remote
+
+    def spy(self, args=None, kwargs=None, **options):
+        created.append((self.__ray_metadata__.class_name, args or (), options.get("max_restarts")))
+        return remote(self, args=args, kwargs=kwargs, **options)
+
+    monkeypatch.setattr(ray.actor.ActorClass, "_remote", spy)
+    c = Controller(config(tiny_world_dir, "rl.steps=3"), tmp_path)
+    try:
+        assert "RewardService" in [name for name, _, _ in created]
+        stored = [name for name, args, restarts in created if restarts
+                  and any(isinstance(a, ray.ObjectRef) for a in args)]
+        assert stored == []
+        c.run_step(0, None)
+        before = ray.get(c.reward.pid.remote())
+        os.kill(before, signal.SIGKILL)
+        for step in range(1, 3):
+            record, _ = c.run_step(step, None)
+        assert ray.get(c.reward.pid.remote()) != before and c.version == 3 and record["step_seconds"] > 0
+        assert c.evaluate("val")["n_images"] > 0
+    finally:
+        c.shutdown()

@@ -9,7 +9,7 @@ from raycap.train import main as train_main
 from world_runs import world_args
 
 FAST = ["--runtime", "local", "--set", "eval.images=100", "--set", "rl.max_new_tokens=8", "--set", "eval.every=2", "--set", "threads=2",
-        "--set", "eval.report=false"]
+        "--set", "eval.report=false", "--set", "eval.test_table=false"]
 
 
 def test_named_config_loads_and_bad_values_name_the_field(tmp_path):

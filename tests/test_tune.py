@@ -165,7 +165,7 @@ def test_search_with_trials_on_the_ray_runtime(tiny_world_dir, tmp_path):
     summary = tune_main(["--space", str(tiny_space(tmp_path, tiny_world_dir, num_samples=1, trial_runtime="ray")),
                          "--out", str(out), "--min-wellformed", "-1", "--set", "runtime.cpus_per_learner=0.5",
                          "--set", "runtime.cpus_per_rollout=0.25", "--set", "runtime.cpus_per_reward=0.25",
-                         "--set", "eval.report=false"])
+                         "--set", "eval.report=false", "--set", "eval.test_table=false"])
     (row,) = summary["trials"]
     assert row["status"] == "completed" and row["step"] == 4
     run = out / "best" / "run"

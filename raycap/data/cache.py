@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from raycap.data.sources import BadImage, ImageSource, WorldSource
 from raycap.data.world import World
+from raycap.progress import progress, quiet_logger
 
 MANIFEST = "manifest.json"
 SHARD_ROWS = 50_000
@@ -215,7 +217,7 @@ def _build_local(retriever, source, on_bad_image, batch_size, tokens=False):
 
 
 class _Decode:
-    """Ray Data task: rows of image indices -> preprocessed pixels with ok flags and reasons."""
+    """Ray Data actor: rows of image indices -> preprocessed pixels with ok flags and reasons."""
 
     def __init__(self, source, transform):
         self.source, self.transform = source, transform
@@ -238,7 +240,8 @@ class _Encode:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
+        # Ray Data may hand over a read-only view of its block: torch needs a writable array (copied if not)
+        x = torch.from_numpy(np.require(batch["pixels"], np.float32, ["C_CONTIGUOUS", "WRITEABLE"])).to(self.device)
         emb = _encode(self.retriever, x, self.tokens).float().cpu().numpy()
         return {"index": batch["index"], "embedding": emb, "ok": batch["ok"], "reason": batch["reason"]}
 
@@ -251,7 +254,7 @@ def _build_ray(retriever, source, on_bad_image, batch_size, tokens=False):
         raise RuntimeError("the ray builder needs a running Ray (raycap.inputs starts a local one)")
     gpus = ray.cluster_resources().get("GPU", 0)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = False  # raycap's own progress below: a bar, or in a log file a line per interval
     n = len(source)
     ds = ray.data.from_items([{"index": i} for i in range(n)], override_num_blocks=max(1, min(64, n // batch_size)))
     decoders = max(1, int(ray.cluster_resources().get("CPU", 1)) - (0 if gpus else 1))  # one CPU for the encoder
@@ -261,14 +264,19 @@ def _build_ray(retriever, source, on_bad_image, batch_size, tokens=False):
                         compute=ray.data.ActorPoolStrategy(size=max(1, int(gpus)) if gpus else 1),
                         num_gpus=1 if gpus else 0)
     index, emb, ok, reasons = [], [], [], []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if on_bad_image == "error" and not batch["ok"].all():  # stop at the first unreadable image
-            bad = [{"reason": r} for r, good in zip(batch["reason"], batch["ok"]) if not good]
-            raise _bad(source, bad)
-        index.append(batch["index"])
-        emb.append(batch["embedding"])
-        ok.append(batch["ok"])
-        reasons += list(batch["reason"])
+    # Ray Data's per-dataset INFO lines (execution plan, start, finish) and its notice that its bars are off
+    with quiet_logger("ray.data", logging.WARNING), quiet_logger("ray.data._internal.progress", logging.ERROR):
+        bar = progress(None, total=n, desc=f"image embeddings of {source.name}")
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if on_bad_image == "error" and not batch["ok"].all():  # stop at the first unreadable image
+                bad = [{"reason": r} for r, good in zip(batch["reason"], batch["ok"]) if not good]
+                raise _bad(source, bad)
+            index.append(batch["index"])
+            emb.append(batch["embedding"])
+            ok.append(batch["ok"])
+            reasons += list(batch["reason"])
+            bar.update(len(batch["index"]))
+        bar.close()
     if not index:
         return torch.zeros(0, *_feature_shape(retriever, tokens)), torch.zeros(0, dtype=torch.long), []
     return _result(np.concatenate(index), np.concatenate(emb), np.concatenate(ok).astype(bool), reasons, source,

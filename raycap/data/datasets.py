@@ -76,7 +76,7 @@ def parse_dataset_spec(spec: str, image_root: str | Path | None = None) -> dict:
     path, _, extra = rest.partition(":")
     root = None if image_root is None else str(image_root)
     if kind == "karpathy":
-        return {"kind": kind, "path": path, "split": extra or "test", "image_root": root}
+        return {"kind": kind, "path": path, "split": extra or "test"} | ({"image_root": root} if root else {})
     if kind == "folder":
         return {"kind": kind, "path": path, "split": ".", "captions": extra or None}
     return {"kind": kind, "path": path, "split": Path(path).name, "image_root": root or extra or None}

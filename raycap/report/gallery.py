@@ -1,6 +1,7 @@
-"""What the report shows of the test split: the supervised and the fine-tuned captioner's metrics, and a
-gallery of test images, each with its references, both captions, each caption's retrieval rank among the same
-100 candidates as P@1, and (on the world) its words judged by the grammar."""
+"""What the report shows of the test split: the supervised and the fine-tuned captioner each decoded greedily and
+with the run's own decoding (`eval.decoding`: four rows when that is `select` or `beam`, so RL's effect and the
+decoding's are seen apart), and a gallery of test images, each with its references, the captions, each caption's
+retrieval rank among the same 100 candidates as P@1, and (on the world) its words judged by the grammar."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,13 +36,61 @@ class GalleryItem:
     captions: dict[str, CaptionView] = field(default_factory=dict)
 
 
+HEADLINE_KEYS = ("p_at_1", "wellformed", "faithful", "precision")  # the columns of the test table
+
+
+@dataclass
+class TestRow:
+    captioner: str  # "supervised" or "fine-tuned"
+    decoding: str   # "greedy", "beam" or "select"
+    metrics: dict
+
+
 @dataclass
 class TestComparison:
-    before: dict
-    after: dict
+    before: dict  # the supervised captioner, greedy (as RL starts from it)
+    after: dict   # the fine-tuned captioner with the run's decoding (as its final test evaluation)
     n_images: int
     items: list[GalleryItem]
-    decoding: str = "greedy"  # the fine-tuned captioner's (the supervised one decodes greedily)
+    decoding: str = "greedy"  # the fine-tuned captioner's, in words
+    rows: list[TestRow] = field(default_factory=list)  # each captioner with each decoding compared
+
+    def headline(self) -> dict:
+        """The test table for final_metrics.json: one row per captioner and decoding (its headline metrics), and
+        the cut of P@1's error of each fine-tuned row relative to the supervised captioner's greedy error."""
+        base = self.before.get("p_at_1")
+        rows = [{"captioner": r.captioner, "decoding": r.decoding}
+                | {k: r.metrics[k] for k in HEADLINE_KEYS if k in r.metrics} for r in self.rows]
+        cut = {r.decoding: error_cut(base, r.metrics.get("p_at_1")) for r in self.rows if r.captioner == "fine-tuned"}
+        return {"n_images": self.n_images, "rows": rows, "error_cut_vs_supervised_greedy": cut}
+
+
+def error_cut(before: float | None, after: float | None) -> float | None:
+    """The share of P@1's error (1 - P@1) removed going from `before` to `after` (None if undefined)."""
+    if before is None or after is None or before >= 1:
+        return None
+    return 1 - (1 - after) / (1 - before)
+
+
+def format_test_table(table: dict) -> str:
+    """`TestComparison.headline()` as aligned text: one line per captioner and decoding, the error cut (relative
+    to the supervised captioner's greedy error) on the fine-tuned lines."""
+    keys = [k for k in HEADLINE_KEYS if all(k in r for r in table["rows"])]
+    cut = table["error_cut_vs_supervised_greedy"]
+    labels = [f"{r['captioner']}, {r['decoding']}" for r in table["rows"]]
+    width = max(map(len, labels))
+    lines = [f"test, the first {table['n_images']} images:",
+             " " * width + "".join(f"{k:>12}" for k in keys) + "   P@1 error cut"]
+    for label, r in zip(labels, table["rows"]):
+        c = cut.get(r["decoding"]) if r["captioner"] == "fine-tuned" else None
+        lines.append(f"{label:<{width}}" + "".join(f"{r[k]:>12.3f}" for k in keys)
+                     + ("" if c is None else f"   {100 * c:.1f}%"))
+    return "\n".join(lines)
+
+
+def compared_decodings(decoding: str) -> list[str]:
+    """The decodings the test table shows for each captioner: greedy, and the run's own when it is another."""
+    return list(dict.fromkeys(["greedy", decoding]))
 
 
 def display_image(image: Image.Image, small: int = 160, large: int = 320) -> Image.Image:
@@ -58,25 +107,30 @@ def display_image(image: Image.Image, small: int = 160, large: int = 320) -> Ima
 
 @torch.no_grad()
 def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, log=print) -> TestComparison:
-    """Both captioners on the run's test split (the first `eval.images`, as the run's final evaluation): the
-    supervised one greedy, the fine-tuned one with `eval.decoding` as that evaluation, both with `rl.max_new_tokens`
-    as during the run; gallery images are written to `out/images/`."""
+    """Both captioners on the run's test split (the first `eval.images`, as the run's final evaluation), each
+    decoded greedily and with `eval.decoding` (`compared_decodings`), with `rl.max_new_tokens` as during the run;
+    gallery images are written to `out/images/`. The gallery shows the supervised captioner's greedy captions and
+    the fine-tuned captioner's with each decoding, under "CAPTIONER, DECODING"."""
     retriever = load_retriever(cfg.retriever)
     split = open_split(cfg, retriever, "test", log)
     models = {"supervised": load_captioner(cfg.captioner.path), "fine-tuned": load_captioner(final_dir)}
     n = min(cfg.eval.images, len(split.source))
     emb = split.embeddings[:n]
-    metrics, texts = {}, {}
-    pool = open_split(cfg, retriever, "train", log).embeddings if cfg.eval.decoding == "select" else None
+    decodings = compared_decodings(cfg.eval.decoding)
+    pool = open_split(cfg, retriever, "train", log).embeddings if "select" in decodings else None
+    rows, texts = [], {}
     for name, (model, tokenizer) in models.items():
         model.config.max_new_tokens = cfg.rl.max_new_tokens
         reads = captioner_inputs(model, split.source.subset(range(n)), emb, log=log, retriever=retriever)
-        mode = cfg.eval.decoding if name == "fine-tuned" else "greedy"  # the supervised captioner as RL starts
-        texts[name] = decode_images(model.eval(), tokenizer, retriever, reads, emb, mode, cfg.eval.num_beams,
-                                    Selection.from_config(cfg), pool, cfg.eval.batch_size)
-        metrics[name] = evaluate_images(model, tokenizer, retriever, split.source, emb, n, examples=0,
-                                        captions=texts[name])
-        metrics[name].pop("examples", None)
+        for mode in decodings:
+            captions = decode_images(model.eval(), tokenizer, retriever, reads, emb, mode, cfg.eval.num_beams,
+                                     Selection.from_config(cfg), pool, cfg.eval.batch_size)
+            metrics = evaluate_images(model, tokenizer, retriever, split.source, emb, n, examples=0, captions=captions)
+            metrics.pop("examples", None)
+            rows.append(TestRow(name, mode, metrics))
+            texts[(name, mode)] = captions
+    shown = {f"{c}, {d}": (c, d) for c, d in [("supervised", "greedy")] + [("fine-tuned", d) for d in decodings]}
+    metrics_of = {(r.captioner, r.decoding): r.metrics for r in rows}
     g = min(n_gallery, n)
     scenes = split.source.scenes
     items = []
@@ -93,10 +147,10 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
         items.append(item)
     if g:
         candidates = candidate_sets(n, 100, P_AT_1_SEED)[:g]
-        for name in models:
-            shown = texts[name][:g]
-            ranks = target_ranks(retriever.encode_captions(shown), emb, candidates)
-            for i, (text, rank) in enumerate(zip(shown, ranks.tolist())):
+        for name, key in shown.items():
+            some = texts[key][:g]
+            ranks = target_ranks(retriever.encode_captions(some), emb, candidates)
+            for i, (text, rank) in enumerate(zip(some, ranks.tolist())):
                 view = CaptionView(text, rank)
                 if scenes is not None:
                     from raycap.data.grammar import analyse, word_verdicts
@@ -107,4 +161,5 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
     decoding = {"beam": f"beam {cfg.eval.num_beams}",
                 "select": f"the best of {cfg.eval.select_samples} samples by the retriever"}.get(cfg.eval.decoding,
                                                                                                "greedy")
-    return TestComparison(metrics["supervised"], metrics["fine-tuned"], n, items, decoding)
+    return TestComparison(metrics_of["supervised", "greedy"], metrics_of["fine-tuned", cfg.eval.decoding], n, items,
+                          decoding, rows)

@@ -101,6 +101,25 @@ def metrics_table(before: dict, after: dict) -> str:
             "<th>change</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
+def decodings_table(comparison) -> str:
+    """The test table: each captioner with each decoding compared (`gallery.TestComparison.rows`), its headline
+    metrics, and the fine-tuned rows' cut of P@1's error relative to the supervised captioner's greedy error."""
+    from raycap.report.gallery import HEADLINE_KEYS, error_cut
+
+    labels = {key: label for key, label, _, _ in TABLE_ROWS}
+    keys = [k for k in HEADLINE_KEYS if all(isinstance(r.metrics.get(k), (int, float)) for r in comparison.rows)]
+    head = "".join(f"<th>{escape(labels[k])}</th>" for k in keys)
+    rows = []
+    for r in comparison.rows:
+        cut = error_cut(comparison.before.get("p_at_1"), r.metrics.get("p_at_1")) if r.captioner == "fine-tuned" \
+            else None
+        cells = "".join(f"<td>{_fmt(r.metrics[k], '{:.3f}')}</td>" for k in keys)
+        rows.append(f"<tr><td>{escape(r.captioner)}</td><td>{escape(r.decoding)}</td>{cells}"
+                    f"<td>{'-' if cut is None else f'{100 * cut:.1f}%'}</td></tr>")
+    return ("<table class=\"metrics\" id=\"decodings\"><thead><tr><th>captioner</th><th>decoding</th>" + head +
+            "<th>P@1 error cut</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
 def caption_html(view) -> str:
     if view.words is None:
         text = escape(view.text)
@@ -138,10 +157,13 @@ def render(title: str, facts: list[str], comparison, curves: list[dict], config:
             "<div id=\"broken\"></div><main>"]
     body += [f"<p class=\"note\">{escape(n)}</p>" for n in notes]
     if comparison is not None:
-        body.append(f"<h2>Test split: supervised vs fine-tuned</h2><p class=\"note\">The first "
-                    f"{comparison.n_images} test images; the supervised captioner decodes greedily, the fine-tuned "
-                    f"one {escape(comparison.decoding)}; P@1 ranks each target among 100 "
-                    "candidates (itself + 99 random test images, fixed seed).</p>")
+        body.append(f"<h2>Test split: what RL did and what the decoding did</h2><p class=\"note\">The first "
+                    f"{comparison.n_images} test images, each captioner with each decoding (the run ships "
+                    f"{escape(comparison.decoding)}); P@1 ranks each target among 100 candidates (itself + 99 random "
+                    "test images, fixed seed); the error cut is relative to the supervised captioner's greedy "
+                    "error.</p>")
+        body.append(decodings_table(comparison))
+        body.append("<h2>Test split: supervised (greedy) vs fine-tuned as shipped</h2>")
         body.append(metrics_table(comparison.before, comparison.after))
     if curves:
         figures = "".join(f"<figure><img src=\"{escape(c['file'])}\" alt=\"{escape(c['title'])}\" width=\"520\">"

@@ -84,11 +84,15 @@ class Controller:
         cfg_json = config.model_dump_json()
         threads = config.threads  # None: each actor gets its CPU share (resources.actor_threads)
         opts = {"max_restarts": rt.max_restarts, "max_task_retries": rt.max_restarts}
-        self.splits_ref = ray.put(self.splits)  # held for the run: a restarted reward service rebuilds from it
+        # The splits reach the reward service as a reference inside its (small, inline) constructor arguments,
+        # which it resolves itself: this controller owns the object and holds it for the run, so a reward service
+        # that Ray restarts gets the same splits. (A top-level reference argument would be a creation-task
+        # dependency in the object store, which Ray does not keep for a restart: ray-project/ray#53727.)
+        self.splits_ref = ray.put(self.splits)
         self.reward = ray.remote(RewardService).options(
             **resources.in_bundle(self.pg, first + roles.learner + roles.rollout, rt.cpus_per_reward,
                                  rt.gpus_per_reward, threads),
-            **opts).remote(cfg_json, self.splits_ref)
+            **opts).remote(cfg_json, [self.splits_ref])
         images = self.reward.image_embeddings.remote() if config.rl.method == "gumbel" else None
         self.learners = [ray.remote(Learner).options(
             **resources.in_bundle(self.pg, first + i, rt.cpus_per_learner, rt.gpus_per_learner, threads)
@@ -217,11 +221,12 @@ class Controller:
         return record, nxt
 
     # -- evaluation and checkpoints -----------------------------------------------------------------------
-    def evaluate(self, split: str = "val") -> dict:
+    def evaluate(self, split: str = "val", decoding: str | None = None) -> dict:
+        """The reward service's evaluation of the current policy (`RewardService.evaluate`)."""
         weights = self.weights if self.cfg.runtime.weight_sync == "object_store" and self.version else None
         if weights is None:
             weights = [self.learners[0].publish.remote()]
-        return ray.get(self.reward.evaluate.remote(weights, self.cfg.eval.images, split))
+        return ray.get(self.reward.evaluate.remote(weights, self.cfg.eval.images, split, decoding))
 
     def save(self, tag: str) -> None:
         """`RUN/checkpoints/<tag>/`: every learner rank's DeepSpeed files and rank 0's loadable captioner/, which

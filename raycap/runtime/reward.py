@@ -21,8 +21,11 @@ from raycap.supervised.captioner import evaluate_images
 
 
 class RewardService:
-    def __init__(self, config_json: str, splits: dict[str, SplitImages]):
-        """`splits`: train/val/test images and embeddings, opened by the controller (`raycap.inputs`)."""
+    def __init__(self, config_json: str, splits_ref: list):
+        """`splits_ref`: [a reference to] the train/val/test images and embeddings the controller opened
+        (`raycap.inputs.SplitImages` by split), fetched here, and again on a restart."""
+        import ray
+
         self.cfg = RunConfig.model_validate_json(config_json)
         self.threads = resources.apply_threads(self.cfg.threads)  # its CPU share, or `threads`
         # the retriever scores on the role's device; the captioner (evaluations load the learner's weights into
@@ -30,7 +33,8 @@ class RewardService:
         self.models = build_role_models(self.cfg, resources.role_device(self.cfg.runtime.device), retriever=True)
         self.retriever, self.captioner, self.tokenizer = self.models.retriever, self.models.policy, self.models.tokenizer
         self.device = self.models.device
-        self.splits = splits  # on the CPU, as the controller opened them
+        splits: dict[str, SplitImages] = ray.get(splits_ref[0])  # on the CPU, as the controller opened them
+        self.splits = splits
         self.scorer = train_scorer(self.models, splits["train"], self.cfg)
 
     def pid(self) -> int:
@@ -51,14 +55,14 @@ class RewardService:
                for k, v in {"reward": s.reward, "task": s.task, "check": s.check, "accuracy": s.accuracy}.items()}
         return cpu | {"texts": s.texts, "score_seconds": time.perf_counter() - t}
 
-    def evaluate(self, weights: list, n: int, split: str = "val") -> dict:
-        """Metrics on `split` of the captioner with the given trainable weights (greedy captions; the test split
-        decodes as `eval.decoding` says)."""
+    def evaluate(self, weights: list, n: int, split: str = "val", decoding: str | None = None) -> dict:
+        """Metrics on `split` of the captioner with the given trainable weights, decoded as `decoding` says
+        (default: greedy, and `eval.decoding` on the test split)."""
         import ray
 
         load_flat_weights(self.captioner, ray.get(weights[0]))
         s = self.splits[split]
-        mode = self.cfg.eval.decoding if split == "test" else "greedy"
+        mode = decoding or (self.cfg.eval.decoding if split == "test" else "greedy")
         with self.models.autocast():
             return evaluate_images(self.captioner, self.tokenizer, self.retriever, s.source, s.embeddings, n,
                                    examples=self.cfg.eval.examples, inputs=s.inputs, mode=mode,

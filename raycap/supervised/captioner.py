@@ -94,26 +94,36 @@ def train_on_references(model: ClipCap, tokenizer, train_emb: torch.Tensor, trai
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
                                               * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = progress(range(cfg.epochs), desc="captioner")
-    for epoch in bar:
+
+    def batches():  # (epoch, the batch's reference indices, whether it ends the epoch), one per optimiser step
+        for epoch in range(cfg.epochs):
+            perm = torch.randperm(len(caps), generator=gen)
+            for k in range(0, len(caps), cfg.batch_size):
+                yield epoch, perm[k:k + cfg.batch_size], k + cfg.batch_size >= len(caps)
+
+    bar = progress(batches(), total=total, desc="captioner")  # a line (or bar) per step, not per epoch
+    val_loss = None
+    for i, (epoch, b, epoch_ends) in enumerate(bar):
         model.train()
-        perm = torch.randperm(len(caps), generator=gen)
-        for k in range(0, len(caps), cfg.batch_size):
-            b = perm[k:k + cfg.batch_size]
-            lp = model.log_probs(train_emb[owner[b]], ids[b], lengths[b], reduction="sum")
-            loss = -lp.sum() / lengths[b].sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            sched.step()
+        lp = model.log_probs(train_emb[owner[b]], ids[b], lengths[b], reduction="sum")
+        loss = -lp.sum() / lengths[b].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        if i % 10 == 0 and not epoch_ends:  # the loss's value is a device sync: not every step
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}",
+                            **({} if val_loss is None else {"val": f"{val_loss:.3f}"}))
+        if not epoch_ends:
+            continue
         model.eval()
         with torch.no_grad():  # the validation references, cfg.batch_size at a time
             val_lp = sum(float(model.log_probs(val_emb[val_owner[k:k + cfg.batch_size]], val_ids[k:k + cfg.batch_size],
                                                val_lengths[k:k + cfg.batch_size], reduction="sum").sum())
                          for k in range(0, len(val_caps), cfg.batch_size))
             val_loss = -val_lp / float(val_lengths.sum())
-        bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}")
+        bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}")
         with (work_dir / "log.jsonl").open("a") as f:
             f.write(json.dumps({"epoch": epoch + 1, "train_loss": loss.item(), "val_loss": val_loss}) + "\n")
     return model.eval()
