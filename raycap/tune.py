@@ -98,11 +98,13 @@ def main(argv=None) -> dict | None:
         args.min_wellformed, args.min_faithful = state["min_wellformed"], state["min_faithful"]
         objective = _objective(args)
         from raycap.search.space import load_space
+        from raycap.tracking import check_loggers
         from raycap.train import check_inputs_exist
 
         space = load_space(state["space"], state["config"], state["set"])
         base = space.base_config()
         check_inputs_exist(base)
+        check_loggers(base.runtime)  # each trial logs to the trackers: a missing package is refused before any
         if not args.resume and (args.out / "search.json").exists():
             raise UserError(f"--out {args.out}: holds a search already; --resume continues it, or use a new --out")
         args.out.mkdir(parents=True, exist_ok=True)

@@ -211,6 +211,20 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path, monkey
     assert not (out / "config.json").exists()  # refused before the run dir is written or a model loads
 
 
+def test_a_search_checks_its_trackers_before_anything_starts(tmp_path, monkeypatch, capsys):
+    from raycap.tune import main as tune_main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    out = tmp_path / "search"
+    with pytest.raises(SystemExit) as e:
+        tune_main(["--out", str(out), "--set", "runtime.loggers=[wandb]"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: runtime.loggers: 'wandb' needs the wandb package: "
+                                               "pip install 'raycap[wandb]'")
+    assert not (out / "search.json").exists()
+
+
 @installed
 def test_an_mlflow_store_that_cannot_open_is_one_line(monkeypatch):
     from raycap.tracking import check_loggers
