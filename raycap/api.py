@@ -99,12 +99,12 @@ def evaluate(captioner: str | Path | None = None, captions: str | Path | None = 
         raise UserError("evaluate: give one of captioner (a captioner dir) or captions (a COCO results file)")
     argv = ["--dataset", dataset] + (["--captioner", str(captioner)] if captioner is not None else
                                       ["--captions", str(captions)])
-    flags = {a.dest: a for a in build_parser()._actions if a.option_strings}
+    flags = {a.dest: a for a in build_parser()._actions
+             if a.option_strings and a.dest not in ("captioner", "captions", "dataset", "help")}  # given above
     for key, value in options.items():
         action = flags.get(key)
-        if action is None or key in ("captioner", "captions", "dataset", "help"):
-            raise UserError(f"evaluate: unknown option {key!r}; options: "
-                            f"{', '.join(sorted(k for k in flags if k not in ('help', 'captioner', 'captions', 'dataset')))}")
+        if action is None:
+            raise UserError(f"evaluate: unknown option {key!r}; options: {', '.join(sorted(flags))}")
         flag = action.option_strings[-1]
         if action.nargs == 0:  # a switch
             argv += [flag] if value else []
@@ -148,9 +148,7 @@ def load_captioner(path: str | Path, retriever=None, retriever_name: str | None 
 
     from raycap.config import ASSETS_DIR, RetrieverConfig
     from raycap.errors import UserError
-    from raycap.inputs import check_compatible, check_retriever_arguments, load_retriever, retriever_from_arguments
-    from raycap.inputs import load_captioner as load_dir
-    from raycap.models.devices import resolve_device
+    from raycap.inputs import captioner_on_device, check_retriever_arguments, load_retriever, retriever_from_arguments
 
     path = Path(path)
     if not path.is_dir():
@@ -162,7 +160,5 @@ def load_captioner(path: str | Path, retriever=None, retriever_name: str | None 
                          pretrained=pretrained)
         check_retriever_arguments(args)
         model, label = retriever_from_arguments(args, ASSETS_DIR / "world" / "retriever")
-    captioner, tokenizer = load_dir(path)
-    check_compatible(captioner, model, f"captioner {path}", label)
-    where = resolve_device(device)
-    return Captioner(path, captioner.to(where).eval(), tokenizer, model.to(where).eval(), where)
+    captioner, tokenizer, model, where = captioner_on_device(path, model, f"captioner {path}", label, device)
+    return Captioner(path, captioner, tokenizer, model, where)

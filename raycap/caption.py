@@ -44,15 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 def caption_files(args) -> tuple[list[dict], list[str]]:
     """({image, caption} for every readable file, one-line errors for the others)."""
     from raycap.data.sources import BadImage, load_image
-    from raycap.inputs import check_compatible, load_captioner, retriever_from_arguments
-    from raycap.models.devices import resolve_device
+    from raycap.inputs import captioner_on_device, retriever_from_arguments
 
     retriever, retriever_label = retriever_from_arguments(args, WORLD_RETRIEVER)
-    captioner, tokenizer = load_captioner(args.captioner)
-    check_compatible(captioner, retriever, f"--captioner {args.captioner}", retriever_label)
-    device = resolve_device(args.device)
-    captioner.to(device)
-    retriever.to(device)
+    captioner, tokenizer, retriever, _ = captioner_on_device(args.captioner, retriever, f"--captioner {args.captioner}",
+                                                             retriever_label, args.device)
     names, errors, images = [], [], []
     for path in args.images:
         try:

@@ -371,6 +371,18 @@ class RunConfig(BaseModel):
         return self
 
 
+def dotted_fields(data: dict, prefix: str = "", keep_empty: bool = False) -> dict:
+    """A nested dict's leaves under dotted keys (`{"rl": {"lr": 1}}` -> `{"rl.lr": 1}`); an empty section is left
+    out, or with `keep_empty` kept as the value `{}`."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and (v or not keep_empty):
+            out |= dotted_fields(v, f"{prefix}{k}.", keep_empty)
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def set_dotted(data: dict, key: str, value) -> None:
     parts = key.split(".")
     node = data

@@ -54,6 +54,18 @@ def load_captioner(path: str | Path):
     return load(path)
 
 
+def captioner_on_device(path: str | Path, retriever, captioner_label: str, retriever_label: str, device: str = "auto"):
+    """(captioner, tokenizer, retriever, device): a captioner dir checked against the retriever whose embeddings
+    it reads (`check_compatible`, naming both by their labels), both moved to `device` (auto, cpu, cuda, cuda:N)
+    in eval mode."""
+    from raycap.models.devices import resolve_device
+
+    captioner, tokenizer = load_captioner(path)
+    check_compatible(captioner, retriever, captioner_label, retriever_label)
+    where = resolve_device(device)
+    return captioner.to(where).eval(), tokenizer, retriever.to(where).eval(), where
+
+
 def check_compatible(captioner, retriever, captioner_label: str, retriever_label: str) -> None:
     """The captioner reads the retriever's image embeddings: their widths must agree (one line if not, naming
     both as the user gave them)."""

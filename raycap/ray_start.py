@@ -53,8 +53,9 @@ def _loopback_node():
 
 def start_ray(rt: RuntimeConfig) -> tuple[bool, str | None]:
     """Join `rt.address` (or the cluster of a Ray job: RAY_ADDRESS) or start a local Ray bound to loopback
-    (dashboard on `rt.dashboard_host`, which the config accepts off loopback only with `allow_public_dashboard`). Returns whether this call started Ray (so
-    the run shuts it down) and the dashboard's address (None if Ray was already up)."""
+    (dashboard on `rt.dashboard_host`, which the config accepts off loopback only with `allow_public_dashboard`).
+    Returns whether this call started Ray (so the run shuts it down) and the dashboard's address (None if Ray was
+    already up)."""
     import ray
 
     if ray.is_initialized():

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from raycap.config import dotted_fields
 from raycap.errors import UserError
 from raycap.tracking import Trackers, check_loggers
 
@@ -88,16 +89,6 @@ RUN_FILE = "run.json"  # which runtime made the run dir
 CHANGES_FILE = "config_changes.jsonl"  # one record per resume with a changed config
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_diff(old: dict, config) -> dict[str, tuple]:
     """{dotted field: (old value, new value)} between a run dir's config.json and `config` (a pydantic model);
     fields the old config lacks take their defaults."""
@@ -105,7 +96,7 @@ def config_diff(old: dict, config) -> dict[str, tuple]:
         old = type(config).model_validate(old).model_dump(mode="json")
     except Exception:  # noqa: BLE001 — a config from an older raycap: compare what is there
         pass
-    a, b = _flat(old), _flat(config.model_dump(mode="json"))
+    a, b = dotted_fields(old), dotted_fields(config.model_dump(mode="json"))
     missing = "(unset)"
     return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(a.keys() | b.keys())
             if a.get(k, missing) != b.get(k, missing)}
@@ -178,7 +169,8 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
     and a progress bar (whole lines in a log file: raycap.progress). `evaluate(split)`: the evaluations during
     the run read the validation split (what a user may choose settings on), greedily; the test split is read
     once, at the end, with `eval.decoding` (`evaluate(split, decoding)` decodes as `decoding` says, by default
-    greedy on val and `eval.decoding` on test). Returns that final test evaluation with `rl_seconds` and `updates`. `skipped`: images left out per split
+    greedy on val and `eval.decoding` on test). Returns that final test evaluation with `rl_seconds` and
+    `updates`, its captions written to RUN/final_captions.json. `skipped`: images left out per split
     (`data.on_bad_image: skip`), recorded at step 0 and in the final metrics. `on_eval(step, metrics)` is called
     after each validation evaluation is logged (and the step's checkpoint written); `test_at_end=False` (a
     trial of a search, which must choose on validation) returns the last validation evaluation instead, which
@@ -209,13 +201,12 @@ def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=pr
             bar.set_postfix(reward=f"{record.get('reward_mean', record.get('clip_cos', 0)):.3f}",
                             p1=f"{record['train_p_at_1']:.2f}", kl=f"{record['kl']:.3f}")
             if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.rl.steps:
-                if not test_at_end and step + 1 == cfg.rl.steps and cfg.eval.decoding != "greedy":
-                    # a trial's last evaluation, which its search chooses on, decodes as the run would ship
-                    record["eval"] = evaluate("val", cfg.eval.decoding) | {"decoding": cfg.eval.decoding}
-                    log(f"step {step + 1} (val, {cfg.eval.decoding}): " + metrics_line(record["eval"]))
-                else:
-                    record["eval"] = evaluate("val")
-                    log(f"step {step + 1} (val): " + metrics_line(record["eval"]))
+                # a trial's last evaluation, which its search chooses on, decodes as the run would ship
+                shipped = not test_at_end and step + 1 == cfg.rl.steps and cfg.eval.decoding != "greedy"
+                record["eval"] = evaluate("val", cfg.eval.decoding) | {"decoding": cfg.eval.decoding} if shipped \
+                    else evaluate("val")
+                log(f"step {step + 1} (val{', ' + cfg.eval.decoding if shipped else ''}): "
+                    + metrics_line(record["eval"]))
             runlog.write(record)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.rl.steps:
                 checkpoint(step + 1)

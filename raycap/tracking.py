@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from raycap.config import dotted_fields
 from raycap.errors import UserError
 
 EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}  # logger -> (its package, the raycap extra that installs it)
@@ -60,21 +61,11 @@ def scalars(record: dict) -> dict[str, float]:
     return out
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def params(config) -> dict[str, str]:
     """The run config as MLflow params: dotted keys (`rl.lr`), values as JSON (strings as they are), each cut to
     PARAM_CHARS characters."""
     out = {}
-    for k, v in _flat(config.model_dump(mode="json")).items():
+    for k, v in dotted_fields(config.model_dump(mode="json"), keep_empty=True).items():
         text = v if isinstance(v, str) else json.dumps(v)
         out[k] = text if len(text) <= PARAM_CHARS else text[:PARAM_CHARS - 3] + "..."
     return out

@@ -98,18 +98,22 @@ def execute(config, out: Path, runtime: str = "ray", allow_new_config: bool = Fa
 
 def compare_final(config, out: Path):
     """The test comparison of the run's final captioner with the supervised one (`gallery.compare_on_test`,
-    its gallery images into RUN/report when the report is wanted), or None with a warning if it fails: the run
-    is complete whatever happens here."""
+    its gallery images into RUN/report when the report is wanted; the fine-tuned captioner's row with
+    `eval.decoding` is the run's own test captions, RUN/final_captions.json), or None with a warning if it fails:
+    the run is complete whatever happens here."""
     import sys
 
     from raycap.report.gallery import compare_on_test
 
     gallery = config.eval.report_gallery if config.eval.report else 0
+    shipped = out / "final_captions.json"
+    known = {("fine-tuned", config.eval.decoding): [e["caption"] for e in json.loads(shipped.read_text())]} \
+        if shipped.is_file() else None
     try:
-        return compare_on_test(config, out / "final", out / "report", gallery, log=lambda *_: None)
+        return compare_on_test(config, out / "final", out / "report", gallery, log=lambda *_: None, known=known)
     except Exception as e:  # noqa: BLE001 — the run's results are saved; the table and report can be rebuilt
         print(f"warning: the test comparison failed ({type(e).__name__}: {e}); the run is complete, retry with "
-              f"raycap report {out}", file=sys.stderr)
+              f"{prog('raycap.report')} {out}", file=sys.stderr)
         return None
 
 
@@ -142,7 +146,7 @@ def write_report(out: Path, gallery: int, comparison=None) -> None:
         page = build_report(out, gallery=gallery, comparison=comparison)
     except Exception as e:  # noqa: BLE001 — the run's results are saved; the report can be rebuilt later
         print(f"warning: the report failed ({type(e).__name__}: {e}); the run is complete, retry with "
-              f"python -m raycap.report {out}", file=sys.stderr)
+              f"{prog('raycap.report')} {out}", file=sys.stderr)
         return
     print(f"report: {page}  (open it in a browser)")
 

@@ -106,11 +106,13 @@ def display_image(image: Image.Image, small: int = 160, large: int = 320) -> Ima
 
 
 @torch.no_grad()
-def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, log=print) -> TestComparison:
+def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, log=print,
+                    known: dict[tuple[str, str], list[str]] | None = None) -> TestComparison:
     """Both captioners on the run's test split (the first `eval.images`, as the run's final evaluation), each
     decoded greedily and with `eval.decoding` (`compared_decodings`), with `rl.max_new_tokens` as during the run;
     gallery images are written to `out/images/`. The gallery shows the supervised captioner's greedy captions and
-    the fine-tuned captioner's with each decoding, under "CAPTIONER, DECODING"."""
+    the fine-tuned captioner's with each decoding, under "CAPTIONER, DECODING". `known`: captions already decoded
+    for a (captioner, decoding), e.g. the run's own test captions, used instead of decoding them again."""
     retriever = load_retriever(cfg.retriever)
     split = open_split(cfg, retriever, "test", log)
     models = {"supervised": load_captioner(cfg.captioner.path), "fine-tuned": load_captioner(final_dir)}
@@ -118,13 +120,17 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
     emb = split.embeddings[:n]
     decodings = compared_decodings(cfg.eval.decoding)
     pool = open_split(cfg, retriever, "train", log).embeddings if "select" in decodings else None
+    selection, known = Selection.from_config(cfg), known or {}
     rows, texts = [], {}
     for name, (model, tokenizer) in models.items():
         model.config.max_new_tokens = cfg.rl.max_new_tokens
+        model.eval()
         reads = captioner_inputs(model, split.source.subset(range(n)), emb, log=log, retriever=retriever)
         for mode in decodings:
-            captions = decode_images(model.eval(), tokenizer, retriever, reads, emb, mode, cfg.eval.num_beams,
-                                     Selection.from_config(cfg), pool, cfg.eval.batch_size)
+            captions = known.get((name, mode))
+            if captions is None or len(captions) != n:
+                captions = decode_images(model, tokenizer, retriever, reads, emb, mode, cfg.eval.num_beams,
+                                         selection, pool, cfg.eval.batch_size)
             metrics = evaluate_images(model, tokenizer, retriever, split.source, emb, n, examples=0, captions=captions)
             metrics.pop("examples", None)
             rows.append(TestRow(name, mode, metrics))

@@ -33,9 +33,8 @@ class RewardService:
         self.models = build_role_models(self.cfg, resources.role_device(self.cfg.runtime.device), retriever=True)
         self.retriever, self.captioner, self.tokenizer = self.models.retriever, self.models.policy, self.models.tokenizer
         self.device = self.models.device
-        splits: dict[str, SplitImages] = ray.get(splits_ref[0])  # on the CPU, as the controller opened them
-        self.splits = splits
-        self.scorer = train_scorer(self.models, splits["train"], self.cfg)
+        self.splits: dict[str, SplitImages] = ray.get(splits_ref[0])  # on the CPU, as the controller opened them
+        self.scorer = train_scorer(self.models, self.splits["train"], self.cfg)
 
     def pid(self) -> int:
         return os.getpid()

@@ -13,6 +13,7 @@ import torch
 from raycap.data.grammar import caption_checks
 from raycap.data.world import World
 from raycap.metrics.captions import vocabulary_metrics
+from raycap.metrics.results import coco_results
 from raycap.metrics.retrieval import candidate_sets, p_at_1
 from raycap.models.clip import Retriever
 from raycap.models.captioner import Captioner
@@ -223,7 +224,5 @@ def evaluate_images(captioner: Captioner, tokenizer, retriever: Retriever, sourc
     refs = [source.references(i) for i in range(min(n, examples))] if source.labelled else None
     result = score_captions(captions, retriever, image_emb, scenes, seed, examples, refs, batch_size=batch_size)
     if keep_captions:
-        from raycap.metrics.results import coco_results
-
         result["captions"] = coco_results(source.ids[:n], captions)
     return result | {"n_images": n}
