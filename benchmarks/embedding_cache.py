@@ -53,7 +53,7 @@ def make_update(retriever, policy, tok, batch: int):
     from raycap.models.tokenizers import decode
     from raycap.rl import algorithm, rewards
 
-    cfg = load_config("world-demo", [f"rl.batch_size={batch}", f"rl.num_candidates={batch}"])
+    cfg = load_config("world-demo", [f"rl.batch_size={batch}", f"rl.reward.num_candidates={batch}"])
     reference = copy.deepcopy(policy).requires_grad_(False)
     opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
     scale = float(retriever.logit_scale)

@@ -5,8 +5,9 @@ CLIP ViT-B/32 (open_clip, `pretrained=None`) as the retriever, ClipCap (MLP mapp
 In one run, on the same weights and the same batch:
 - raycap's update: the pool's image embeddings cached once (untimed), then `Scorer.batch` -> `rollout` (sampled,
   KV cache; `rollout_decoder`: the static cache + CUDA graph on CUDA) -> `Scorer.score` -> `Advantages` ->
-  `reinforce_backward` (REINFORCE + KL guard, `rl.micro_batch` images per teacher-forced pass), those in the run's
-  precision (`runtime.precision`, auto: bf16 autocast on CUDA, fp32 on a CPU) -> backward -> clip_grad_norm_ 1.0
+  `reinforce_backward` (REINFORCE + KL guard, `rl.optimiser.micro_batch` images per teacher-forced pass), those in
+  the run's precision (`runtime.precision`, auto: bf16 autocast on CUDA, fp32 on a CPU) -> backward ->
+  clip_grad_norm_ 1.0
   -> raycap's Adam (`raycap.roles.optimizer`: fused on CUDA), exactly `LocalTrainer.update`'s sequence;
 - the ClipCap/EGG-style update: the batch's pixels re-encoded by the CLIP image tower every step, the captions
   decoded by re-running the whole sequence for every token (`use_cache=False`), the captions re-tokenized to
@@ -94,16 +95,16 @@ def synthetic_bpe(vocab_size: int, seed: int):
 
 def run_config(args, batch: int, tokens: int):
     """The coco-clipcap config at this benchmark's sizes (its data/retriever/captioner paths are never opened)."""
-    sets = [f"rl.batch_size={batch}", f"rl.num_candidates={batch}", f"rl.max_new_tokens={tokens}",
+    sets = [f"rl.batch_size={batch}", f"rl.reward.num_candidates={batch}", f"rl.sampling.max_new_tokens={tokens}",
             f"seed={args.seed}", f"threads={args.threads}"]
     if args.samples is not None:
-        sets.append(f"rl.num_samples={args.samples}")
+        sets.append(f"rl.sampling.num_samples={args.samples}")
     if args.precision is not None:
         sets.append(f"runtime.precision={args.precision}")
     if args.micro_batch is not None:
-        sets.append(f"rl.micro_batch={min(args.micro_batch, batch) or 'null'}")
+        sets.append(f"rl.optimiser.micro_batch={min(args.micro_batch, batch) or 'null'}")
     cfg = load_config(CONFIG, sets)
-    if cfg.rl.method != "discritune" or cfg.rl.hard_distractors:
+    if cfg.rl.method != "discritune" or cfg.rl.reward.hard_distractors:
         raise SystemExit(f"{CONFIG}: this benchmark times DiscriTune with in-batch distractors")
     return cfg
 
@@ -120,13 +121,14 @@ class Bench:
         lm = GPT2LMHeadModel(GPT2Config(eos_token_id=None, bos_token_id=None))  # no eos: 40 tokens every caption
         self.policy = ClipCap(ClipCapConfig(clip_dim=self.retriever.embed_dim, prefix_length=10, lm={},
                                             max_new_tokens=args.tokens), lm=lm).to(self.dev)
-        self.policy.set_trainable(self.cfg.rl.train_lm)
+        self.policy.set_trainable(self.cfg.rl.optimiser.train_lm)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.decoder = rollout_decoder(self.policy)  # the rollouts' decoder: static cache + CUDA graph on CUDA
         self.tokenizer = synthetic_bpe(lm.config.vocab_size, args.seed)
         self.clip_tokenize = open_clip.get_tokenizer(CLIP_NAME)
         self.opt = optimizer(self.policy, self.cfg)  # raycap's learner step (fused Adam on CUDA)
-        self.egg_opt = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=self.cfg.rl.lr)
+        self.egg_opt = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad],
+                                        lr=self.cfg.rl.optimiser.lr)
         self.dtype = compute_dtype(self.cfg.runtime.precision, self.dev)  # raycap's forward passes (None: fp32)
 
         # the image pool: one batch of random images; raycap caches their embeddings once, outside the timing
@@ -172,13 +174,13 @@ class Bench:
             caps = algorithm.rollout(self.policy, img, cfg, step, decoder=self.decoder)
             scores = scorer.score(cands, caps.tokens, caps.lengths, step)
             greedy = None
-            if cfg.rl.baseline == "greedy":
+            if cfg.rl.algorithm.baseline == "greedy":
                 g = algorithm.rollout(self.policy, img, cfg, step, greedy=True, decoder=self.decoder)
                 greedy = scorer.score(cands, g.tokens, g.lengths, step).reward
         r = scores.reward
         adv = r - advantages.baseline(r, greedy)
         algorithm.reinforce_backward(self.policy, self.reference, img, caps.tokens, caps.lengths, adv, cfg, step,
-                                     torch.Tensor.backward, forward)  # over rl.micro_batch images at a time
+                                     torch.Tensor.backward, forward)  # over rl.optimiser.micro_batch images at a time
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
         self.opt.step()
 
@@ -193,14 +195,14 @@ class Bench:
             local = row[cands]
             assert bool((local >= 0).all()), "EGG-style candidates must come from the batch"
             self.policy.eval()
-            caps = self.policy.generate(img, mode="sample", temperature=cfg.rl.temperature,
-                                        num_samples=cfg.rl.num_samples, use_cache=False,
+            caps = self.policy.generate(img, mode="sample", temperature=cfg.rl.sampling.temperature,
+                                        num_samples=cfg.rl.sampling.num_samples, use_cache=False,
                                         generator=algorithm.generator(cfg.seed, step, algorithm.ROLLOUT))
             texts = decode(self.tokenizer, caps.tokens, caps.lengths, self.policy.stop_ids)
             ids = self.clip_tokenize(texts, CLIP_CONTEXT).to(self.dev)
             text_emb = self.retriever.model.encode_text(ids, normalize=True)
             k = caps.tokens.shape[0] // len(idx)
-            r = rewards.compute(cfg.rl.reward, text_emb.float(), img, local.repeat_interleave(k, dim=0),
+            r = rewards.compute(cfg.rl.reward.kind, text_emb.float(), img, local.repeat_interleave(k, dim=0),
                                 float(self.retriever.logit_scale), batch=step)
         adv = r - advantages.baseline(r)
         loss, _ = algorithm.reinforce_loss(self.policy, self.reference, img, caps.tokens, caps.lengths, adv, cfg)
@@ -218,9 +220,10 @@ class Bench:
             return algorithm.Scorer(self.retriever, self.embeddings, self.tokenizer, self.policy.stop_ids, cfg)
 
         def warm_up(update):
-            self.policy.config.max_new_tokens = self.warm_cfg.rl.max_new_tokens  # generate reads the captioner's
+            # generate reads the captioner's
+            self.policy.config.max_new_tokens = self.warm_cfg.rl.sampling.max_new_tokens
             update(self.warm_cfg, scorer(self.warm_cfg), algorithm.Advantages(self.warm_cfg), 10_000)
-            self.policy.config.max_new_tokens = self.cfg.rl.max_new_tokens  # as LocalTrainer sets it
+            self.policy.config.max_new_tokens = self.cfg.rl.sampling.max_new_tokens  # as LocalTrainer sets it
 
         log("raycap warm-up (2 images, 2 tokens) ...")
         warm_up(self.raycap_update)
@@ -251,7 +254,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=100, help="images per update (and distractors per image + 1)")
     p.add_argument("--tokens", type=int, default=40, help="new tokens per caption (updates and evaluation)")
     p.add_argument("--samples", type=int, default=None, help=f"captions sampled per image (default: {CONFIG}'s "
-                   "rl.num_samples)")
+                   "rl.sampling.num_samples)")
     p.add_argument("--eval-images", type=int, default=1000)
     p.add_argument("--beams", type=int, default=5)
     p.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH, help="sequences (images x beams) decoded "
@@ -260,7 +263,7 @@ def main() -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None, help="raycap's update and "
                    f"evaluation (default: {CONFIG}'s runtime.precision); the EGG-style update is always fp32")
     p.add_argument("--micro-batch", type=int, default=None, help=f"images per teacher-forced pass of raycap's "
-                   f"update (default: {CONFIG}'s rl.micro_batch; 0: the whole batch)")
+                   f"update (default: {CONFIG}'s rl.optimiser.micro_batch; 0: the whole batch)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-eval", action="store_true")
@@ -278,7 +281,7 @@ def main() -> None:
              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)" if args.device == "cuda" \
         else f"cpu ({args.threads} threads)"
     cfg = bench.cfg
-    print(f"sizes: {bench.sizes}; batch {args.batch} x {cfg.rl.num_samples} samples, {args.tokens} tokens, "
+    print(f"sizes: {bench.sizes}; batch {args.batch} x {cfg.rl.sampling.num_samples} samples, {args.tokens} tokens, "
           f"eval {'skipped' if args.skip_eval else f'{args.eval_images} images beam {args.beams}'}; "
           f"raycap precision {cfg.runtime.precision} ({'fp32' if bench.dtype is None else str(bench.dtype)[6:]}), "
           f"EGG fp32; median of {args.repeats}; {device}")

@@ -21,7 +21,7 @@ def space(path: Path, runtime: str, steps: int) -> Path:
                     # the ray runtime's four processes share the trial's 1 CPU as the local trial's one process does
                     "runtime.cpus_per_learner": 0.25, "runtime.cpus_per_rollout": 0.25,
                     "runtime.cpus_per_reward": 0.25},
-            "params": {"rl.kl_coef": {"choice": [0.1, 0.3]}},
+            "params": {"rl.algorithm.kl_coef": {"choice": [0.1, 0.3]}},
             "search": {"num_samples": 2, "max_concurrent": 2, "grace_period": steps, "trial_runtime": runtime,
                        "cpus_per_trial": 1, "seed": 0}}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -42,7 +42,7 @@ class Run:
 
 def run_config(config="world-demo", overrides: dict | None = None):
     """A `RunConfig` from a named config, a YAML path, a dict of sections or a RunConfig, with `overrides`
-    ({"rl.kl_coef": 0.3}: dotted keys as `--set` takes them) applied and the whole validated."""
+    ({"rl.algorithm.kl_coef": 0.3}: dotted keys as `--set` takes them) applied and the whole validated."""
     from pydantic import ValidationError
 
     from raycap.config import RunConfig, check_override_key, load_config, set_dotted

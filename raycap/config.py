@@ -243,7 +243,7 @@ class EvalConfig(BaseModel):
     select_samples: int = Field(16, ge=2, description="select: sampled captions per image")
     select_cosine: float = Field(0.5, ge=0, description="select: weight of logit_scale * cos(caption, image)")
     select_check: float = Field(3.0, ge=0, description="select: weight of the substitution self-check (its word "
-                                "classes: rl.substitution_classes)")
+                                "classes: rl.self_check.substitution_classes)")
     report: bool = Field(True, description="write the HTML report (RUN/report/index.html) when the run ends")
     test_table: bool = Field(True, description="when the run ends, score the supervised and the fine-tuned "
                              "captioner on test with greedy decoding and with `decoding`, into final_metrics.json "
@@ -256,79 +256,146 @@ def has_substitutes(classes: list[list[str]]) -> bool:
     return any(len(set(c)) >= 2 for c in classes)
 
 
-class RLConfig(BaseModel):
-    """The algorithm: DiscriTune (REINFORCE on a retrieval reward) or Gumbel CLIP relevance."""
+class RewardConfig(BaseModel):
+    """What a rollout's caption is scored by (`raycap.rl.rewards`) and the candidates it is scored against."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite (nan and inf refused)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    method: Literal["discritune", "gumbel"] = "discritune"
-    reward: Literal["discriminative", "pool", "accuracy", "cosine"] = Field(
+    kind: Literal["discriminative", "pool", "accuracy", "cosine"] = Field(
         "discriminative", description="discriminative: log softmax at the target over its candidates (the paper's); "
         "pool: the same over every training image (a false claim lets every image it fits win); accuracy; cosine")
-    baseline: Literal["none", "mean", "greedy", "loo", "best"] = Field(
-        "mean", description="none | mean (running mean of past rewards) | greedy (self-critical) | loo (mean of "
-        "the image's other samples) | best (advantage 1 for the image's best of num_samples captions, 0 for the "
-        "rest: cross-entropy on the policy's own best caption)")
-    baseline_momentum: float = Field(0.9, ge=0, lt=1)
-    num_samples: int = Field(1, ge=1, description="sampled captions per image (loo needs >= 2)")
-    rollout: Literal["sample", "greedy"] = "sample"
-    temperature: float = Field(1.0, gt=0, description="sampling temperature; the trained policy is "
-                               "softmax(logits / temperature): REINFORCE log-probs, KL guard and entropy read it")
-    kl_coef: float = Field(0.1, ge=0)
-    kl_estimator: Literal["full", "sampled"] = Field("full", description="full: exact KL over the vocabulary "
-                                                     "per position; sampled: k2 on the sampled tokens (large vocabularies)")
-    importance_ratio_cap: float = Field(2.0, ge=1, description="truncation of the sequence importance ratio "
-                                        "pi/mu that reweights rollouts of an older policy (runtime.max_policy_lag=1)")
-    entropy_coef: float = Field(0.0, ge=0)
+    num_candidates: int = Field(100, ge=2, description="images each caption is retrieved among (the target and "
+                                "its distractors)")
+    hard_distractors: int = Field(0, ge=0, description="of the candidates, training images nearest the target")
+    near_duplicate: float = Field(0.8, gt=0, le=1, description="hard distractors closer than this cosine to the "
+                                  "target are skipped")
     cosine_coef: float = Field(0.0, ge=0, description="adds cosine_coef * logit_scale * cos(caption, target): an "
                                "absolute match term that, unlike the relative discriminative reward, charges "
                                "for claims that fit neither the target nor the distractors")
     phrase_coef: float = Field(0.0, ge=0, description="adds phrase_coef * the weakest phrase's discriminative "
                                "reward (each phrase of the caption, split at ' and ', scored alone against the same "
                                "candidates: rl/rewards.py phrase_grounding)")
-    self_check_coef: float = Field(0.0, ge=0, description="weight of the self-check reward (rl/self_check.py)")
-    self_check_kind: Literal["swap", "substitute"] = Field("swap", description="swap: the caption against its "
-                                                          "word-swapped variants; substitute: each content word "
-                                                          "against its substitutes from substitution_classes")
-    self_check_variants: int = Field(64, ge=1, description="word-swapped variants per caption in the swap self-check")
-    substitution_classes: list[list[str]] = Field(default_factory=list, description="word classes of the "
-                                                  "substitution self-check (e.g. the colour words, the shape words)")
-    length_normalise: bool = False
-    batch_size: int = Field(100, ge=2)
+
+
+class SamplingConfig(BaseModel):
+    """How the rollouts decode their captions."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    rollout: Literal["sample", "greedy"] = "sample"
+    num_samples: int = Field(1, ge=1, description="sampled captions per image (loo and best need >= 2)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; the trained policy is "
+                               "softmax(logits / temperature): REINFORCE log-probs, KL guard and entropy read it")
+    max_new_tokens: int = Field(40, ge=1, description="longest rollout caption, in tokens")
+
+
+class AlgorithmConfig(BaseModel):
+    """The update: the baseline of the policy gradient, its guards, and the Gumbel method's settings."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    baseline: Literal["none", "mean", "greedy", "loo", "best"] = Field(
+        "mean", description="none | mean (running mean of past rewards) | greedy (self-critical) | loo (mean of "
+        "the image's other samples) | best (advantage 1 for the image's best of num_samples captions, 0 for the "
+        "rest: cross-entropy on the policy's own best caption)")
+    baseline_momentum: float = Field(0.9, ge=0, lt=1)
+    kl_coef: float = Field(0.1, ge=0)
+    kl_estimator: Literal["full", "sampled"] = Field("full", description="full: exact KL over the vocabulary per "
+                                                     "position; sampled: k2 on the sampled tokens (large vocabularies)")
+    importance_ratio_cap: float = Field(2.0, ge=1, description="truncation of the sequence importance ratio "
+                                        "pi/mu that reweights rollouts of an older policy (runtime.max_policy_lag=1)")
+    entropy_coef: float = Field(0.0, ge=0)
+    length_normalise: bool = Field(False, description="divide each caption's log-probability by its length")
+    gumbel_tau: float = Field(1.0, gt=0)
+    gumbel_loss: Literal["relevance", "discriminative"] = "relevance"
+
+
+class OptimiserConfig(BaseModel):
+    """What is trained and how fast."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    lr: float = Field(3e-4, gt=0)
     micro_batch: int | None = Field(None, ge=1, description="images (with all their samples) per teacher-forced "
                                     "pass of a DiscriTune update, gradients accumulated over the batch: bounds the "
                                     "update's memory, not its gradient; null (or >= the images of a learner "
                                     "rank): the whole batch")
-    num_candidates: int = Field(100, ge=2)
-    hard_distractors: int = Field(0, ge=0)
-    near_duplicate: float = Field(0.8, gt=0, le=1)
-    lr: float = Field(3e-4, gt=0)
+    train_lm: bool = Field(True, description="train the language model too (false: the mapper or adapter only)")
+
+
+class SelfCheckConfig(BaseModel):
+    """The self-check reward (`raycap.rl.self_check`) and the word classes it and the test selection use."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    coef: float = Field(0.0, ge=0, description="weight of the self-check reward")
+    kind: Literal["swap", "substitute"] = Field("swap", description="swap: the caption against its word-swapped "
+                                                "variants; substitute: each content word against its substitutes "
+                                                "from substitution_classes")
+    variants: int = Field(64, ge=1, description="word-swapped variants per caption in the swap self-check")
+    substitution_classes: list[list[str]] = Field(default_factory=list, description="word classes of the "
+                                                  "substitution self-check (e.g. the colour words, the shape words)")
+
+
+RL_SECTIONS = {"reward": RewardConfig, "sampling": SamplingConfig, "algorithm": AlgorithmConfig,
+               "optimiser": OptimiserConfig, "self_check": SelfCheckConfig}
+# The flat rl keys before the sections, and where each lives now.
+RL_MOVED = {"reward": "reward.kind", "self_check_coef": "self_check.coef", "self_check_kind": "self_check.kind",
+            "self_check_variants": "self_check.variants"} | {
+    field: f"{name}.{field}" for name, model in RL_SECTIONS.items() for field in model.model_fields
+    if field not in ("kind", "coef", "variants")}
+
+
+class RLConfig(BaseModel):
+    """The algorithm: DiscriTune (REINFORCE on a retrieval reward) or Gumbel CLIP relevance; `steps` updates of
+    `batch_size` images each, the rest in sections."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite (nan and inf refused)
+
+    method: Literal["discritune", "gumbel"] = "discritune"
     steps: int = Field(300, ge=1)
-    max_new_tokens: int = Field(40, ge=1)
-    train_lm: bool = True
-    gumbel_tau: float = Field(1.0, gt=0)
-    gumbel_loss: Literal["relevance", "discriminative"] = "relevance"
+    batch_size: int = Field(100, ge=2)
+    reward: RewardConfig = RewardConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    optimiser: OptimiserConfig = OptimiserConfig()
+    self_check: SelfCheckConfig = SelfCheckConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_flat_keys(cls, data):
+        """A flat key of the config before the sections (`rl.algorithm.kl_coef`) is refused with its new place."""
+        if isinstance(data, dict):
+            moved = [f"rl.{k} is now rl.{RL_MOVED[k]}" for k in data
+                     if k in RL_MOVED and not (k == "reward" and isinstance(data[k], (dict, BaseModel)))]
+            if moved:
+                raise ValueError("; ".join(moved))
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.baseline in ("loo", "best") and self.num_samples < 2:
-            raise ValueError(f"baseline '{self.baseline}' needs num_samples >= 2")
-        if self.rollout == "greedy" and self.baseline in ("loo", "best", "greedy") and self.method == "discritune":
-            raise ValueError(f"baseline '{self.baseline}' with rollout 'greedy': an image's greedy captions are all "
-                             "the same caption, so every advantage is 0; use rollout: sample (or baseline: mean)")
-        if self.num_candidates > self.batch_size + self.hard_distractors:
-            raise ValueError(f"num_candidates ({self.num_candidates}) exceeds batch_size + hard_distractors")
-        if self.hard_distractors >= self.num_candidates:
-            raise ValueError("hard_distractors must be < num_candidates")
-        if self.self_check_kind == "substitute" and not has_substitutes(self.substitution_classes):
-            raise ValueError("self_check_kind 'substitute' needs substitution_classes: lists of words that may "
-                             "replace each other, at least one with two words")
+        baseline, sampling, reward = self.algorithm.baseline, self.sampling, self.reward
+        if baseline in ("loo", "best") and sampling.num_samples < 2:
+            raise ValueError(f"algorithm.baseline '{baseline}' needs sampling.num_samples >= 2")
+        if sampling.rollout == "greedy" and baseline in ("loo", "best", "greedy") and self.method == "discritune":
+            raise ValueError(f"algorithm.baseline '{baseline}' with sampling.rollout 'greedy': an image's greedy "
+                             "captions are all the same caption, so every advantage is 0; use sampling.rollout: "
+                             "sample (or algorithm.baseline: mean)")
+        if reward.num_candidates > self.batch_size + reward.hard_distractors:
+            raise ValueError(f"reward.num_candidates ({reward.num_candidates}) exceeds batch_size + "
+                             "reward.hard_distractors")
+        if reward.hard_distractors >= reward.num_candidates:
+            raise ValueError("reward.hard_distractors must be < reward.num_candidates")
+        check = self.self_check
+        if check.kind == "substitute" and not has_substitutes(check.substitution_classes):
+            raise ValueError("self_check.kind 'substitute' needs self_check.substitution_classes: lists of words "
+                             "that may replace each other, at least one with two words")
         return self
 
 
 class RunConfig(BaseModel):
     """One RL run: which images, which frozen retriever, which captioner, the algorithm, where it runs
-    (`runtime`) and how it is evaluated. Sections are typed; `--set rl.kl_coef=0.3` overrides one field."""
+    (`runtime`) and how it is evaluated. Sections are typed; `--set rl.algorithm.kl_coef=0.3` overrides one field."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -352,28 +419,29 @@ class RunConfig(BaseModel):
             raise ValueError(f"runtime.learner_workers ({self.runtime.learner_workers}) must divide rl.batch_size "
                              f"({self.rl.batch_size}): each learner rank takes whole images with all their samples")
         per_rank = self.rl.batch_size // self.runtime.learner_workers
-        if self.rl.micro_batch and self.rl.micro_batch < per_rank and per_rank % self.rl.micro_batch:
-            raise ValueError(f"rl.micro_batch ({self.rl.micro_batch}) must divide the images of a learner rank "
+        micro = self.rl.optimiser.micro_batch
+        if micro and micro < per_rank and per_rank % micro:
+            raise ValueError(f"rl.optimiser.micro_batch ({micro}) must divide the images of a learner rank "
                              f"(rl.batch_size / runtime.learner_workers = {per_rank})")
-        if self.rl.micro_batch and self.rl.method == "gumbel":
-            raise ValueError("rl.micro_batch splits DiscriTune's teacher-forced pass; rl.method gumbel decodes the "
-                             "whole batch at once (rl.micro_batch: null)")
-        if self.runtime.max_policy_lag and self.rl.rollout != "sample":
-            raise ValueError("runtime.max_policy_lag=1 needs rl.rollout: sample (the off-policy correction "
+        if micro and self.rl.method == "gumbel":
+            raise ValueError("rl.optimiser.micro_batch splits DiscriTune's teacher-forced pass; rl.method gumbel "
+                             "decodes the whole batch at once (rl.optimiser.micro_batch: null)")
+        if self.runtime.max_policy_lag and self.rl.sampling.rollout != "sample":
+            raise ValueError("runtime.max_policy_lag=1 needs rl.sampling.rollout: sample (the off-policy correction "
                              "reweights by the sampling distribution)")
-        if self.captioner.lora is not None and not self.rl.train_lm:
-            raise ValueError("captioner.lora trains the LM through adapters: it needs rl.train_lm: true (or no "
-                             "captioner.lora)")
+        if self.captioner.lora is not None and not self.rl.optimiser.train_lm:
+            raise ValueError("captioner.lora trains the LM through adapters: it needs rl.optimiser.train_lm: true "
+                             "(or no captioner.lora)")
         needs_classes = self.eval.decoding == "select" and self.eval.select_check
-        if needs_classes and not has_substitutes(self.rl.substitution_classes):
-            raise ValueError("eval.decoding select with eval.select_check > 0 needs rl.substitution_classes (the "
-                             "self-check's word classes), or eval.select_check: 0")
+        if needs_classes and not has_substitutes(self.rl.self_check.substitution_classes):
+            raise ValueError("eval.decoding select with eval.select_check > 0 needs "
+                             "rl.self_check.substitution_classes (the self-check's word classes), or eval.select_check: 0")
         return self
 
 
 def dotted_fields(data: dict, prefix: str = "", keep_empty: bool = False) -> dict:
-    """A nested dict's leaves under dotted keys (`{"rl": {"lr": 1}}` -> `{"rl.lr": 1}`); an empty section is left
-    out, or with `keep_empty` kept as the value `{}`."""
+    """A nested dict's leaves under dotted keys (`{"rl": {"steps": 1}}` -> `{"rl.steps": 1}`); an empty section is
+    left out, or with `keep_empty` kept as the value `{}`."""
     out = {}
     for k, v in data.items():
         if isinstance(v, dict) and (v or not keep_empty):
@@ -416,7 +484,7 @@ def check_override_key(key: str, model: type[BaseModel] | None = None) -> None:
         fields = model.model_fields
         if part not in fields:
             where = f"section {'.'.join(parts[:i])!r}" if i else "the top level"
-            hint = moved_key_hint(part) if model is RunConfig else ""
+            hint = moved_key_hint(part) if model is RunConfig else moved_rl_key_hint(part) if model is RLConfig else ""
             raise UserError(f"--set {key}: unknown key {part!r} in {where}{hint}; valid keys: {', '.join(fields)}")
         if i < len(parts) - 1:
             sub = section_model(fields[part].annotation)
@@ -429,10 +497,17 @@ MOVED = {"world_dir": "data.path, retriever.path and captioner.path", "eval_ever
          "eval_images": "eval.images"}
 
 
+def moved_rl_key_hint(key: str) -> str:
+    """' (now rl.algorithm.kl_coef)' for a key of the flat rl section before its sub-sections, '' otherwise."""
+    return f" (now rl.{RL_MOVED[key]})" if key in RL_MOVED else ""
+
+
 def moved_key_hint(key: str) -> str:
-    """' (now rl.kl_coef)' for a key of the flat pre-sections config, '' otherwise."""
+    """' (now rl.algorithm.kl_coef)' for a key of the flat pre-sections config, '' otherwise."""
     if key in MOVED:
         return f" (now {MOVED[key]})"
+    if key in RL_MOVED:
+        return moved_rl_key_hint(key)
     for section in ("rl", "runtime", "data", "retriever", "captioner", "eval"):
         if key in RunConfig.model_fields[section].annotation.model_fields:
             return f" (now {section}.{key})"

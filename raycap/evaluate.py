@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="select: the best of eval.select_samples sampled captions under the retriever "
                         "(raycap/rl/selection.py), with the settings of --select-config")
     p.add_argument("--select-config", default="world-demo",
-                   help="select: the run config whose eval.select_* and rl.substitution_classes apply")
+                   help="select: the run config whose eval.select_* and rl.self_check.substitution_classes apply")
     p.add_argument("--pool", default="world:train",
                    help="select: the images a caption must single its image out from (a --dataset spec; never "
                         "the evaluated images, among which P@1 draws its distractors)")

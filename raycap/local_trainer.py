@@ -88,7 +88,7 @@ class LocalTrainer:
     # -- one update -----------------------------------------------------------------------------------
     def update(self, step: int) -> dict:
         """One update; its forward passes run in the role's precision, the backward passes and the step outside
-        (DiscriTune's over `rl.micro_batch` images at a time: `algorithm.reinforce_backward`)."""
+        (DiscriTune's over `rl.optimiser.micro_batch` images at a time: `algorithm.reinforce_backward`)."""
         cfg = self.cfg
         _, img, cands = self.scorer.batch(step)
         self.opt.zero_grad(set_to_none=True)
@@ -103,7 +103,7 @@ class LocalTrainer:
                 caps = algorithm.rollout(self.policy, img, cfg, step, decoder=self.decoder)
                 scores = self.scorer.score(cands, caps.tokens, caps.lengths, step)
                 greedy = None
-                if cfg.rl.baseline == "greedy":
+                if cfg.rl.algorithm.baseline == "greedy":
                     g = algorithm.rollout(self.policy, img, cfg, step, greedy=True, decoder=self.decoder)
                     greedy = self.scorer.score(cands, g.tokens, g.lengths, step).reward
             r = scores.reward

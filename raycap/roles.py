@@ -46,10 +46,10 @@ def build_role_models(cfg: RunConfig, device, reference: bool = False, retriever
     the run's decode length and trainable set; the reference is the captioner as loaded, without adapters."""
     device = torch.device(device)
     policy, tokenizer = load_captioner(cfg.captioner.path)
-    policy.config.max_new_tokens = cfg.rl.max_new_tokens
+    policy.config.max_new_tokens = cfg.rl.sampling.max_new_tokens
     ref = copy.deepcopy(policy).eval().requires_grad_(False).to(device) if reference else None
     add_configured_lora(policy, cfg)
-    policy.set_trainable(cfg.rl.train_lm)
+    policy.set_trainable(cfg.rl.optimiser.train_lm)
     policy.to(device)
     ret = load_retriever(cfg.retriever).to(device) if retriever else None
     return RoleModels(device, precision.compute_dtype(cfg.runtime.precision, device), policy, tokenizer, ref, ret)
@@ -69,4 +69,4 @@ def optimizer(policy: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """Adam over the trainable parameters at the run's constant lr (fused kernels on CUDA)."""
     params = [p for p in policy.parameters() if p.requires_grad]
     fused = bool(params) and params[0].device.type == "cuda"
-    return torch.optim.Adam(params, lr=cfg.rl.lr, **({"fused": True} if fused else {}))
+    return torch.optim.Adam(params, lr=cfg.rl.optimiser.lr, **({"fused": True} if fused else {}))

@@ -62,8 +62,8 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 def params(config) -> dict[str, str]:
-    """The run config as MLflow params: dotted keys (`rl.lr`), values as JSON (strings as they are), each cut to
-    PARAM_CHARS characters."""
+    """The run config as MLflow params: dotted keys (`rl.optimiser.lr`), values as JSON (strings as they are), each
+    cut to PARAM_CHARS characters."""
     out = {}
     for k, v in dotted_fields(config.model_dump(mode="json"), keep_empty=True).items():
         text = v if isinstance(v, str) else json.dumps(v)

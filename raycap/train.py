@@ -2,7 +2,7 @@
 
 `--config` is a named config shipped with raycap (see `--list-configs`) or a YAML path, with sections data (the
 images: the world or a dataset on disk), retriever, captioner, rl (the algorithm), runtime and eval; `--set`
-overrides any field, e.g. `--set rl.kl_coef=0.3` (raycap.config.RunConfig). The run dir gets config.json,
+overrides any field, e.g. `--set rl.algorithm.kl_coef=0.3` (raycap.config.RunConfig). The run dir gets config.json,
 metrics.jsonl, TensorBoard logs, checkpoints every N steps (resumed automatically), final/ (captioner +
 tokenizer) and final_metrics.json.
 

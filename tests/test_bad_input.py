@@ -190,8 +190,9 @@ def test_pretrain_world_config_that_is_a_list(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, field", [
-    ("rl.lr=.inf", "rl.lr"), ("rl.lr=.nan", "rl.lr"), ("rl.kl_coef=.inf", "rl.kl_coef"),
-    ("rl.temperature=-.inf", "rl.temperature"),
+    ("rl.optimiser.lr=.inf", "rl.optimiser.lr"), ("rl.optimiser.lr=.nan", "rl.optimiser.lr"),
+    ("rl.algorithm.kl_coef=.inf", "rl.algorithm.kl_coef"),
+    ("rl.sampling.temperature=-.inf", "rl.sampling.temperature"),
     ("runtime.placement_timeout_s=.inf", "runtime.placement_timeout_s"), ("runtime.cpus_per_learner=.nan",
                                                                            "runtime.cpus_per_learner"),
 ])
@@ -218,8 +219,9 @@ def test_bad_set_key_names_the_set_and_lists_the_section_keys():
     msg = str(e.value)
     assert msg.startswith("--set runtime.bogus: unknown key 'bogus' in section 'runtime'")
     assert "dashboard_port" in msg and " lr," not in msg
-    with pytest.raises(UserError, match=re.escape("--set rl.lr.x: 'rl.lr' is a setting, not a section")):
-        load_config("world-demo", ["rl.lr.x=1"])
+    with pytest.raises(UserError,
+                       match=re.escape("--set rl.optimiser.lr.x: 'rl.optimiser.lr' is a setting, not a section")):
+        load_config("world-demo", ["rl.optimiser.lr.x=1"])
 
 
 def test_yaml_syntax_errors_keep_line_and_column(tmp_path):

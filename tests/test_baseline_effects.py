@@ -11,9 +11,10 @@ from world_runs import world_sets
 
 
 def one_update(world, tmp_path, monkeypatch, *overrides):
-    cfg = load_config("world-demo", [*world_sets(world), "rl.batch_size=12", "rl.num_candidates=12",
-                                     "rl.max_new_tokens=8", "eval.images=100", "threads=2", "rl.num_samples=1",
-                                     "rl.reward=discriminative", "rl.cosine_coef=0.2", *overrides])
+    cfg = load_config("world-demo", [*world_sets(world), "rl.batch_size=12", "rl.reward.num_candidates=12",
+                                     "rl.sampling.max_new_tokens=8", "eval.images=100", "threads=2",
+                                     "rl.sampling.num_samples=1",
+                                     "rl.reward.kind=discriminative", "rl.reward.cosine_coef=0.2", *overrides])
     trainer = LocalTrainer(cfg, tmp_path)
     seen = {"scores": []}
     score, loss = algorithm.Scorer.score, algorithm.reinforce_loss
@@ -35,7 +36,7 @@ def one_update(world, tmp_path, monkeypatch, *overrides):
 
 
 def test_self_critical_baseline_is_the_greedy_captions_reward(tiny_world_dir, tmp_path, monkeypatch):
-    trainer, seen, before = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.baseline=greedy")
+    trainer, seen, before = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.algorithm.baseline=greedy")
     sampled, greedy_used = seen["scores"]
     torch.testing.assert_close(seen["advantages"], sampled - greedy_used)
     # recompute the greedy captions of the policy as it was before the update, independently
@@ -52,12 +53,13 @@ def score_without_spy(trainer, cands, caps):
     from raycap.rl import rewards
 
     task = rewards.compute("discriminative", emb, trainer.scorer.images, cands, trainer.scorer.logit_scale)
-    return task + trainer.cfg.rl.cosine_coef * rewards.cosine(emb, trainer.scorer.images[cands[:, 0]],
+    return task + trainer.cfg.rl.reward.cosine_coef * rewards.cosine(emb, trainer.scorer.images[cands[:, 0]],
                                                            trainer.scorer.logit_scale)
 
 
 def test_leave_one_out_leaves_each_caption_out(tiny_world_dir, tmp_path, monkeypatch):
-    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.baseline=loo", "rl.num_samples=3")
+    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.algorithm.baseline=loo",
+                            "rl.sampling.num_samples=3")
     r = seen["scores"][0].view(12, 3)
     adv = seen["advantages"].view(12, 3)
     for i in range(3):
@@ -68,8 +70,9 @@ def test_leave_one_out_leaves_each_caption_out(tiny_world_dir, tmp_path, monkeyp
 def test_best_of_n_imitates_each_images_best_caption(tiny_world_dir, tmp_path, monkeypatch):
     """baseline=best: advantage 1 on the highest-reward caption of each image and 0 elsewhere, so the update's
     policy-gradient term is the cross-entropy of those captions alone."""
-    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.baseline=best", "rl.num_samples=4",
-                            "rl.reward=pool")
+    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.algorithm.baseline=best",
+                            "rl.sampling.num_samples=4",
+                            "rl.reward.kind=pool")
     r = seen["scores"][0].view(12, 4)
     adv = seen["advantages"].view(12, 4)
     assert torch.equal(adv.sum(1), torch.ones(12)) and set(adv.unique().tolist()) == {0.0, 1.0}
@@ -77,7 +80,7 @@ def test_best_of_n_imitates_each_images_best_caption(tiny_world_dir, tmp_path, m
 
 
 def test_mean_baseline_first_update_is_centred(tiny_world_dir, tmp_path, monkeypatch):
-    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.baseline=mean")
+    _, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.algorithm.baseline=mean")
     r = seen["scores"][0]
     torch.testing.assert_close(seen["advantages"], r - r.mean())
     assert seen["advantages"].mean().abs() < 1e-5 < r.mean().abs()
@@ -88,15 +91,16 @@ def test_hard_distractors_are_among_each_steps_candidates(tiny_world_dir, tmp_pa
     CLIP image cosine below the near-duplicate threshold (random distractors otherwise)."""
     from raycap.data import distractors
 
-    cfg = load_config("world-demo", [*world_sets(tiny_world_dir), "rl.batch_size=12", "rl.num_candidates=12",
-                                     "rl.hard_distractors=3", "rl.near_duplicate=1.0", "rl.max_new_tokens=8", "eval.images=100",
+    cfg = load_config("world-demo", [*world_sets(tiny_world_dir), "rl.batch_size=12", "rl.reward.num_candidates=12",
+                                     "rl.reward.hard_distractors=3", "rl.reward.near_duplicate=1.0",
+                                     "rl.sampling.max_new_tokens=8", "eval.images=100",
                                      "threads=2"])  # the tiny world's untrained images all look alike
     scorer = LocalTrainer(cfg, tmp_path).scorer
     idx, _, cands = scorer.batch(0)
-    near = distractors.nearest(idx, scorer.images, 3, cfg.rl.near_duplicate)
+    near = distractors.nearest(idx, scorer.images, 3, cfg.rl.reward.near_duplicate)
     assert bool((near >= 0).all())
     assert torch.equal(cands[:, 1:4], near) and torch.equal(cands[:, 0], idx)
     sims = scorer.images[idx] @ scorer.images.T
     sims[torch.arange(12), idx] = -2
-    sims[sims > cfg.rl.near_duplicate] = -2
+    sims[sims > cfg.rl.reward.near_duplicate] = -2
     assert torch.equal(sims.topk(3).indices.sort(1).values, near.sort(1).values)

@@ -102,10 +102,10 @@ def test_supervised_stage_then_discritune(tiny_world_dir, blip_dir, tmp_path, ru
     out = tmp_path / "rl"
     final = train_main(["--config", "world-demo", "--out", str(out), "--runtime", runtime, *sets,
                         "--set", f"captioner.path={tmp_path / 'sup' / 'captioner'}", "--set", "rl.steps=2",
-                        "--set", "eval.images=100", "--set", "rl.max_new_tokens=8", "--set", "eval.every=2",
+                        "--set", "eval.images=100", "--set", "rl.sampling.max_new_tokens=8", "--set", "eval.every=2",
                         "--set", "threads=1", "--set", "eval.report=false", "--set", "eval.test_table=false",
                         "--set", "rl.batch_size=24",
-                        "--set", "rl.num_candidates=24", "--set", f"runtime.dashboard_port={free_port()}",
+                        "--set", "rl.reward.num_candidates=24", "--set", f"runtime.dashboard_port={free_port()}",
                         "--set", f"captioner.vision_features={features}"])
     assert final["updates"] == 2
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -84,8 +84,9 @@ def test_cuda_graph_is_captured_once_per_shape():
 def rollout_config(rollout: str):
     from raycap.config import RunConfig
 
-    return RunConfig.model_validate({"rl": {"rollout": rollout, "num_samples": 3, "temperature": 0.8,
-                                            "max_new_tokens": 10, "baseline": "mean"}})
+    return RunConfig.model_validate({"rl": {"sampling": {"rollout": rollout, "num_samples": 3, "temperature": 0.8,
+                                                         "max_new_tokens": 10},
+                                            "algorithm": {"baseline": "mean"}}})
 
 
 @pytest.mark.parametrize("rollout", ["sample", "greedy"])

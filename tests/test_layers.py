@@ -237,11 +237,11 @@ def _choices(model, field: str) -> tuple:
 
 
 def test_reward_and_baseline_choices_are_the_registries():
-    from raycap.config import RLConfig
+    from raycap.config import AlgorithmConfig, RewardConfig
     from raycap.rl import baselines, rewards
 
-    assert _choices(RLConfig, "reward") == tuple(rewards.REWARDS)
-    assert _choices(RLConfig, "baseline") == tuple(baselines.BASELINES)
+    assert _choices(RewardConfig, "kind") == tuple(rewards.REWARDS)
+    assert _choices(AlgorithmConfig, "baseline") == tuple(baselines.BASELINES)
 
 
 def test_captioner_kinds_are_the_registry():

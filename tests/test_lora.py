@@ -73,7 +73,7 @@ def test_a_lora_captioner_saves_merged_as_a_plain_captioner(tmp_path):
 def test_lora_settings_are_checked():
     with pytest.raises(UserError, match="target_modules"):
         lora.add_lora(tiny_clipcap().lm, r=2, alpha=4, target_modules=["no_such_layer"])
-    with pytest.raises(ValueError, match="rl.train_lm"):
-        RunConfig.model_validate({"captioner": {"lora": {"r": 4}}, "rl": {"train_lm": False}})
+    with pytest.raises(ValueError, match="rl.optimiser.train_lm"):
+        RunConfig.model_validate({"captioner": {"lora": {"r": 4}}, "rl": {"optimiser": {"train_lm": False}}})
     with pytest.raises(ValueError, match="r"):
         RunConfig.model_validate({"captioner": {"lora": {"r": 0}}})

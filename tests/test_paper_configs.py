@@ -17,8 +17,9 @@ PAPER = ("coco-clipcap", "cc-clipcap", "coco-blip")
 def test_paper_settings(name):
     cfg = load_config(name)
     rl = cfg.rl
-    assert (rl.lr, rl.batch_size, rl.num_candidates, rl.max_new_tokens, rl.baseline) == (1e-7, 100, 100, 40, "mean")
-    assert (rl.reward, cfg.eval.decoding, cfg.eval.num_beams) == ("discriminative", "beam", 5)
+    assert (rl.optimiser.lr, rl.batch_size, rl.reward.num_candidates, rl.sampling.max_new_tokens,
+            rl.algorithm.baseline) == (1e-7, 100, 100, 40, "mean")
+    assert (rl.reward.kind, cfg.eval.decoding, cfg.eval.num_beams) == ("discriminative", "beam", 5)
     assert (cfg.retriever.name, cfg.retriever.pretrained) == ("ViT-B-32", "openai")
     assert cfg.setup and "python -m raycap.convert" in cfg.setup
 
@@ -74,7 +75,7 @@ def test_the_test_split_decodes_as_eval_decoding_says(tiny_world_dir, tmp_path):
     from world_runs import world_sets
 
     cfg = load_config("world-demo", [*world_sets(tiny_world_dir), "eval.images=100", "eval.decoding=beam",
-                                     "eval.num_beams=3", "rl.max_new_tokens=8", "threads=2"])
+                                     "eval.num_beams=3", "rl.sampling.max_new_tokens=8", "threads=2"])
     trainer = LocalTrainer(cfg, tmp_path / "run", log=lambda *_: None)
     s = trainer.splits["test"]
     beam = caption_embeddings(trainer.policy, trainer.tokenizer, s.embeddings[:3], "beam", 3)

@@ -82,7 +82,8 @@ def test_coco_clipcap_end_to_end_at_paper_size(paper_inputs, tmp_path, capsys):
     captioner = tmp_path / "pre" / "captioner"
 
     cfg = load_config("coco-clipcap")
-    assert (cfg.rl.batch_size, cfg.rl.num_candidates, cfg.rl.max_new_tokens, cfg.eval.num_beams) == (100, 100, 40, 5)
+    assert (cfg.rl.batch_size, cfg.rl.reward.num_candidates, cfg.rl.sampling.max_new_tokens,
+            cfg.eval.num_beams) == (100, 100, 40, 5)
     common = ["--config", "coco-clipcap", "--set", f"data.path={subset}", "--set", f"data.image_root={image_root}",
               "--set", f"retriever.pretrained={vit}", "--set", f"captioner.path={captioner}",
               "--set", "rl.steps=2", "--set", "checkpoint_every=2", "--set", "eval.images=100", "--set", "threads=2",
@@ -102,7 +103,7 @@ def test_coco_clipcap_end_to_end_at_paper_size(paper_inputs, tmp_path, capsys):
             # the distributed path at the same architecture; 10 images per update and a greedy test evaluation
             # keep CI's time (the local run above took the config's batch of 100 and its beam-5 evaluation)
             extra = ["--set", "runtime.gpus_per_learner=0", "--set", "runtime.num_cpus=8", "--set", "threads=1",
-                     "--set", "rl.batch_size=10", "--set", "rl.num_candidates=10", "--set", "eval.decoding=greedy"]
+                     "--set", "rl.batch_size=10", "--set", "rl.reward.num_candidates=10", "--set", "eval.decoding=greedy"]
         final = train_main([*common, *extra, "--out", str(tmp_path / runtime), "--runtime", runtime])
         assert final["updates"] == 2 and final["n_images"] == 100 and 0 <= final["p_at_1"] <= 1
         records = [json.loads(line) for line in (tmp_path / runtime / "metrics.jsonl").read_text().splitlines()]

@@ -139,8 +139,8 @@ def test_report_of_a_run_in_progress_shows_its_curves(finished_run, tmp_path):
 def test_report_bad_input_is_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match="no config.json"):
         build_report(tmp_path)
-    (tmp_path / "config.json").write_text('{"rl": {"lr": -1}}')
-    with pytest.raises(UserError, match=r"config.json: rl.lr"):
+    (tmp_path / "config.json").write_text('{"rl": {"optimiser": {"lr": -1}}}')
+    with pytest.raises(UserError, match=r"config.json: rl.optimiser.lr"):
         build_report(tmp_path)
     with pytest.raises(SystemExit) as e:
         report_main([str(tmp_path / "nope")])

@@ -65,9 +65,9 @@ def test_resume_refuses_a_changed_config_a_switched_runtime_and_fewer_steps(tiny
     config, log = (out / "config.json").read_text(), (out / "metrics.jsonl").read_text()
     assert json.loads((out / "run.json").read_text()) == {"runtime": "local"}
 
-    err = refused(capsys, tiny_world_dir, out, *ckpt, "--set", "rl.steps=2", "--set", "rl.lr=0.001",
-                  "--set", "rl.train_lm=false", "local")
-    assert "different config (rl.lr: 0.0003 -> 0.001, rl.train_lm: True -> False)" in err
+    err = refused(capsys, tiny_world_dir, out, *ckpt, "--set", "rl.steps=2", "--set", "rl.optimiser.lr=0.001",
+                  "--set", "rl.optimiser.train_lm=false", "local")
+    assert "different config (rl.optimiser.lr: 0.0003 -> 0.001, rl.optimiser.train_lm: True -> False)" in err
     assert "--resume-with-new-config" in err
     err = refused(capsys, tiny_world_dir, out, *ckpt, "--set", "rl.steps=2", "ray")  # fails before Ray starts
     assert "made by the local runtime" in err and "--runtime ray cannot resume it" in err
@@ -77,12 +77,14 @@ def test_resume_refuses_a_changed_config_a_switched_runtime_and_fewer_steps(tiny
     assert (out / "config.json").read_text() == config and (out / "metrics.jsonl").read_text() == log
     assert not (out / "config_changes.jsonl").exists()
 
-    final = run(tiny_world_dir, out, *ckpt, "--set", "rl.steps=3", "--set", "rl.lr=0.001", "--resume-with-new-config",
+    final = run(tiny_world_dir, out, *ckpt, "--set", "rl.steps=3", "--set", "rl.optimiser.lr=0.001",
+                "--resume-with-new-config",
                 runtime="local")
     assert final["updates"] == 1 and "at step 2" in capsys.readouterr().out
-    assert json.loads((out / "config.json").read_text())["rl"]["lr"] == 0.001
+    assert json.loads((out / "config.json").read_text())["rl"]["optimiser"]["lr"] == 0.001
     change = json.loads((out / "config_changes.jsonl").read_text())
-    assert change["changes"] == {"rl.lr": [0.0003, 0.001], "rl.steps": [2, 3]} and change["runtime"] == "local"
+    assert change["changes"] == {"rl.optimiser.lr": [0.0003, 0.001], "rl.steps": [2, 3]}
+    assert change["runtime"] == "local"
     assert [r["step"] for r in records(out)] == [0, 1, 2, 3]
 
 
@@ -232,8 +234,8 @@ def test_actor_threads_follow_their_cpu_share(tiny_world_dir, tmp_path, ray_sess
         return ray.get(actor.__ray_call__.remote(lambda self: (torch.get_num_threads(),
                                                                os.environ["OMP_NUM_THREADS"])))
 
-    base = [*world_sets(tiny_world_dir), "eval.images=100", "rl.max_new_tokens=8", "rl.batch_size=24",
-            "rl.num_candidates=24", "runtime.cpus_per_learner=1.5", "runtime.cpus_per_rollout=1",
+    base = [*world_sets(tiny_world_dir), "eval.images=100", "rl.sampling.max_new_tokens=8", "rl.batch_size=24",
+            "rl.reward.num_candidates=24", "runtime.cpus_per_learner=1.5", "runtime.cpus_per_rollout=1",
             "threads=null"]  # world-demo sets threads: 2
     for overrides, want in [([], {"learner": 2, "rollout": 1, "reward": 1}),
                             (["threads=3"], {"learner": 3, "rollout": 3, "reward": 3})]:

@@ -190,13 +190,14 @@ def test_substitution_check_needs_classes():
     from raycap.errors import UserError
 
     with pytest.raises(UserError, match="substitution_classes"):
-        load_config("world-demo", ["rl.self_check_kind=substitute", "rl.substitution_classes=[]"])
-    with pytest.raises(UserError, match="eval.decoding select .* needs rl.substitution_classes"):
-        load_config("world-demo", ["rl.self_check_kind=swap", "rl.substitution_classes=[]"])
-    assert load_config("world-demo", ["rl.substitution_classes=[]", "rl.self_check_kind=swap",
+        load_config("world-demo", ["rl.self_check.kind=substitute", "rl.self_check.substitution_classes=[]"])
+    with pytest.raises(UserError, match="eval.decoding select .* needs rl.self_check.substitution_classes"):
+        load_config("world-demo", ["rl.self_check.kind=swap", "rl.self_check.substitution_classes=[]"])
+    assert load_config("world-demo", ["rl.self_check.substitution_classes=[]", "rl.self_check.kind=swap",
                                       "eval.select_check=0"]).eval.decoding == "select"
-    cfg = load_config("world-demo", ["rl.self_check_kind=substitute", "rl.substitution_classes=[[red, green]]"])
-    assert cfg.rl.substitution_classes == [["red", "green"]]
+    cfg = load_config("world-demo", ["rl.self_check.kind=substitute",
+                                     "rl.self_check.substitution_classes=[[red, green]]"])
+    assert cfg.rl.self_check.substitution_classes == [["red", "green"]]
 
 
 def test_phrase_grounding_by_hand():
@@ -264,8 +265,9 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(micro):
     from raycap.config import load_config
     from raycap.rl import algorithm
 
-    cfg = load_config("world-demo", ["rl.num_samples=2", "rl.baseline=mean", f"rl.micro_batch={micro}",
-                                     "rl.batch_size=6", "rl.num_candidates=6", "rl.entropy_coef=0.01"])
+    cfg = load_config("world-demo", ["rl.sampling.num_samples=2", "rl.algorithm.baseline=mean",
+                                     f"rl.optimiser.micro_batch={micro}",
+                                     "rl.batch_size=6", "rl.reward.num_candidates=6", "rl.algorithm.entropy_coef=0.01"])
     policy = tiny_captioner(seed=1)
     reference = copy.deepcopy(policy).requires_grad_(False)
     with torch.no_grad():  # a policy away from its reference, so the KL term has a gradient
@@ -298,7 +300,7 @@ def test_micro_batch_settings_are_checked_when_the_config_loads():
     from raycap.config import load_config
     from raycap.errors import UserError
 
-    with pytest.raises(UserError, match=r"rl.micro_batch \(7\) must divide the images of a learner rank"):
-        load_config("world-demo", ["rl.micro_batch=7"])
-    with pytest.raises(UserError, match="rl.micro_batch splits DiscriTune"):
-        load_config("world-demo", ["rl.micro_batch=8", "rl.method=gumbel"])
+    with pytest.raises(UserError, match=r"rl.optimiser.micro_batch \(7\) must divide the images of a learner rank"):
+        load_config("world-demo", ["rl.optimiser.micro_batch=7"])
+    with pytest.raises(UserError, match="rl.optimiser.micro_batch splits DiscriTune"):
+        load_config("world-demo", ["rl.optimiser.micro_batch=8", "rl.method=gumbel"])

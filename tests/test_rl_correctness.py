@@ -148,7 +148,8 @@ def test_sampled_kl_has_the_exact_kl_gradient_in_expectation():
 def test_reinforce_gradient_is_the_tempered_policys_at_temperature_0_7():
     policy, img = tiny(2), torch.randn(1, 8)
     tokens, lengths = all_captions()
-    cfg = load_config("world-demo", ["rl.temperature=0.7", "rl.kl_coef=0", "rl.baseline=none"])
+    cfg = load_config("world-demo", ["rl.sampling.temperature=0.7", "rl.algorithm.kl_coef=0",
+                                     "rl.algorithm.baseline=none"])
     R = caption_reward(tokens, lengths)
     _, logp = seq_logprob(policy, img, tokens, lengths, 0.7)
     objective = flat_grad((logp.exp() * R).sum(), policy)  # grad of E_{c ~ pi_T}[R(c)]
@@ -173,7 +174,8 @@ def test_importance_correction_brings_a_lagged_update_closer_to_the_on_policy_on
     on_policy = -flat_grad(-(pi.detach().exp() * R * pi).sum(), policy)  # E_pi[R grad log pi]
 
     def lagged(cap, behaviour_logprobs):
-        cfg = load_config("world-demo", ["rl.kl_coef=0", "rl.baseline=none", f"rl.importance_ratio_cap={cap}"])
+        cfg = load_config("world-demo", ["rl.algorithm.kl_coef=0", "rl.algorithm.baseline=none",
+                                         f"rl.algorithm.importance_ratio_cap={cap}"])
         loss, stats = algorithm.reinforce_loss(policy, policy, img, tokens, lengths, R * mu * len(R), cfg,
                                                behaviour_logprobs)
         return -flat_grad(loss, policy), stats
@@ -242,13 +244,15 @@ def test_learner_ranks_take_whole_images_or_the_config_is_refused():
     from raycap.runtime.controller import shards
 
     with pytest.raises(UserError, match="learner_workers"):
-        load_config("world-demo", ["rl.batch_size=10", "rl.num_candidates=10", "rl.num_samples=2", "rl.baseline=loo",
+        load_config("world-demo", ["rl.batch_size=10", "rl.reward.num_candidates=10", "rl.sampling.num_samples=2",
+                                   "rl.algorithm.baseline=loo",
                                    "runtime.learner_workers=4"])
-    cfg = load_config("world-demo", ["rl.batch_size=8", "rl.num_candidates=8", "rl.num_samples=2", "rl.baseline=loo",
+    cfg = load_config("world-demo", ["rl.batch_size=8", "rl.reward.num_candidates=8", "rl.sampling.num_samples=2",
+                                     "rl.algorithm.baseline=loo",
                                      "runtime.learner_workers=4"])
     model = tiny(0)
     img = torch.randn(cfg.rl.batch_size, 8)
-    tokens = torch.randint(0, V, (cfg.rl.batch_size * cfg.rl.num_samples, 3))
+    tokens = torch.randint(0, V, (cfg.rl.batch_size * cfg.rl.sampling.num_samples, 3))
     for i, t in zip(shards(img, 4), shards(tokens, 4)):
         assert model.logits(i, t).shape[:2] == t.shape  # each rank's images match its rows
 

@@ -21,13 +21,14 @@ def ray_session(tmp_path_factory):
 
 
 def config(world, *overrides):
-    return load_config("world-demo", [*world_sets(world), "eval.images=100", "rl.max_new_tokens=8", "threads=1",
-                                      "rl.batch_size=24", "rl.num_candidates=24", *overrides])
+    return load_config("world-demo", [*world_sets(world), "eval.images=100", "rl.sampling.max_new_tokens=8",
+                                      "threads=1",
+                                      "rl.batch_size=24", "rl.reward.num_candidates=24", *overrides])
 
 
 def test_ray_runtime_matches_the_reference_loop(tiny_world_dir, tmp_path):
     ray_run = run(tiny_world_dir, tmp_path / "ray", "--set", "rl.steps=3")
-    local = run(tiny_world_dir, tmp_path / "local", "--set", "rl.steps=3", "--set", "rl.micro_batch=8",
+    local = run(tiny_world_dir, tmp_path / "local", "--set", "rl.steps=3", "--set", "rl.optimiser.micro_batch=8",
                 runtime="local")  # micro-batches of 8 images accumulate the whole batch's gradient
     a, b = records(tmp_path / "ray"), records(tmp_path / "local")
     for key in ("reward_mean", "kl", "loss", "train_p_at_1"):
@@ -63,7 +64,7 @@ def test_colocated_gives_the_same_updates_as_object_store(tiny_world_dir, tmp_pa
 def test_two_deepspeed_learner_ranks_with_zero2_match_one(tiny_world_dir, tmp_path):
     run(tiny_world_dir, tmp_path / "one", "--set", "rl.steps=3")
     run(tiny_world_dir, tmp_path / "two", "--set", "rl.steps=3", "--set", "runtime.learner_workers=2",
-        "--set", "runtime.zero_stage=2", "--set", "rl.micro_batch=4")  # 3 DeepSpeed micro-steps per rank
+        "--set", "runtime.zero_stage=2", "--set", "rl.optimiser.micro_batch=4")  # 3 DeepSpeed micro-steps per rank
     a, b = records(tmp_path / "one"), records(tmp_path / "two")
     for key in ("reward_mean", "kl"):
         assert [r[key] for r in a[1:]] == pytest.approx([r[key] for r in b[1:]], rel=1e-3, abs=1e-4), key

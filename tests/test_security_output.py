@@ -224,7 +224,7 @@ def test_local_run_output_is_lines_and_raises_no_warning_of_ours(tiny_world_dir,
                 main(["--config", "world-demo", "--out", {str(tmp_path / 'run')!r}, "--runtime", "local",
                       "--set", "data.path={tiny_world_dir}", "--set", "retriever.path={tiny_world_dir}/retriever",
                       "--set", "captioner.path={tiny_world_dir}/captioner", "--set", "rl.steps=2",
-                      "--set", "eval.images=100", "--set", "rl.max_new_tokens=8", "--set", "threads=2"])
+                      "--set", "eval.images=100", "--set", "rl.sampling.max_new_tokens=8", "--set", "threads=2"])
             ours = [f"{{w.filename}}:{{w.lineno}}: {{w.message}}" for w in caught if w.filename.startswith(root)]
             print("OURS", json.dumps(ours))
         """, stdout=f, stderr=subprocess.STDOUT)
@@ -253,7 +253,7 @@ def test_ray_run_output_has_no_harmless_library_notices(tiny_world_dir, tmp_path
         main(["--config", "world-demo", "--out", {str(tmp_path / 'run')!r}, "--set", "rl.steps=2",
               "--set", "eval.images=100", "--set", "data.path={tiny_world_dir}",
               "--set", "retriever.path={tiny_world_dir}/retriever", "--set", "captioner.path={tiny_world_dir}/captioner",
-              "--set", "rl.max_new_tokens=8",
+              "--set", "rl.sampling.max_new_tokens=8",
               "--set", "runtime.dashboard_port={port}"])
     """, timeout=900)
     text = out.stdout + out.stderr

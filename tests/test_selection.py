@@ -44,7 +44,8 @@ def shipped():
 def test_the_kept_caption_is_the_best_of_its_samples_and_only_embeddings_are_read(shipped):
     pw, emb, pool, _ = shipped
     cfg = load_config("world-demo")
-    sel = Selection(samples=4, cosine_coef=0.5, check_coef=3.0, classes=cfg.rl.substitution_classes, seed=7, chunk=8)
+    sel = Selection(samples=4, cosine_coef=0.5, check_coef=3.0, classes=cfg.rl.self_check.substitution_classes,
+                    seed=7, chunk=8)
     emb = emb[:8].clone()  # the images' embeddings and nothing of their scenes
     kept = select_captions(pw.captioner, pw.retriever.tokenizer, emb, emb, pw.retriever, pool, sel)
     gen = torch.Generator().manual_seed(7 * 1_000_003)
@@ -60,7 +61,7 @@ def test_the_match_and_check_terms_keep_truer_captions_on_the_shipped_world(ship
     """200 validation images, the supervised captioner, 8 samples each: the demo's selection (pool + 0.5 cos + 3
     self-check) keeps more faithful captions than the pool score alone, and more discriminative ones than greedy."""
     pw, emb, pool, scenes = shipped
-    classes = load_config("world-demo").rl.substitution_classes
+    classes = load_config("world-demo").rl.self_check.substitution_classes
 
     def kept(cos, check):
         sel = Selection(samples=8, cosine_coef=cos, check_coef=check, classes=classes, seed=0)

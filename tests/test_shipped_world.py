@@ -40,8 +40,9 @@ def test_shipped_captioner_is_the_supervised_one_it_claims(shipped):
     assert got["p_at_1"] < 0.5  # vague captions leave room for RL
 
 
-PREVIOUS_DEMO = ["rl.reward=discriminative", "rl.baseline=mean", "rl.num_samples=1", "rl.batch_size=100",
-                 "rl.num_candidates=100", "rl.cosine_coef=0.2"]  # world-demo before issue 20
+PREVIOUS_DEMO = ["rl.reward.kind=discriminative", "rl.algorithm.baseline=mean", "rl.sampling.num_samples=1",
+                 "rl.batch_size=100",
+                 "rl.reward.num_candidates=100", "rl.reward.cosine_coef=0.2"]  # world-demo before issue 20
 
 
 def short_run(tmp_path, name, *overrides, steps=40):
@@ -49,7 +50,8 @@ def short_run(tmp_path, name, *overrides, steps=40):
     from raycap.config import load_config
     from raycap.local_trainer import LocalTrainer
 
-    cfg = load_config("world-demo", [f"rl.steps={steps}", "eval.images=200", "threads=2", "rl.max_new_tokens=20",
+    cfg = load_config("world-demo", [f"rl.steps={steps}", "eval.images=200", "threads=2",
+                                     "rl.sampling.max_new_tokens=20",
                                      *overrides])
     trainer = LocalTrainer(cfg, tmp_path / name, log=lambda *_: None)
     rewards = [trainer.update(step)["reward_mean"] for step in range(steps)]

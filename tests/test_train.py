@@ -8,15 +8,17 @@ from raycap.evaluate import main as evaluate_main
 from raycap.train import main as train_main
 from world_runs import world_args
 
-FAST = ["--runtime", "local", "--set", "eval.images=100", "--set", "rl.max_new_tokens=8", "--set", "eval.every=2", "--set", "threads=2",
+FAST = ["--runtime", "local", "--set", "eval.images=100", "--set", "rl.sampling.max_new_tokens=8", "--set",
+        "eval.every=2", "--set", "threads=2",
         "--set", "eval.report=false", "--set", "eval.test_table=false"]
 
 
 def test_named_config_loads_and_bad_values_name_the_field(tmp_path):
-    cfg = load_config("world-demo", ["rl.kl_coef=0.2", "rl.steps=7"])
-    assert cfg.rl.kl_coef == 0.2 and cfg.rl.steps == 7 and cfg.rl.reward == "pool"
-    for bad, needle in [(["rl.lr=-1"], "lr"), (["rl.reward=bleu"], "reward"), (["bogus=1"], "bogus"),
-                        (["rl.num_samples=1"], "num_samples"), (["rl.num_candidates=500"], "num_candidates")]:
+    cfg = load_config("world-demo", ["rl.algorithm.kl_coef=0.2", "rl.steps=7"])
+    assert cfg.rl.algorithm.kl_coef == 0.2 and cfg.rl.steps == 7 and cfg.rl.reward.kind == "pool"
+    for bad, needle in [(["rl.optimiser.lr=-1"], "lr"), (["rl.reward.kind=bleu"], "reward"), (["bogus=1"], "bogus"),
+                        (["rl.sampling.num_samples=1"], "num_samples"),
+                        (["rl.reward.num_candidates=500"], "num_candidates")]:
         with pytest.raises(UserError, match=needle):
             load_config("world-demo", bad)
     with pytest.raises(UserError, match="unknown config 'nope'"):
@@ -27,10 +29,12 @@ def test_named_config_loads_and_bad_values_name_the_field(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [
-    ["--set", "rl.baseline=greedy"],
-    ["--set", "rl.baseline=loo", "--set", "rl.num_samples=2", "--set", "rl.batch_size=50", "--set", "rl.num_candidates=50"],
-    ["--set", "rl.baseline=none", "--set", "rl.reward=cosine", "--set", "rl.kl_estimator=sampled", "--set", "rl.hard_distractors=5"],
-    ["--set", "rl.method=gumbel", "--set", "rl.gumbel_loss=discriminative"],
+    ["--set", "rl.algorithm.baseline=greedy"],
+    ["--set", "rl.algorithm.baseline=loo", "--set", "rl.sampling.num_samples=2", "--set", "rl.batch_size=50", "--set",
+     "rl.reward.num_candidates=50"],
+    ["--set", "rl.algorithm.baseline=none", "--set", "rl.reward.kind=cosine", "--set",
+     "rl.algorithm.kl_estimator=sampled", "--set", "rl.reward.hard_distractors=5"],
+    ["--set", "rl.method=gumbel", "--set", "rl.algorithm.gumbel_loss=discriminative"],
 ])
 def test_train_runs_each_mode_and_writes_the_run_dir(tiny_world_dir, tmp_path, extra):
     out = tmp_path / "run"

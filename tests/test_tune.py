@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_space(tmp_path, world, **search) -> Path:
     """A search on the tiny world: 4 updates of 24 images, evaluations of 100 images every 2 updates."""
     fixed = dict(s.split("=", 1) for s in world_sets(world))
-    fixed |= {"rl.steps": 4, "eval.every": 2, "eval.images": 100, "rl.batch_size": 24, "rl.num_candidates": 24,
-              "rl.max_new_tokens": 8}
+    fixed |= {"rl.steps": 4, "eval.every": 2, "eval.images": 100, "rl.batch_size": 24, "rl.reward.num_candidates": 24,
+              "rl.sampling.max_new_tokens": 8}
     settings = {"num_samples": 2, "max_concurrent": 2, "grace_period": 2, "reduction_factor": 2} | search
     space = {"config": "world-demo", "set": fixed,
-             "params": {"rl.lr": {"loguniform": [0.5, 2.0], "relative": True},
-                        "rl.kl_coef": {"choice": [0.1, 1.0]}},
+             "params": {"rl.optimiser.lr": {"loguniform": [0.5, 2.0], "relative": True},
+                        "rl.algorithm.kl_coef": {"choice": [0.1, 1.0]}},
              "search": settings}
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
@@ -47,40 +47,44 @@ def test_named_spaces_load_and_draw_valid_configs():
             for v in p.values_to_check():
                 space.trial_config({p.name: v}, base)
     demo = load_space("demo")
-    lr = demo.param("rl.lr")
+    lr = demo.param("rl.optimiser.lr")
     assert lr.relative and lr.args == pytest.approx([1.5e-4, 6e-4])  # 0.5x .. 2x world-demo's 3e-4
     disc = load_space("discritune", config="coco-clipcap")
-    assert disc.param("rl.lr").args == pytest.approx([3e-8, 3e-7])  # relative to the paper's 1e-7
-    loo = disc.trial_config({"rl.baseline": {"rl.baseline": "loo", "rl.num_samples": 4}},
+    assert disc.param("rl.optimiser.lr").args == pytest.approx([3e-8, 3e-7])  # relative to the paper's 1e-7
+    loo = disc.trial_config({"rl.algorithm.baseline": {"rl.algorithm.baseline": "loo", "rl.sampling.num_samples": 4}},
                             disc.base_config().model_dump(mode="json"))
-    assert loo.rl.baseline == "loo" and loo.rl.num_samples == 4
+    assert loo.rl.algorithm.baseline == "loo" and loo.rl.sampling.num_samples == 4
 
 
 BAD_SPACES = [
-    ({"config": "world-demo", "params": {"rl.lr": {"loguniform": [1e-4, 1e-3]}}, "serach": {}},
+    ({"config": "world-demo", "params": {"rl.optimiser.lr": {"loguniform": [1e-4, 1e-3]}}, "serach": {}},
      "unknown key 'serach'"),
-    ({"config": "world-demo", "params": {"rl.kl_cof": {"loguniform": [0.1, 1.0]}}},
-     "params.rl.kl_cof: unknown key 'kl_cof' in section 'rl'"),
-    ({"config": "world-demo", "params": {"rl.kl_coef": {"loguniform": [1.0, 0.1]}}},
-     "params.rl.kl_coef.loguniform: low must be below high"),
-    ({"config": "world-demo", "params": {"rl.kl_coef": {"loguniform": [0.0, 1.0]}}},
-     "params.rl.kl_coef.loguniform: loguniform needs low > 0"),
-    ({"config": "world-demo", "params": {"rl.reward": {"choice": ["discriminative", "bleu"]}}},
-     "params.rl.reward: rl.reward='bleu' is not allowed"),
-    ({"config": "world-demo", "params": {"rl.kl_coef": {"uniform": [-1.0, 1.0]}}},
-     "params.rl.kl_coef: rl.kl_coef=-1.0 is not allowed"),
-    ({"config": "world-demo", "set": {"rl.num_samples": 1, "rl.baseline": "mean"},
-      "params": {"rl.baseline": {"choice": ["mean", "loo"]}}},
-     "params.rl.baseline: rl.baseline='loo' is not allowed: rl: Value error, baseline 'loo' needs num_samples >= 2"),
+    ({"config": "world-demo", "params": {"rl.algorithm.kl_cof": {"loguniform": [0.1, 1.0]}}},
+     "params.rl.algorithm.kl_cof: unknown key 'kl_cof' in section 'rl.algorithm'"),
+    ({"config": "world-demo", "params": {"rl.kl_coef": {"loguniform": [0.1, 1.0]}}},
+     "params.rl.kl_coef: unknown key 'kl_coef' in section 'rl' (now rl.algorithm.kl_coef)"),
+    ({"config": "world-demo", "params": {"rl.algorithm.kl_coef": {"loguniform": [1.0, 0.1]}}},
+     "params.rl.algorithm.kl_coef.loguniform: low must be below high"),
+    ({"config": "world-demo", "params": {"rl.algorithm.kl_coef": {"loguniform": [0.0, 1.0]}}},
+     "params.rl.algorithm.kl_coef.loguniform: loguniform needs low > 0"),
+    ({"config": "world-demo", "params": {"rl.reward.kind": {"choice": ["discriminative", "bleu"]}}},
+     "params.rl.reward.kind: rl.reward.kind='bleu' is not allowed"),
+    ({"config": "world-demo", "params": {"rl.algorithm.kl_coef": {"uniform": [-1.0, 1.0]}}},
+     "params.rl.algorithm.kl_coef: rl.algorithm.kl_coef=-1.0 is not allowed"),
+    ({"config": "world-demo", "set": {"rl.sampling.num_samples": 1, "rl.algorithm.baseline": "mean"},
+      "params": {"rl.algorithm.baseline": {"choice": ["mean", "loo"]}}},
+     "params.rl.algorithm.baseline: rl.algorithm.baseline='loo' is not allowed: rl: Value error, "
+     "algorithm.baseline 'loo' needs sampling.num_samples >= 2"),
     ({"config": "world-demo", "params": {"data.train_images": {"choice": [100, 200]}}},
      "params.data.train_images: data.train_images cannot vary between trials"),
-    ({"config": "world-demo", "params": {"rl.lr": {"loguniform": [1e-4, 1e-3], "scale": 2}}},
-     "params.rl.lr: unknown key 'scale'"),
-    ({"config": "world-demo", "params": {"rl.lr": {"loguniform": [1e-4, 1e-3]}}, "search": {"num_samples": 0}},
+    ({"config": "world-demo", "params": {"rl.optimiser.lr": {"loguniform": [1e-4, 1e-3], "scale": 2}}},
+     "params.rl.optimiser.lr: unknown key 'scale'"),
+    ({"config": "world-demo", "params": {"rl.optimiser.lr": {"loguniform": [1e-4, 1e-3]}},
+      "search": {"num_samples": 0}},
      "search: num_samples: Input should be greater than or equal to 1"),
-    ({"config": "world-demo", "params": {"rl.lr": {"loguniform": [1e-4, 1e-3]}},
+    ({"config": "world-demo", "params": {"rl.optimiser.lr": {"loguniform": [1e-4, 1e-3]}},
       "search": {"trial_runtime": "slurm"}}, "search: trial_runtime"),
-    ({"config": "nope", "params": {"rl.lr": {"loguniform": [1e-4, 1e-3]}}}, "unknown config 'nope'"),
+    ({"config": "nope", "params": {"rl.optimiser.lr": {"loguniform": [1e-4, 1e-3]}}}, "unknown config 'nope'"),
     ({"config": "world-demo", "params": {}}, "params: a mapping of parameters to search, at least one"),
 ]
 
@@ -97,11 +101,11 @@ def test_a_bad_space_is_one_line_naming_the_file_and_key(tmp_path, space, needle
 
 def test_bad_space_exits_2_before_ray_starts(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text("config: world-demo\nparams:\n  rl.kl_coef: {loguniform: [1.0, 0.1]}\n")
+    path.write_text("config: world-demo\nparams:\n  rl.algorithm.kl_coef: {loguniform: [1.0, 0.1]}\n")
     with pytest.raises(SystemExit) as e:
         tune_main(["--space", str(path), "--out", str(tmp_path / "out")])
     assert e.value.code == 2
-    assert "bad.yaml: params.rl.kl_coef.loguniform: low must be below high" in capsys.readouterr().err
+    assert "bad.yaml: params.rl.algorithm.kl_coef.loguniform: low must be below high" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tune_main(["--space", "nope", "--out", str(tmp_path / "out")])
     assert "unknown search space 'nope'" in capsys.readouterr().err
@@ -138,7 +142,7 @@ def check_search_outputs(out: Path, summary: dict, trials: int) -> None:
 
     rows = summary["trials"]
     assert len(rows) == trials and all(r["status"] in ("completed", "stopped early") for r in rows)
-    assert {r["rl.kl_coef"] for r in rows} <= {0.1, 1.0}
+    assert {r["rl.algorithm.kl_coef"] for r in rows} <= {0.1, 1.0}
     for name in ("results.csv", "results.md", "pareto.png", "summary.json", "best/config.yaml",
                  "best/test_metrics.json", "best/test_metrics.md", "best/run/report/index.html"):
         assert (out / name).is_file(), name
@@ -146,13 +150,13 @@ def check_search_outputs(out: Path, summary: dict, trials: int) -> None:
     chosen = max(rows, key=lambda r: r["objective"])
     assert best["trial"] == chosen["trial"] and chosen["best"]
     cfg = load_config(str(out / "best" / "config.yaml"))  # the chosen config reruns as it is
-    assert cfg.rl.kl_coef == chosen["rl.kl_coef"] and cfg.rl.lr == pytest.approx(chosen["rl.lr"])
+    assert cfg.rl.algorithm.kl_coef == chosen["rl.algorithm.kl_coef"] and cfg.rl.optimiser.lr == pytest.approx(chosen["rl.optimiser.lr"])
     assert cfg.rl.steps == 4 and cfg.eval.report  # the space's fixed settings, not the trial's internals
     load_captioner(out / "best" / "captioner")
     test = json.loads((out / "best" / "test_metrics.json").read_text())
     assert set(test) == {"supervised", "best"} and test["best"]["n_images"] == 100  # the test split, once
     md = (out / "results.md").read_text()
-    assert md.startswith("| trial | rl.lr | rl.kl_coef |") and chosen["trial"] in md
+    assert md.startswith("| trial | rl.optimiser.lr | rl.algorithm.kl_coef |") and chosen["trial"] in md
     # the trials chose on validation: the chosen run's last logged evaluation is the one the table shows
     log = [json.loads(line) for line in (out / "best" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["step"] == 0 and log[-1]["step"] == chosen["step"]

@@ -4,8 +4,9 @@ import json
 
 from raycap.train import main as train_main
 
-SHORT = ["--set", "eval.images=100", "--set", "rl.max_new_tokens=8", "--set", "eval.every=100", "--set", "threads=1",
-         "--set", "rl.batch_size=24", "--set", "rl.num_candidates=24"]
+SHORT = ["--set", "eval.images=100", "--set", "rl.sampling.max_new_tokens=8", "--set", "eval.every=100", "--set",
+         "threads=1",
+         "--set", "rl.batch_size=24", "--set", "rl.reward.num_candidates=24"]
 FAST = [*SHORT, "--set", "eval.report=false", "--set", "eval.test_table=false"]  # their own tests: test_report.py
 
 

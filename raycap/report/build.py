@@ -33,9 +33,10 @@ def run_facts(cfg, records: list[dict], final: dict | None, runtime: str | None)
     rl = cfg.rl
     data = cfg.data.kind + (f" ({cfg.data.path})" if cfg.data.path else " (the shipped world)" if
                             cfg.data.kind == "world" else "")
-    facts = [f"{rl.method}: reward {rl.reward}, baseline {rl.baseline}, kl_coef {rl.kl_coef}, lr {rl.lr}, "
+    facts = [f"{rl.method}: reward {rl.reward.kind}, baseline {rl.algorithm.baseline}, "
+             f"kl_coef {rl.algorithm.kl_coef}, lr {rl.optimiser.lr}, "
              f"batch {rl.batch_size}, seed {cfg.seed}" if rl.method == "discritune" else
-             f"{rl.method}: lr {rl.lr}, batch {rl.batch_size}, seed {cfg.seed}",
+             f"{rl.method}: lr {rl.optimiser.lr}, batch {rl.batch_size}, seed {cfg.seed}",
              f"data: {data}; runtime: {runtime or 'unknown'}"]
     done = max((r["step"] for r in records), default=0)
     if final is not None:

@@ -109,8 +109,8 @@ def display_image(image: Image.Image, small: int = 160, large: int = 320) -> Ima
 def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, log=print,
                     known: dict[tuple[str, str], list[str]] | None = None) -> TestComparison:
     """Both captioners on the run's test split (the first `eval.images`, as the run's final evaluation), each
-    decoded greedily and with `eval.decoding` (`compared_decodings`), with `rl.max_new_tokens` as during the run;
-    gallery images are written to `out/images/`. The gallery shows the supervised captioner's greedy captions and
+    decoded greedily and with `eval.decoding` (`compared_decodings`), with `rl.sampling.max_new_tokens` as during the
+    run; gallery images are written to `out/images/`. The gallery shows the supervised captioner's greedy captions and
     the fine-tuned captioner's with each decoding, under "CAPTIONER, DECODING". `known`: captions already decoded
     for a (captioner, decoding), e.g. the run's own test captions, used instead of decoding them again."""
     retriever = load_retriever(cfg.retriever)
@@ -123,7 +123,7 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
     selection, known = Selection.from_config(cfg), known or {}
     rows, texts = [], {}
     for name, (model, tokenizer) in models.items():
-        model.config.max_new_tokens = cfg.rl.max_new_tokens
+        model.config.max_new_tokens = cfg.rl.sampling.max_new_tokens
         model.eval()
         reads = captioner_inputs(model, split.source.subset(range(n)), emb, log=log, retriever=retriever)
         for mode in decodings:

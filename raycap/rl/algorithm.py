@@ -5,7 +5,7 @@
   captions into rewards (task reward plus the optional word-swap self-check);
 - `Advantages`: the baseline (none, running mean, self-critical, leave-one-out);
 - `reinforce_loss` / `gumbel_loss`: the learner's loss, with the KL guard to the frozen reference captioner;
-  `reinforce_backward`: that loss's backward pass over micro-batches (`rl.micro_batch`).
+  `reinforce_backward`: that loss's backward pass over micro-batches (`rl.optimiser.micro_batch`).
 
 The policy is the distribution rollouts sample from: softmax(logits / temperature) when `rollout: sample`, so
 the REINFORCE log-probs, the KL guard and the entropy all read the tempered logits. Rollouts that an older
@@ -40,7 +40,7 @@ def generator(seed: int, step: int, stream: int, shard: int = 0) -> torch.Genera
 
 def policy_temperature(cfg: RunConfig) -> float:
     """The temperature of the policy being trained: the sampling temperature (greedy rollouts: 1)."""
-    return cfg.rl.temperature if cfg.rl.rollout == "sample" else 1.0
+    return cfg.rl.sampling.temperature if cfg.rl.sampling.rollout == "sample" else 1.0
 
 
 def rollout(policy: Captioner, img: torch.Tensor, cfg: RunConfig, step: int, shard: int = 0,
@@ -50,9 +50,9 @@ def rollout(policy: Captioner, img: torch.Tensor, cfg: RunConfig, step: int, sha
     by default the policy's own `generate`; both give the same tokens."""
     policy.eval()  # no dropout in RL: the learner scores exactly the policy that sampled
     decode = (decoder or policy).generate
-    if greedy or cfg.rl.rollout == "greedy":
-        return decode(img, mode="greedy", num_samples=1 if greedy else cfg.rl.num_samples)
-    return decode(img, mode="sample", temperature=cfg.rl.temperature, num_samples=cfg.rl.num_samples,
+    if greedy or cfg.rl.sampling.rollout == "greedy":
+        return decode(img, mode="greedy", num_samples=1 if greedy else cfg.rl.sampling.num_samples)
+    return decode(img, mode="sample", temperature=cfg.rl.sampling.temperature, num_samples=cfg.rl.sampling.num_samples,
                            generator=generator(cfg.seed, step, ROLLOUT, shard))
 
 
@@ -97,8 +97,8 @@ class Scorer:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
         idx = torch.from_numpy(rng.choice(len(self.images), size=cfg.rl.batch_size, replace=False))
-        cands = distractors.candidates(idx, self.images, cfg.rl.hard_distractors, cfg.rl.near_duplicate,
-                                       cfg.rl.num_candidates, generator=generator(cfg.seed, step, CANDIDATES))
+        cands = distractors.candidates(idx, self.images, cfg.rl.reward.hard_distractors, cfg.rl.reward.near_duplicate,
+                                       cfg.rl.reward.num_candidates, generator=generator(cfg.seed, step, CANDIDATES))
         return idx, self.inputs[idx], cands
 
     def texts(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
@@ -112,24 +112,24 @@ class Scorer:
             cands = cands.repeat_interleave(tokens.shape[0] // cands.shape[0], dim=0)
         texts = self.texts(tokens, lengths)
         emb = self.retriever.encode_captions(texts)
-        task = rewards.compute(cfg.rl.reward, emb, self.images, cands, self.logit_scale, batch=step)
-        if cfg.rl.cosine_coef:
-            task = task + cfg.rl.cosine_coef * rewards.cosine(emb, self.images[cands[:, 0]], self.logit_scale)
-        if cfg.rl.phrase_coef:
+        task = rewards.compute(cfg.rl.reward.kind, emb, self.images, cands, self.logit_scale, batch=step)
+        if cfg.rl.reward.cosine_coef:
+            task = task + cfg.rl.reward.cosine_coef * rewards.cosine(emb, self.images[cands[:, 0]], self.logit_scale)
+        if cfg.rl.reward.phrase_coef:
             grounding = rewards.phrase_grounding(texts, self.retriever.encode_captions, self.images, cands,
                                                  self.logit_scale)
             rewards.check_finite(grounding, step)
-            task = task + cfg.rl.phrase_coef * grounding
+            task = task + cfg.rl.reward.phrase_coef * grounding
         check, reward = None, task
-        if cfg.rl.self_check_coef:
-            if cfg.rl.self_check_kind == "substitute":
+        if cfg.rl.self_check.coef:
+            if cfg.rl.self_check.kind == "substitute":
                 check = substitution_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions,
-                                           self.logit_scale, cfg.rl.substitution_classes)
+                                           self.logit_scale, cfg.rl.self_check.substitution_classes)
             else:
                 check = self_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions, self.logit_scale,
-                                   cfg.rl.self_check_variants, generator(cfg.seed, step, SELF_CHECK))
+                                   cfg.rl.self_check.variants, generator(cfg.seed, step, SELF_CHECK))
             rewards.check_finite(check, step)
-            reward = task + cfg.rl.self_check_coef * check
+            reward = task + cfg.rl.self_check.coef * check
         return Scores(reward, task, check, rewards.accuracy(emb, self.images, cands), texts)
 
 
@@ -138,11 +138,11 @@ class Advantages:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.running = baselines.RunningMean(momentum=cfg.rl.baseline_momentum)
+        self.running = baselines.RunningMean(momentum=cfg.rl.algorithm.baseline_momentum)
 
     def baseline(self, reward: torch.Tensor, greedy_reward: torch.Tensor | None = None) -> torch.Tensor:
-        return baselines.compute(self.cfg.rl.baseline, reward, running=self.running, greedy=greedy_reward,
-                                 num_samples=self.cfg.rl.num_samples)
+        return baselines.compute(self.cfg.rl.algorithm.baseline, reward, running=self.running, greedy=greedy_reward,
+                                 num_samples=self.cfg.rl.sampling.num_samples)
 
     def state_dict(self) -> dict:
         return self.running.state_dict()
@@ -180,16 +180,16 @@ def reinforce_loss(policy: Captioner, reference: Captioner, img, tokens, lengths
     weights = None
     if behaviour_logprobs is not None:
         ratio = losses.importance_ratio(token_lp.detach(), behaviour_logprobs.to(token_lp.device), lengths)
-        weights = ratio.clamp(max=cfg.rl.importance_ratio_cap)
+        weights = ratio.clamp(max=cfg.rl.algorithm.importance_ratio_cap)
         stats = {"importance_ratio_mean": float(ratio.mean()), "importance_ratio_max": float(ratio.max()),
-                 "importance_ratio_truncated": float((ratio > cfg.rl.importance_ratio_cap).float().mean())}
-    pg = losses.reinforce(token_lp, lengths, advantages, cfg.rl.length_normalise, weights)
-    kl = kl_guard(reference, img, tokens, lengths, logp, token_lp, cfg.rl.kl_estimator)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.rl.entropy_coef)):
+                 "importance_ratio_truncated": float((ratio > cfg.rl.algorithm.importance_ratio_cap).float().mean())}
+    pg = losses.reinforce(token_lp, lengths, advantages, cfg.rl.algorithm.length_normalise, weights)
+    kl = kl_guard(reference, img, tokens, lengths, logp, token_lp, cfg.rl.algorithm.kl_estimator)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.rl.algorithm.entropy_coef)):
         ent = losses.entropy_from_logprobs(logp, lengths)  # only a statistic (no graph kept) unless in the loss
-    loss = pg + cfg.rl.kl_coef * kl.mean()
-    if cfg.rl.entropy_coef:
-        loss = loss - cfg.rl.entropy_coef * ent.mean()
+    loss = pg + cfg.rl.algorithm.kl_coef * kl.mean()
+    if cfg.rl.algorithm.entropy_coef:
+        loss = loss - cfg.rl.algorithm.entropy_coef * ent.mean()
     return loss, stats | {"kl": float(kl.detach().mean()), "entropy": float(ent.detach().mean()),
                           "advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0}
 
@@ -203,14 +203,14 @@ def micro_batches(n_images: int, micro_batch: int | None) -> list[slice]:
 def reinforce_backward(policy: Captioner, reference: Captioner, img, tokens, lengths, advantages, cfg: RunConfig,
                        step: int, backward, forward_context=contextlib.nullcontext,
                        behaviour_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """`reinforce_loss` and its backward pass over micro-batches of `rl.micro_batch` images (with all their
+    """`reinforce_loss` and its backward pass over micro-batches of `rl.optimiser.micro_batch` images (with all their
     samples): each micro-batch's loss, weighted by its share of the captions, is checked (`check_loss`) and
     handed to `backward`, so the gradients accumulate to those of the whole batch's loss while only one
     micro-batch's (N, T, V) tensors are alive. Forward passes run inside `forward_context()` (the role's
     autocast), backward passes outside it. Returns (the whole batch's loss, detached; its statistics)."""
     k = tokens.shape[0] // img.shape[0]
     total, stats, n = 0.0, {}, tokens.shape[0]
-    for part in micro_batches(img.shape[0], cfg.rl.micro_batch):
+    for part in micro_batches(img.shape[0], cfg.rl.optimiser.micro_batch):
         rows = slice(part.start * k, part.stop * k)
         with forward_context():
             loss, s = reinforce_loss(policy, reference, img[part], tokens[rows], lengths[rows], advantages[rows],
@@ -231,10 +231,11 @@ def gumbel_loss(policy: Captioner, reference: Captioner, scorer: Scorer, img, ca
     `-cos(v, c)` or the discriminative loss, + kl_coef * KL guard. Gradients reach the captioner; the retriever
     is frozen."""
     policy.eval()
-    soft = gumbel_decode(policy, img, eos_id, tau=cfg.rl.gumbel_tau, generator=generator(cfg.seed, step, GUMBEL, shard))
+    soft = gumbel_decode(policy, img, eos_id, tau=cfg.rl.algorithm.gumbel_tau,
+                         generator=generator(cfg.seed, step, GUMBEL, shard))
     text_emb = scorer.encode_soft(soft.probs, soft.lengths)
     target = scorer.images[cands[:, 0]]
-    if cfg.rl.gumbel_loss == "relevance":
+    if cfg.rl.algorithm.gumbel_loss == "relevance":
         task = losses.clip_relevance(text_emb, target)
     else:
         task = -rewards.discriminative(text_emb, scorer.images, cands, scorer.logit_scale).mean()
@@ -243,8 +244,8 @@ def gumbel_loss(policy: Captioner, reference: Captioner, scorer: Scorer, img, ca
     tokens = soft.tokens[:, :T]
     logp = torch.log_softmax(soft.logits.float(), -1)
     kl = kl_guard(reference, img, tokens, kl_len, logp, logp.gather(-1, tokens[..., None]).squeeze(-1),
-                  cfg.rl.kl_estimator)
-    loss = task + cfg.rl.kl_coef * kl.mean()
+                  cfg.rl.algorithm.kl_estimator)
+    loss = task + cfg.rl.algorithm.kl_coef * kl.mean()
     with torch.no_grad():
         acc = rewards.accuracy(text_emb, scorer.images, cands)
         cos = (text_emb * target).sum(-1)

@@ -11,8 +11,8 @@
   (rejection-sampling fine-tuning, expert iteration). The reward only ranks an image's captions; a caption is
   never pushed down, and a guess that the reward sees through is simply not the one imitated.
 
-`BASELINES` is the registry of `rl.baseline`'s choices (name -> a function of the rewards and what a baseline
-may read); a new baseline is its function and its entry there (and its name in `RLConfig.baseline`, which a test
+`BASELINES` is the registry of `rl.algorithm.baseline`'s choices (name -> a function of the rewards and what a baseline
+may read); a new baseline is its function and its entry there (and its name in `AlgorithmConfig.baseline`, which a test
 checks against the registry).
 """
 from __future__ import annotations

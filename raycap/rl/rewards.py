@@ -10,8 +10,8 @@ One scale: the retriever's logits, `logit_scale * cos` (CLIP's own; 100 for Open
 - cosine: `logit_scale * cos(text, target image)`, CLIPScore-like, no distractors (the `cosine_coef` term of
   the discriminative reward is this same quantity).
 
-`REWARDS` is the registry of `rl.reward`'s choices (name -> a `Reward`); a new reward is its function and its
-entry there (and its name in `RLConfig.reward`, which a test checks against the registry).
+`REWARDS` is the registry of `rl.reward.kind`'s choices (name -> a `Reward`); a new reward is its function and its
+entry there (and its name in `RewardConfig.kind`, which a test checks against the registry).
 """
 from __future__ import annotations
 

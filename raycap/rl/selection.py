@@ -33,11 +33,11 @@ class Selection:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Selection:
-        """A run's settings: its `eval.select_*`, the self-check's word classes `rl.substitution_classes`, its
-        seed."""
+        """A run's settings: its `eval.select_*`, the self-check's word classes
+        `rl.self_check.substitution_classes`, its seed."""
         e = cfg.eval
         return cls(samples=e.select_samples, cosine_coef=e.select_cosine, check_coef=e.select_check,
-                   classes=cfg.rl.substitution_classes, seed=cfg.seed)
+                   classes=cfg.rl.self_check.substitution_classes, seed=cfg.seed)
 
     def decode(self, captioner, tokenizer, inputs: torch.Tensor, image_emb: torch.Tensor, retriever,
                pool_emb: torch.Tensor, batch_size: int = 512) -> list[str]:

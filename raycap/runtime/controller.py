@@ -193,7 +193,7 @@ class Controller:
             record = self.learn(step, img, None, None, None, cands)
             return record | {"step_seconds": time.perf_counter() - t}, None
         refs = pending or self.submit_rollouts(step, img)
-        greedy_refs = self.submit_rollouts(step, img, greedy=True) if cfg.rl.baseline == "greedy" else None
+        greedy_refs = self.submit_rollouts(step, img, greedy=True) if cfg.rl.algorithm.baseline == "greedy" else None
         tokens, lengths, behaviour_logprobs, info = self.collect(refs)
         scores = ray.get(self.reward.score.remote(cands, tokens, lengths, step))
         greedy = None

@@ -64,13 +64,13 @@ CLIP_NORM = 1.0  # as the reference loop
 def deepspeed_config(cfg: RunConfig, rows_per_rank: int) -> dict:
     """Adam (passed in as the client optimizer: plain torch Adam at a constant lr, as the reference loop, fused on
     CUDA), ZeRO stage from the config, fp32 weights (bf16 is autocast around the forward passes, so the weights
-    the optimizer updates stay the fp32 masters), one gradient-accumulation micro-step per `rl.micro_batch`.
+    the optimizer updates stay the fp32 masters), one gradient-accumulation micro-step per `rl.optimiser.micro_batch`.
     Gradients are clipped to norm 1.0: by DeepSpeed under ZeRO 1-2 (the gradients are partitioned), and without
     ZeRO by the reference loop's own `clip_grad_norm_` after the all-reduce, so that one rank reproduces the
     reference loop's updates bit for bit."""
     world, zero = cfg.runtime.learner_workers, cfg.runtime.zero_stage
     images = cfg.rl.batch_size // world
-    micro = 1 if cfg.rl.method == "gumbel" else len(algorithm.micro_batches(images, cfg.rl.micro_batch))
+    micro = 1 if cfg.rl.method == "gumbel" else len(algorithm.micro_batches(images, cfg.rl.optimiser.micro_batch))
     return {"train_batch_size": rows_per_rank * world, "train_micro_batch_size_per_gpu": rows_per_rank // micro,
             "gradient_accumulation_steps": micro, "gradient_clipping": CLIP_NORM if zero else 0.0,
             "zero_optimization": {"stage": cfg.runtime.zero_stage}, "zero_allow_untested_optimizer": True,
@@ -112,7 +112,8 @@ class Learner:
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         models = build_role_models(cfg, device, reference=True, retriever=cfg.rl.method == "gumbel")
         self.tokenizer, self.reference, self.autocast = models.tokenizer, models.reference, models.autocast
-        rows = cfg.rl.batch_size * (1 if cfg.rl.method == "gumbel" else cfg.rl.num_samples) // rt.learner_workers
+        samples = 1 if cfg.rl.method == "gumbel" else cfg.rl.sampling.num_samples
+        rows = cfg.rl.batch_size * samples // rt.learner_workers
         self.engine, *_ = deepspeed.initialize(model=models.policy, optimizer=optimizer(models.policy, cfg),
                                                config=deepspeed_config(cfg, rows))
         self.device = self.engine.device

@@ -7,12 +7,12 @@ search and how to search them:
     config: world-demo                 # named run config or YAML path (relative to the space file)
     set: {rl.steps: 150, eval.every: 25}
     params:
-      rl.lr: {loguniform: [0.3, 3.0], relative: true}   # bounds times the config's own value
-      rl.kl_coef: {loguniform: [0.03, 1.0]}
-      rl.reward: {choice: [discriminative, accuracy]}
-      rl.hard_distractors: {choice: [0, 5, 10]}
+      rl.optimiser.lr: {loguniform: [0.3, 3.0], relative: true}   # bounds times the config's own value
+      rl.algorithm.kl_coef: {loguniform: [0.03, 1.0]}
+      rl.reward.kind: {choice: [discriminative, accuracy]}
+      rl.reward.hard_distractors: {choice: [0, 5, 10]}
       baseline:                        # a choice among sets of settings (a label, not a config key)
-        choice: [{rl.baseline: mean}, {rl.baseline: loo, rl.num_samples: 4}]
+        choice: [{rl.algorithm.baseline: mean}, {rl.algorithm.baseline: loo, rl.sampling.num_samples: 4}]
     search: {num_samples: 8, max_concurrent: 2, grace_period: 50, reduction_factor: 2}
 
 Kinds: `loguniform` / `uniform` [low, high] (floats), `randint` [low, high) (integers), `choice` [values].
