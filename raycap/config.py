@@ -335,15 +335,37 @@ class SelfCheckConfig(BaseModel):
     variants: int = Field(64, ge=1, description="word-swapped variants per caption in the swap self-check")
     substitution_classes: list[list[str]] = Field(default_factory=list, description="word classes of the "
                                                   "substitution self-check (e.g. the colour words, the shape words)")
+    gate: bool = Field(False, description="verify before imitating: only a caption whose every content word beats "
+                       "each of its substitutes from substitution_classes under the frozen retriever may get a "
+                       "positive advantage (with baseline best: each image imitates its best verified caption, "
+                       "none when no caption is verified)")
+
+    @model_validator(mode="after")
+    def _gate_needs_classes(self):
+        if self.gate and not has_substitutes(self.substitution_classes):
+            raise ValueError("self_check.gate needs self_check.substitution_classes: lists of words that may replace "
+                             "each other, at least one with two words")
+        return self
 
 
 RL_SECTIONS = {"reward": RewardConfig, "sampling": SamplingConfig, "algorithm": AlgorithmConfig,
                "optimiser": OptimiserConfig, "self_check": SelfCheckConfig}
-# The flat rl keys before the sections, and where each lives now.
-RL_MOVED = {"reward": "reward.kind", "self_check_coef": "self_check.coef", "self_check_kind": "self_check.kind",
-            "self_check_variants": "self_check.variants"} | {
-    field: f"{name}.{field}" for name, model in RL_SECTIONS.items() for field in model.model_fields
-    if field not in ("kind", "coef", "variants")}
+# The flat rl keys before the sections, and where each lives now (a fixed record: new settings are not here).
+RL_MOVED = {
+    "reward": "reward.kind", "num_candidates": "reward.num_candidates",
+    "hard_distractors": "reward.hard_distractors", "near_duplicate": "reward.near_duplicate",
+    "cosine_coef": "reward.cosine_coef", "phrase_coef": "reward.phrase_coef",
+    "rollout": "sampling.rollout", "num_samples": "sampling.num_samples", "temperature": "sampling.temperature",
+    "max_new_tokens": "sampling.max_new_tokens",
+    "baseline": "algorithm.baseline", "baseline_momentum": "algorithm.baseline_momentum",
+    "kl_coef": "algorithm.kl_coef", "kl_estimator": "algorithm.kl_estimator",
+    "importance_ratio_cap": "algorithm.importance_ratio_cap", "entropy_coef": "algorithm.entropy_coef",
+    "length_normalise": "algorithm.length_normalise", "gumbel_tau": "algorithm.gumbel_tau",
+    "gumbel_loss": "algorithm.gumbel_loss",
+    "lr": "optimiser.lr", "micro_batch": "optimiser.micro_batch", "train_lm": "optimiser.train_lm",
+    "self_check_coef": "self_check.coef", "self_check_kind": "self_check.kind",
+    "self_check_variants": "self_check.variants", "substitution_classes": "self_check.substitution_classes",
+}
 
 
 class RLConfig(BaseModel):
@@ -435,7 +457,8 @@ class RunConfig(BaseModel):
         needs_classes = self.eval.decoding == "select" and self.eval.select_check
         if needs_classes and not has_substitutes(self.rl.self_check.substitution_classes):
             raise ValueError("eval.decoding select with eval.select_check > 0 needs "
-                             "rl.self_check.substitution_classes (the self-check's word classes), or eval.select_check: 0")
+                             "rl.self_check.substitution_classes (the self-check's word classes), or "
+                             "eval.select_check: 0")
         return self
 
 

@@ -33,6 +33,8 @@ def summarise(scores: algorithm.Scores, lengths: torch.Tensor) -> dict:
            "example": scores.texts[0]}
     if scores.check is not None:
         out |= {"task_reward": float(scores.task.mean()), "self_check": float(scores.check.mean())}
+    if scores.verified is not None:
+        out["verified"] = float(scores.verified.float().mean())
     return out
 
 
@@ -107,7 +109,7 @@ class LocalTrainer:
                     g = algorithm.rollout(self.policy, img, cfg, step, greedy=True, decoder=self.decoder)
                     greedy = self.scorer.score(cands, g.tokens, g.lengths, step).reward
             r = scores.reward
-            advantages = r - self.advantages.baseline(r, greedy)
+            advantages = self.advantages(r, greedy, scores.verified)
             loss, stats = algorithm.reinforce_backward(self.policy, self.reference, img, caps.tokens,
                                                        caps.lengths, advantages, cfg, step, torch.Tensor.backward,
                                                        self.models.autocast)

@@ -104,3 +104,36 @@ def test_hard_distractors_are_among_each_steps_candidates(tiny_world_dir, tmp_pa
     sims[torch.arange(12), idx] = -2
     sims[sims > cfg.rl.reward.near_duplicate] = -2
     assert torch.equal(sims.topk(3).indices.sort(1).values, near.sort(1).values)
+
+
+def test_the_gate_imitates_only_verified_captions(tiny_world_dir, tmp_path, monkeypatch):
+    """self_check.gate with baseline best, in a real update: the imitated caption of each image is its best
+    caption among those whose every content word beats its substitutes under the frozen retriever, recomputed
+    here from the captions' texts."""
+    from raycap.rl.self_check import substitution_margins, verified
+
+    texts = []
+    score = algorithm.Scorer.score
+
+    def keep_texts(self, *args, **kwargs):
+        out = score(self, *args, **kwargs)
+        texts.append((out.texts, out.verified))
+        return out
+
+    monkeypatch.setattr(algorithm.Scorer, "score", keep_texts)
+    trainer, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.algorithm.baseline=best",
+                                  "rl.sampling.num_samples=4", "rl.reward.kind=pool", "rl.self_check.gate=true")
+    (captions, passed), = texts
+    idx, _, cands = trainer.scorer.batch(0)
+    targets = trainer.scorer.images[cands[:, 0]].repeat_interleave(4, dim=0)
+    classes = trainer.cfg.rl.self_check.substitution_classes
+    expected = verified(substitution_margins(captions, targets, trainer.retriever.encode_captions,
+                                             trainer.scorer.logit_scale, classes))
+    assert torch.equal(passed, expected)
+    r, adv, ok = seen["scores"][0].view(12, 4), seen["advantages"].view(12, 4), expected.view(12, 4)
+    assert ok.any(1).any() and not ok.any(1).all()  # this batch has images with and without a verified caption
+    assert torch.equal(adv.sum(1), ok.any(1).float())  # one imitated caption per image with a verified one
+    assert not adv[~ok].any()  # never a caption that failed the check
+    for i in range(12):
+        if ok[i].any():
+            assert r[i, adv[i].bool()].item() == r[i][ok[i]].max().item()

@@ -304,3 +304,47 @@ def test_micro_batch_settings_are_checked_when_the_config_loads():
         load_config("world-demo", ["rl.optimiser.micro_batch=7"])
     with pytest.raises(UserError, match="rl.optimiser.micro_batch splits DiscriTune"):
         load_config("world-demo", ["rl.optimiser.micro_batch=8", "rl.method=gumbel"])
+
+
+def test_the_gate_verifies_each_content_word_by_hand():
+    """A caption is verified when it has a content word and every content word beats each of its substitutes;
+    one losing word (a red *circle* whose image the retriever finds more star-like) fails it."""
+    from raycap.rl.self_check import substitution_margins, verified
+
+    classes = [["red", "green"], ["circle", "star", "square"]]
+    table = {"a red circle": [0.9, 0.1], "a green circle": [0.5, 0.5], "a red star": [0.95, 0.05],
+             "a red square": [0.2, 0.8], "a green star": [0.96, 0.04], "some shapes": [0.3, 0.7]}
+
+    def encode(texts):
+        return torch.tensor([table[t] for t in texts])
+
+    image = torch.tensor([[1.0, 0.0]] * 3)
+    margins = substitution_margins(["a red circle", "a red star", "some shapes"], image, encode, 10.0, classes)
+    torch.testing.assert_close(margins[0], torch.tensor([10.0 * (0.9 - 0.5), 10.0 * (0.9 - 0.95)]))
+    torch.testing.assert_close(margins[1], torch.tensor([10.0 * (0.95 - 0.96), 10.0 * (0.95 - 0.9)]))
+    assert margins[2].numel() == 0
+    assert verified(margins).tolist() == [False, False, False]
+    table["a green star"] = [0.6, 0.4]  # now "a red star" beats its colour and its shape substitutes
+    assert verified(substitution_margins(["a red star"], image[:1], encode, 10.0, classes)).tolist() == [True]
+
+
+def test_best_of_verified_and_the_gate_on_other_baselines():
+    """best: each image imitates its best *verified* caption, none when no caption is; other baselines: a caption
+    that failed the check keeps a negative advantage but never gets a positive one."""
+    from raycap.config import load_config
+    from raycap.errors import UserError
+    from raycap.rl.algorithm import Advantages
+
+    rewards = torch.tensor([3.0, 1.0, 2.0, 5.0, 4.0, 0.0])
+    ok = torch.tensor([False, True, True, False, False, False])
+    assert baselines.best_of_verified(rewards, ok, 3).tolist() == [0, 0, 1, 0, 0, 0]
+    best = Advantages(load_config("world-demo", ["rl.sampling.num_samples=3", "rl.self_check.gate=true"]))
+    assert best(rewards, verified=ok).tolist() == [0, 0, 1, 0, 0, 0]
+    assert best(rewards).tolist() == [1, 0, 0, 1, 0, 0]  # ungated: the best of all
+    mean = Advantages(load_config("world-demo", ["rl.sampling.num_samples=3", "rl.algorithm.baseline=mean",
+                                                 "rl.self_check.gate=true"]))
+    adv = mean(rewards, verified=ok)  # first batch: b = the batch mean 2.5
+    assert adv.tolist() == [0.0, -1.5, -0.5, 0.0, 0.0, -2.5]
+    with pytest.raises(UserError, match="self_check.gate needs self_check.substitution_classes"):
+        load_config("world-demo", ["rl.self_check.gate=true", "rl.self_check.substitution_classes=[]",
+                                   "eval.select_check=0", "rl.self_check.kind=swap"])

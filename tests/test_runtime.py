@@ -27,11 +27,14 @@ def config(world, *overrides):
 
 
 def test_ray_runtime_matches_the_reference_loop(tiny_world_dir, tmp_path):
-    ray_run = run(tiny_world_dir, tmp_path / "ray", "--set", "rl.steps=3")
+    """The same updates on both runtimes, the verify-then-imitate gate included (its verdicts travel from the
+    reward service to the controller's advantages)."""
+    gate = ("--set", "rl.self_check.gate=true")
+    ray_run = run(tiny_world_dir, tmp_path / "ray", "--set", "rl.steps=3", *gate)
     local = run(tiny_world_dir, tmp_path / "local", "--set", "rl.steps=3", "--set", "rl.optimiser.micro_batch=8",
-                runtime="local")  # micro-batches of 8 images accumulate the whole batch's gradient
+                *gate, runtime="local")  # micro-batches of 8 images accumulate the whole batch's gradient
     a, b = records(tmp_path / "ray"), records(tmp_path / "local")
-    for key in ("reward_mean", "kl", "loss", "train_p_at_1"):
+    for key in ("reward_mean", "kl", "loss", "train_p_at_1", "verified"):
         assert [r[key] for r in a[1:]] == pytest.approx([r[key] for r in b[1:]], rel=1e-4, abs=1e-5), key
     assert ray_run["p_at_1"] == pytest.approx(local["p_at_1"], abs=0.011)
     assert [r["policy_lag"] for r in a[1:]] == [0, 0, 0]

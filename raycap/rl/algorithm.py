@@ -28,7 +28,7 @@ from raycap.models.captioner import Captioner, Captions
 from raycap.models.tokenizers import decode
 from raycap.rl import baselines, losses, rewards
 from raycap.rl.gumbel import gumbel_decode
-from raycap.rl.self_check import self_check, substitution_check
+from raycap.rl.self_check import self_check, substitution_margins, substitution_score, verified
 
 CANDIDATES, ROLLOUT, SELF_CHECK, GUMBEL = 0, 1, 2, 3  # independent random streams of one step
 
@@ -63,6 +63,7 @@ class Scores:
     check: torch.Tensor | None    # (N,) the self-check alone (None when off)
     accuracy: torch.Tensor        # (N,) 1 if the caption retrieves its image among the candidates
     texts: list[str]
+    verified: torch.Tensor | None = None  # (N,) bool: passes the substitution check (self_check.gate; else None)
 
 
 class Scorer:
@@ -120,17 +121,21 @@ class Scorer:
                                                  self.logit_scale)
             rewards.check_finite(grounding, step)
             task = task + cfg.rl.reward.phrase_coef * grounding
-        check, reward = None, task
-        if cfg.rl.self_check.coef:
-            if cfg.rl.self_check.kind == "substitute":
-                check = substitution_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions,
-                                           self.logit_scale, cfg.rl.self_check.substitution_classes)
-            else:
-                check = self_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions, self.logit_scale,
-                                   cfg.rl.self_check.variants, generator(cfg.seed, step, SELF_CHECK))
+        check, reward, passed, sc = None, task, None, cfg.rl.self_check
+        substituted = sc.kind == "substitute" and sc.coef
+        if substituted or sc.gate:  # one encoding of the substitutes serves the check and the gate
+            margins = substitution_margins(texts, self.images[cands[:, 0]], self.retriever.encode_captions,
+                                           self.logit_scale, sc.substitution_classes)
+            passed = verified(margins) if sc.gate else None
+        if substituted:
+            check = substitution_score(margins)
+        elif sc.coef:
+            check = self_check(texts, self.images[cands[:, 0]], self.retriever.encode_captions, self.logit_scale,
+                               sc.variants, generator(cfg.seed, step, SELF_CHECK))
+        if check is not None:
             rewards.check_finite(check, step)
-            reward = task + cfg.rl.self_check.coef * check
-        return Scores(reward, task, check, rewards.accuracy(emb, self.images, cands), texts)
+            reward = task + sc.coef * check
+        return Scores(reward, task, check, rewards.accuracy(emb, self.images, cands), texts, passed)
 
 
 class Advantages:
@@ -143,6 +148,19 @@ class Advantages:
     def baseline(self, reward: torch.Tensor, greedy_reward: torch.Tensor | None = None) -> torch.Tensor:
         return baselines.compute(self.cfg.rl.algorithm.baseline, reward, running=self.running, greedy=greedy_reward,
                                  num_samples=self.cfg.rl.sampling.num_samples)
+
+    def __call__(self, reward: torch.Tensor, greedy_reward: torch.Tensor | None = None,
+                 verified: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) advantages `R - b`; with `verified` (self_check.gate) a caption that failed the check is never
+        pushed up (its advantage is at most 0) and the `best` baseline imitates each image's best verified
+        caption (`baselines.best_of_verified`). The running mean still sees every reward."""
+        if verified is None:
+            return reward - self.baseline(reward, greedy_reward)
+        verified = verified.to(reward.device)
+        if self.cfg.rl.algorithm.baseline == "best":
+            return baselines.best_of_verified(reward, verified, self.cfg.rl.sampling.num_samples)
+        advantages = reward - self.baseline(reward, greedy_reward)
+        return torch.where(verified, advantages, advantages.clamp(max=0))
 
     def state_dict(self) -> dict:
         return self.running.state_dict()

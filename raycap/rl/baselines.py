@@ -83,6 +83,16 @@ def best_of_n(rewards: torch.Tensor, num_samples: int) -> torch.Tensor:
     return (groups - best).reshape(rewards.shape)
 
 
+def best_of_verified(rewards: torch.Tensor, verified: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Advantages (not a baseline) of the `best` baseline behind a verifier: 1 for the first highest-reward
+    caption among each image's verified captions, 0 for every other caption (and for every caption of an image
+    with none verified)."""
+    groups = rewards.view(-1, num_samples).float().masked_fill(~verified.view(-1, num_samples), float("-inf"))
+    best = torch.zeros_like(groups).scatter_(1, groups.argmax(dim=1, keepdim=True), 1.0)
+    best *= verified.view(-1, num_samples).any(dim=1, keepdim=True)
+    return best.reshape(rewards.shape).to(rewards.dtype)
+
+
 def _greedy(rewards: torch.Tensor, *, greedy: torch.Tensor | None, num_samples: int, **_) -> torch.Tensor:
     if greedy is None:
         raise ValueError("the greedy (self-critical) baseline needs the greedy captions' rewards")

@@ -67,6 +67,39 @@ def word_substitutions(caption: str, classes: Sequence[Sequence[str]]) -> list[l
     return out
 
 
+def substitution_margins(captions: Sequence[str], image_emb: torch.Tensor, encode: Encoder, logit_scale: float,
+                         classes: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+    """Per caption, a (K,) tensor with one entry per content word: `s * (cos(caption, image) - max_v cos(v, image))`
+    over that word's single-word substitutes v (K = 0 for a caption without content words)."""
+    groups = [word_substitutions(c, classes) for c in captions]
+    texts = [t for c, g in zip(captions, groups) for t in [c, *(v for vs in g for v in vs)]]
+    emb = encode(texts).float() if texts else image_emb.new_zeros(0, image_emb.shape[1])
+    out, start = [], 0
+    for g, img in zip(groups, image_emb.float()):
+        n = 1 + sum(len(vs) for vs in g)
+        logits = logit_scale * emb[start:start + n] @ img
+        k, margins = 1, []
+        for vs in g:
+            margins.append(logits[0] - logits[k:k + len(vs)].max())
+            k += len(vs)
+        out.append(torch.stack(margins) if margins else logits.new_zeros(0))
+        start += n
+    return out
+
+
+def substitution_score(margins: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N,) the substitution self-check from `substitution_margins`: the mean over content words of
+    `log sigmoid(margin) + log 2`; no content word: 0."""
+    return torch.stack([F.logsigmoid(m).mean() + math.log(2) if m.numel() else m.new_zeros(()) for m in margins])
+
+
+def verified(margins: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N,) bool from `substitution_margins`: the caption has a content word and every content word beats each of
+    its substitutes (every margin > 0)."""
+    return torch.tensor([bool(m.numel()) and bool((m > 0).all()) for m in margins], dtype=torch.bool,
+                        device=margins[0].device if margins else None)
+
+
 def substitution_check(captions: Sequence[str], image_emb: torch.Tensor, encode: Encoder, logit_scale: float,
                        classes: Sequence[Sequence[str]]) -> torch.Tensor:
     """(N,) substitution self-check: each content word must beat its single-word substitutes under the frozen
@@ -75,23 +108,7 @@ def substitution_check(captions: Sequence[str], image_emb: torch.Tensor, encode:
     supports scores up to log 2, an undecided one 0, and a word whose substitute the image supports better (a
     green *circle* for a green star) loses the margin: one false word costs its caption that margin divided by its
     number of content words, however many substitutes the classes offer. No content word: 0."""
-    groups = [word_substitutions(c, classes) for c in captions]
-    texts = [t for c, g in zip(captions, groups) for t in [c, *(v for vs in g for v in vs)]]
-    emb = encode(texts).float() if texts else image_emb.new_zeros(0, image_emb.shape[1])
-    out, start = [], 0
-    for g, img in zip(groups, image_emb.float()):
-        n = 1 + sum(len(vs) for vs in g)
-        logits = logit_scale * emb[start:start + n] @ img
-        if not g:
-            out.append(logits.new_zeros(()))
-        else:
-            k, margins = 1, []
-            for vs in g:
-                margins.append(logits[0] - logits[k:k + len(vs)].max())
-                k += len(vs)
-            out.append(F.logsigmoid(torch.stack(margins)).mean() + math.log(2))
-        start += n
-    return torch.stack(out)
+    return substitution_score(substitution_margins(captions, image_emb, encode, logit_scale, classes))
 
 
 def self_check(captions: Sequence[str], image_emb: torch.Tensor, encode: Encoder, logit_scale: float,

@@ -201,7 +201,7 @@ class Controller:
             g_tokens, g_lengths, _, _ = self.collect(greedy_refs)
             greedy = ray.get(self.reward.score.remote(cands, g_tokens, g_lengths, step))["reward"]
         r = scores["reward"]
-        advantages = r - self.advantages.baseline(r, greedy)
+        advantages = self.advantages(r, greedy, scores["verified"])
         nxt = None
         if cfg.runtime.max_policy_lag >= 1 and step + 1 < cfg.rl.steps:  # decode t+1 while the learner updates t
             nxt = self.submit_rollouts(step + 1, ray.get(self._next_batch[step + 1])[1])
@@ -216,6 +216,8 @@ class Controller:
         record["weight_sync_seconds"] += info["rollout_sync_seconds"]
         if scores["check"] is not None:
             record |= {"task_reward": float(scores["task"].mean()), "self_check": float(scores["check"].mean())}
+        if scores["verified"] is not None:
+            record["verified"] = float(scores["verified"].float().mean())
         record["step_seconds"] = time.perf_counter() - t
         record["captions_per_second"] = len(tokens) / record["step_seconds"]
         return record, nxt

@@ -52,6 +52,7 @@ class RewardService:
             s = self.scorer.score(cands, tokens, lengths, step)
         cpu = {k: None if v is None else v.float().cpu()
                for k, v in {"reward": s.reward, "task": s.task, "check": s.check, "accuracy": s.accuracy}.items()}
+        cpu["verified"] = None if s.verified is None else s.verified.cpu()
         return cpu | {"texts": s.texts, "score_seconds": time.perf_counter() - t}
 
     def evaluate(self, weights: list, n: int, split: str = "val", decoding: str | None = None) -> dict:
