@@ -58,7 +58,7 @@ def rollout(policy: Captioner, img: torch.Tensor, cfg: RunConfig, step: int, sha
 
 @dataclass
 class Scores:
-    reward: torch.Tensor          # (N,) what REINFORCE maximises: task reward + self_check_coef * check
+    reward: torch.Tensor          # (N,) what REINFORCE maximises: task reward + self_check.coef * check
     task: torch.Tensor            # (N,) the task reward alone (with the cosine term if cosine_coef)
     check: torch.Tensor | None    # (N,) the self-check alone (None when off)
     accuracy: torch.Tensor        # (N,) 1 if the caption retrieves its image among the candidates
