@@ -409,6 +409,9 @@ class RLConfig(BaseModel):
         if reward.hard_distractors >= reward.num_candidates:
             raise ValueError("reward.hard_distractors must be < reward.num_candidates")
         check = self.self_check
+        if check.gate and self.method == "gumbel":
+            raise ValueError("self_check.gate decides which captions DiscriTune may push up; method gumbel has no "
+                             "advantages to gate (self_check.gate: false)")
         if check.kind == "substitute" and not has_substitutes(check.substitution_classes):
             raise ValueError("self_check.kind 'substitute' needs self_check.substitution_classes: lists of words "
                              "that may replace each other, at least one with two words")

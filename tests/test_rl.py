@@ -345,6 +345,9 @@ def test_best_of_verified_and_the_gate_on_other_baselines():
                                                  "rl.self_check.gate=true"]))
     adv = mean(rewards, verified=ok)  # first batch: b = the batch mean 2.5
     assert adv.tolist() == [0.0, -1.5, -0.5, 0.0, 0.0, -2.5]
+    with pytest.raises(UserError, match="method gumbel has no advantages to gate"):
+        load_config("world-demo", ["rl.self_check.gate=true", "rl.method=gumbel", "rl.algorithm.baseline=mean",
+                                   "rl.sampling.num_samples=1"])
     with pytest.raises(UserError, match="self_check.gate needs self_check.substitution_classes"):
         load_config("world-demo", ["rl.self_check.gate=true", "rl.self_check.substitution_classes=[]",
                                    "eval.select_check=0", "rl.self_check.kind=swap"])
