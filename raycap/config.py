@@ -386,7 +386,7 @@ class RLConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _refuse_flat_keys(cls, data):
-        """A flat key of the config before the sections (`rl.algorithm.kl_coef`) is refused with its new place."""
+        """A flat key of the config before the sections (`rl.kl_coef`) is refused with its new place."""
         if isinstance(data, dict):
             moved = [f"rl.{k} is now rl.{RL_MOVED[k]}" for k in data
                      if k in RL_MOVED and not (k == "reward" and isinstance(data[k], (dict, BaseModel)))]

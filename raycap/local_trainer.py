@@ -26,18 +26,6 @@ from raycap.supervised.captioner import evaluate_images
 STATE_FILE = CHECKPOINT_MARKERS["local"]  # "trainer_state.pt"
 
 
-def summarise(scores: algorithm.Scores, lengths: torch.Tensor) -> dict:
-    """The step's reward statistics, as logged by both runtimes."""
-    out = {"reward_mean": float(scores.reward.mean()), "reward_std": float(scores.reward.std()),
-           "train_p_at_1": float(scores.accuracy.mean()), "caption_length": float(lengths.float().mean()),
-           "example": scores.texts[0]}
-    if scores.check is not None:
-        out |= {"task_reward": float(scores.task.mean()), "self_check": float(scores.check.mean())}
-    if scores.verified is not None:
-        out["verified"] = float(scores.verified.float().mean())
-    return out
-
-
 class LocalTrainer:
     def __init__(self, config: RunConfig, out: Path, log=print, allow_new_config: bool = False, splits=None):
         """`splits`: the run's images already opened (`raycap.inputs.open_splits` for this config's data and
@@ -113,7 +101,7 @@ class LocalTrainer:
             loss, stats = algorithm.reinforce_backward(self.policy, self.reference, img, caps.tokens,
                                                        caps.lengths, advantages, cfg, step, torch.Tensor.backward,
                                                        self.models.autocast)
-            stats |= summarise(scores, caps.lengths)
+            stats |= algorithm.summarise(scores, caps.lengths)
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
         self.opt.step()
         return stats | {"loss": float(loss.detach())}

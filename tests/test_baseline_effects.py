@@ -110,7 +110,7 @@ def test_the_gate_imitates_only_verified_captions(tiny_world_dir, tmp_path, monk
     """self_check.gate with baseline best, in a real update: the imitated caption of each image is its best
     caption among those whose every content word beats its substitutes under the frozen retriever, recomputed
     here from the captions' texts."""
-    from raycap.rl.self_check import substitution_margins, verified
+    from raycap.rl.self_check import substitution_margins, substitutions_passed
 
     texts = []
     score = algorithm.Scorer.score
@@ -127,7 +127,7 @@ def test_the_gate_imitates_only_verified_captions(tiny_world_dir, tmp_path, monk
     idx, _, cands = trainer.scorer.batch(0)
     targets = trainer.scorer.images[cands[:, 0]].repeat_interleave(4, dim=0)
     classes = trainer.cfg.rl.self_check.substitution_classes
-    expected = verified(substitution_margins(captions, targets, trainer.retriever.encode_captions,
+    expected = substitutions_passed(substitution_margins(captions, targets, trainer.retriever.encode_captions,
                                              trainer.scorer.logit_scale, classes))
     assert torch.equal(passed, expected)
     r, adv, ok = seen["scores"][0].view(12, 4), seen["advantages"].view(12, 4), expected.view(12, 4)

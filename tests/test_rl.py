@@ -309,7 +309,7 @@ def test_micro_batch_settings_are_checked_when_the_config_loads():
 def test_the_gate_verifies_each_content_word_by_hand():
     """A caption is verified when it has a content word and every content word beats each of its substitutes;
     one losing word (a red *circle* whose image the retriever finds more star-like) fails it."""
-    from raycap.rl.self_check import substitution_margins, verified
+    from raycap.rl.self_check import substitution_margins, substitutions_passed
 
     classes = [["red", "green"], ["circle", "star", "square"]]
     table = {"a red circle": [0.9, 0.1], "a green circle": [0.5, 0.5], "a red star": [0.95, 0.05],
@@ -323,9 +323,10 @@ def test_the_gate_verifies_each_content_word_by_hand():
     torch.testing.assert_close(margins[0], torch.tensor([10.0 * (0.9 - 0.5), 10.0 * (0.9 - 0.95)]))
     torch.testing.assert_close(margins[1], torch.tensor([10.0 * (0.95 - 0.96), 10.0 * (0.95 - 0.9)]))
     assert margins[2].numel() == 0
-    assert verified(margins).tolist() == [False, False, False]
+    assert substitutions_passed(margins).tolist() == [False, False, False]
     table["a green star"] = [0.6, 0.4]  # now "a red star" beats its colour and its shape substitutes
-    assert verified(substitution_margins(["a red star"], image[:1], encode, 10.0, classes)).tolist() == [True]
+    margins = substitution_margins(["a red star"], image[:1], encode, 10.0, classes)
+    assert substitutions_passed(margins).tolist() == [True]
 
 
 def test_best_of_verified_and_the_gate_on_other_baselines():

@@ -28,7 +28,7 @@ from raycap.models.captioner import Captioner, Captions
 from raycap.models.tokenizers import decode
 from raycap.rl import baselines, losses, rewards
 from raycap.rl.gumbel import gumbel_decode
-from raycap.rl.self_check import self_check, substitution_margins, substitution_score, verified
+from raycap.rl.self_check import self_check, substitution_margins, substitution_score, substitutions_passed
 
 CANDIDATES, ROLLOUT, SELF_CHECK, GUMBEL = 0, 1, 2, 3  # independent random streams of one step
 
@@ -64,6 +64,26 @@ class Scores:
     accuracy: torch.Tensor        # (N,) 1 if the caption retrieves its image among the candidates
     texts: list[str]
     verified: torch.Tensor | None = None  # (N,) bool: passes the substitution check (self_check.gate; else None)
+
+    def cpu(self) -> Scores:
+        """The same scores on the CPU (float32; `verified` stays bool), to send from the reward service."""
+        def move(t):
+            return None if t is None else t.float().cpu()
+
+        return Scores(move(self.reward), move(self.task), move(self.check), move(self.accuracy), self.texts,
+                      None if self.verified is None else self.verified.cpu())
+
+
+def summarise(scores: Scores, lengths: torch.Tensor) -> dict:
+    """The step's reward statistics, as logged by both runtimes."""
+    out = {"reward_mean": float(scores.reward.mean()), "reward_std": float(scores.reward.std()),
+           "train_p_at_1": float(scores.accuracy.mean()), "caption_length": float(lengths.float().mean()),
+           "example": scores.texts[0]}
+    if scores.check is not None:
+        out |= {"task_reward": float(scores.task.mean()), "self_check": float(scores.check.mean())}
+    if scores.verified is not None:
+        out["verified"] = float(scores.verified.float().mean())
+    return out
 
 
 class Scorer:
@@ -126,7 +146,7 @@ class Scorer:
         if substituted or sc.gate:  # one encoding of the substitutes serves the check and the gate
             margins = substitution_margins(texts, self.images[cands[:, 0]], self.retriever.encode_captions,
                                            self.logit_scale, sc.substitution_classes)
-            passed = verified(margins) if sc.gate else None
+            passed = substitutions_passed(margins) if sc.gate else None
         if substituted:
             check = substitution_score(margins)
         elif sc.coef:

@@ -195,29 +195,22 @@ class Controller:
         refs = pending or self.submit_rollouts(step, img)
         greedy_refs = self.submit_rollouts(step, img, greedy=True) if cfg.rl.algorithm.baseline == "greedy" else None
         tokens, lengths, behaviour_logprobs, info = self.collect(refs)
-        scores = ray.get(self.reward.score.remote(cands, tokens, lengths, step))
+        scores, score_seconds = ray.get(self.reward.score.remote(cands, tokens, lengths, step))
         greedy = None
         if greedy_refs:
             g_tokens, g_lengths, _, _ = self.collect(greedy_refs)
-            greedy = ray.get(self.reward.score.remote(cands, g_tokens, g_lengths, step))["reward"]
-        r = scores["reward"]
-        advantages = self.advantages(r, greedy, scores["verified"])
+            greedy = ray.get(self.reward.score.remote(cands, g_tokens, g_lengths, step))[0].reward
+        advantages = self.advantages(scores.reward, greedy, scores.verified)
         nxt = None
         if cfg.runtime.max_policy_lag >= 1 and step + 1 < cfg.rl.steps:  # decode t+1 while the learner updates t
             nxt = self.submit_rollouts(step + 1, ray.get(self._next_batch[step + 1])[1])
         policy_lag = self.version - info["rollout_version"]
         record = self.learn(step, img, tokens, lengths, advantages,
                             behaviour_logprobs=behaviour_logprobs if policy_lag else None)
-        record |= {
-            "reward_mean": float(r.mean()), "reward_std": float(r.std()),
-            "train_p_at_1": float(scores["accuracy"].mean()), "caption_length": float(lengths.float().mean()),
-            "example": scores["texts"][0], "policy_lag": float(policy_lag), "decode_seconds": info["decode_seconds"],
-            "score_seconds": scores["score_seconds"], "actor_restarts": self.restarts}
+        record |= algorithm.summarise(scores, lengths) | {
+            "policy_lag": float(policy_lag), "decode_seconds": info["decode_seconds"],
+            "score_seconds": score_seconds, "actor_restarts": self.restarts}
         record["weight_sync_seconds"] += info["rollout_sync_seconds"]
-        if scores["check"] is not None:
-            record |= {"task_reward": float(scores["task"].mean()), "self_check": float(scores["check"].mean())}
-        if scores["verified"] is not None:
-            record["verified"] = float(scores["verified"].float().mean())
         record["step_seconds"] = time.perf_counter() - t
         record["captions_per_second"] = len(tokens) / record["step_seconds"]
         return record, nxt

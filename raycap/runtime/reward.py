@@ -13,6 +13,7 @@ import torch
 
 from raycap.config import RunConfig
 from raycap.inputs import SplitImages
+from raycap.rl import algorithm
 from raycap.rl.selection import Selection
 from raycap.roles import build_role_models, train_scorer
 from raycap.runtime import resources
@@ -46,14 +47,13 @@ class RewardService:
         """The step's (image indices, captioner inputs, candidates), on the CPU for the controller."""
         return tuple(t.cpu() for t in self.scorer.batch(step))
 
-    def score(self, cands: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, step: int) -> dict:
+    def score(self, cands: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+              step: int) -> tuple[algorithm.Scores, float]:
+        """The captions' scores on the CPU, and the seconds they took."""
         t = time.perf_counter()
         with self.models.autocast():
             s = self.scorer.score(cands, tokens, lengths, step)
-        cpu = {k: None if v is None else v.float().cpu()
-               for k, v in {"reward": s.reward, "task": s.task, "check": s.check, "accuracy": s.accuracy}.items()}
-        cpu["verified"] = None if s.verified is None else s.verified.cpu()
-        return cpu | {"texts": s.texts, "score_seconds": time.perf_counter() - t}
+        return s.cpu(), time.perf_counter() - t
 
     def evaluate(self, weights: list, n: int, split: str = "val", decoding: str | None = None) -> dict:
         """Metrics on `split` of the captioner with the given trainable weights, decoded as `decoding` says
