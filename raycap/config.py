@@ -339,6 +339,8 @@ class SelfCheckConfig(BaseModel):
                        "each of its substitutes from substitution_classes under the frozen retriever may get a "
                        "positive advantage (with baseline best: each image imitates its best verified caption, "
                        "none when no caption is verified)")
+    gate_margin: float = Field(0.0, ge=0, description="the gate's margin: a content word passes when it beats each "
+                               "substitute by more than this many logits (logit_scale * cosine) under the retriever")
 
     @model_validator(mode="after")
     def _gate_needs_classes(self):

@@ -307,8 +307,9 @@ def test_micro_batch_settings_are_checked_when_the_config_loads():
 
 
 def test_the_gate_verifies_each_content_word_by_hand():
-    """A caption is verified when it has a content word and every content word beats each of its substitutes;
-    one losing word (a red *circle* whose image the retriever finds more star-like) fails it."""
+    """A caption is verified when it has a content word and every content word beats each of its substitutes (by
+    more than the gate margin); one losing word (a red *circle* whose image the retriever finds more star-like)
+    fails it."""
     from raycap.rl.self_check import substitution_margins, substitutions_passed
 
     classes = [["red", "green"], ["circle", "star", "square"]]
@@ -327,6 +328,9 @@ def test_the_gate_verifies_each_content_word_by_hand():
     table["a green star"] = [0.6, 0.4]  # now "a red star" beats its colour and its shape substitutes
     margins = substitution_margins(["a red star"], image[:1], encode, 10.0, classes)
     assert substitutions_passed(margins).tolist() == [True]
+    # its margins are 3.5 (colour) and 0.5 (shape): a gate margin of 0.4 passes it, 1.0 does not
+    assert substitutions_passed(margins, 0.4).tolist() == [True]
+    assert substitutions_passed(margins, 1.0).tolist() == [False]
 
 
 def test_best_of_verified_and_the_gate_on_other_baselines():

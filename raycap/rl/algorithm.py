@@ -146,7 +146,7 @@ class Scorer:
         if substituted or sc.gate:  # one encoding of the substitutes serves the check and the gate
             margins = substitution_margins(texts, self.images[cands[:, 0]], self.retriever.encode_captions,
                                            self.logit_scale, sc.substitution_classes)
-            passed = substitutions_passed(margins) if sc.gate else None
+            passed = substitutions_passed(margins, sc.gate_margin) if sc.gate else None
         if substituted:
             check = substitution_score(margins)
         elif sc.coef:

@@ -93,10 +93,10 @@ def substitution_score(margins: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([F.logsigmoid(m).mean() + math.log(2) if m.numel() else m.new_zeros(()) for m in margins])
 
 
-def substitutions_passed(margins: Sequence[torch.Tensor]) -> torch.Tensor:
+def substitutions_passed(margins: Sequence[torch.Tensor], threshold: float = 0.0) -> torch.Tensor:
     """(N,) bool from `substitution_margins`: the caption has a content word and every content word beats each of
-    its substitutes (every margin > 0)."""
-    return torch.tensor([bool(m.numel()) and bool((m > 0).all()) for m in margins], dtype=torch.bool,
+    its substitutes by more than `threshold` logits (every margin > threshold)."""
+    return torch.tensor([bool(m.numel()) and bool((m > threshold).all()) for m in margins], dtype=torch.bool,
                         device=margins[0].device if margins else None)
 
 
