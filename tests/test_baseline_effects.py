@@ -2,6 +2,7 @@
 self-critical baseline is the reward of the policy's own greedy caption of the same image, leave-one-out is
 the mean reward of the image's other samples, best-of-n is one-hot on each image's best sample, the running mean
 starts at the first batch's mean."""
+import pytest
 import torch
 
 from raycap.config import load_config
@@ -106,10 +107,11 @@ def test_hard_distractors_are_among_each_steps_candidates(tiny_world_dir, tmp_pa
     assert torch.equal(sims.topk(3).indices.sort(1).values, near.sort(1).values)
 
 
-def test_the_gate_imitates_only_verified_captions(tiny_world_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("margin", [0.0, 1.0])
+def test_the_gate_imitates_only_verified_captions(tiny_world_dir, tmp_path, monkeypatch, margin):
     """self_check.gate with baseline best, in a real update: the imitated caption of each image is its best
-    caption among those whose every content word beats its substitutes under the frozen retriever, recomputed
-    here from the captions' texts."""
+    caption among those whose every content word beats its substitutes (by more than gate_margin) under the frozen
+    retriever, recomputed here from the captions' texts."""
     from raycap.rl.self_check import substitution_margins, substitutions_passed
 
     texts = []
@@ -122,15 +124,21 @@ def test_the_gate_imitates_only_verified_captions(tiny_world_dir, tmp_path, monk
 
     monkeypatch.setattr(algorithm.Scorer, "score", keep_texts)
     trainer, seen, _ = one_update(tiny_world_dir, tmp_path, monkeypatch, "rl.algorithm.baseline=best",
-                                  "rl.sampling.num_samples=4", "rl.reward.kind=pool", "rl.self_check.gate=true")
+                                  "rl.sampling.num_samples=4", "rl.reward.kind=pool", "rl.self_check.gate=true",
+                                  f"rl.self_check.gate_margin={margin}")
     (captions, passed), = texts
     idx, _, cands = trainer.scorer.batch(0)
     targets = trainer.scorer.images[cands[:, 0]].repeat_interleave(4, dim=0)
     classes = trainer.cfg.rl.self_check.substitution_classes
-    expected = substitutions_passed(substitution_margins(captions, targets, trainer.retriever.encode_captions,
-                                             trainer.scorer.logit_scale, classes))
+    margins = substitution_margins(captions, targets, trainer.retriever.encode_captions, trainer.scorer.logit_scale,
+                                   classes)
+    expected = substitutions_passed(margins, margin)
     assert torch.equal(passed, expected)
     r, adv, ok = seen["scores"][0].view(12, 4), seen["advantages"].view(12, 4), expected.view(12, 4)
+    if margin:  # this batch's verified captions win by less than 1 logit: the margin refuses them, none is imitated
+        assert substitutions_passed(margins).any() and not ok.any()
+        assert not adv.any()
+        return
     assert ok.any(1).any() and not ok.any(1).all()  # this batch has images with and without a verified caption
     assert torch.equal(adv.sum(1), ok.any(1).float())  # one imitated caption per image with a verified one
     assert not adv[~ok].any()  # never a caption that failed the check
