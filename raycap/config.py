@@ -341,9 +341,15 @@ class SelfCheckConfig(BaseModel):
                        "none when no caption is verified)")
     gate_margin: float = Field(0.0, ge=0, description="the gate's margin: a content word passes when it beats each "
                                "substitute by more than this many logits (logit_scale * cosine) under the retriever")
+    gate_penalty: float = Field(0.0, ge=0, description="the advantage of a caption that fails the gate is at most "
+                                "-gate_penalty (with baseline best: exactly), so the policy unlearns what the "
+                                "verifier rejects instead of only not imitating it")
 
     @model_validator(mode="after")
     def _gate_needs_classes(self):
+        for key in ("gate_margin", "gate_penalty"):
+            if getattr(self, key) and not self.gate:
+                raise ValueError(f"self_check.{key} applies only with self_check.gate: true")
         if self.gate and not has_substitutes(self.substitution_classes):
             raise ValueError("self_check.gate needs self_check.substitution_classes: lists of words that may replace "
                              "each other, at least one with two words")

@@ -335,7 +335,8 @@ def test_the_gate_verifies_each_content_word_by_hand():
 
 def test_best_of_verified_and_the_gate_on_other_baselines():
     """best: each image imitates its best *verified* caption, none when no caption is; other baselines: a caption
-    that failed the check keeps a negative advantage but never gets a positive one."""
+    that failed the check keeps a negative advantage but never gets a positive one; gate_penalty pushes failed
+    captions down."""
     from raycap.config import load_config
     from raycap.errors import UserError
     from raycap.rl.algorithm import Advantages
@@ -350,6 +351,15 @@ def test_best_of_verified_and_the_gate_on_other_baselines():
                                                  "rl.self_check.gate=true"]))
     adv = mean(rewards, verified=ok)  # first batch: b = the batch mean 2.5
     assert adv.tolist() == [0.0, -1.5, -0.5, 0.0, 0.0, -2.5]
+    # gate_penalty: a failed caption's advantage is -penalty under best, at most -penalty under the others
+    penalised = ["rl.sampling.num_samples=3", "rl.self_check.gate=true", "rl.self_check.gate_penalty=0.25"]
+    assert Advantages(load_config("world-demo", penalised))(rewards, verified=ok).tolist() == [
+        -0.25, 0, 1, -0.25, -0.25, -0.25]
+    adv = Advantages(load_config("world-demo", penalised + ["rl.algorithm.baseline=mean"]))(rewards, verified=ok)
+    assert adv.tolist() == [-0.25, -1.5, -0.5, -0.25, -0.25, -2.5]
+    for key in ("gate_margin", "gate_penalty"):
+        with pytest.raises(UserError, match=f"self_check.{key} applies only with self_check.gate: true"):
+            load_config("world-demo", [f"rl.self_check.{key}=0.5"])
     with pytest.raises(UserError, match="method gumbel has no advantages to gate"):
         load_config("world-demo", ["rl.self_check.gate=true", "rl.method=gumbel", "rl.algorithm.baseline=mean",
                                    "rl.sampling.num_samples=1"])

@@ -172,15 +172,18 @@ class Advantages:
     def __call__(self, reward: torch.Tensor, greedy_reward: torch.Tensor | None = None,
                  verified: torch.Tensor | None = None) -> torch.Tensor:
         """(N,) advantages `R - b`; with `verified` (self_check.gate) a caption that failed the check is never
-        pushed up (its advantage is at most 0) and the `best` baseline imitates each image's best verified
-        caption (`baselines.best_of_verified`). The running mean still sees every reward."""
+        pushed up (its advantage is at most `-gate_penalty`) and the `best` baseline imitates each image's best
+        verified caption (`baselines.best_of_verified`) and gives every failed caption `-gate_penalty`. The
+        running mean still sees every reward."""
         if verified is None:
             return reward - self.baseline(reward, greedy_reward)
         verified = verified.to(reward.device)
+        penalty = self.cfg.rl.self_check.gate_penalty
         if self.cfg.rl.algorithm.baseline == "best":
-            return baselines.best_of_verified(reward, verified, self.cfg.rl.sampling.num_samples)
+            best = baselines.best_of_verified(reward, verified, self.cfg.rl.sampling.num_samples)
+            return best - penalty * (~verified).to(best.dtype)
         advantages = reward - self.baseline(reward, greedy_reward)
-        return torch.where(verified, advantages, advantages.clamp(max=0))
+        return torch.where(verified, advantages, advantages.clamp(max=-penalty))
 
     def state_dict(self) -> dict:
         return self.running.state_dict()
