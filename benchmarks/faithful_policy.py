@@ -107,7 +107,7 @@ def plot(groups: dict[str, list[dict]], supervised: dict, path: Path) -> None:
     ax.set_xlabel("P@1 among 100 (validation)")
     ax.set_ylabel("faithful (validation)")
     ax.set_title("Faithful policy: greedy (circles) and select 16 (squares); small marks are seeds")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
