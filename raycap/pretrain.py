@@ -55,6 +55,18 @@ def load_world_config(path: str | None, overrides: dict, out: Path) -> WorldConf
     return config
 
 
+def load_world_retriever(path: Path, world_config: WorldConfig, flag: str):
+    """A trained retriever whose tokenizer knows every word of the world."""
+    from raycap.models.clip import Retriever
+
+    retriever = Retriever.from_pretrained(path)
+    vocab = retriever.tokenizer.get_vocab() if hasattr(retriever.tokenizer, "get_vocab") else {}
+    missing = [w for w in world_config.vocabulary() if w not in vocab]
+    if missing:
+        raise UserError(f"{flag} {path}: its tokenizer lacks world words such as {missing[0]!r}")
+    return retriever
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("raycap.pretrain"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retriever", type=Path, default=None,
                    help="use this trained retriever directory instead of training one (e.g. the shipped "
                         "raycap/assets/world/retriever)")
+    p.add_argument("--retriever-init", type=Path, default=None,
+                   help="start the retriever stage from this trained retriever's weights (e.g. the shipped one) "
+                        "instead of random ones: --retriever-steps more steps on a fresh schedule")
     p.add_argument("--retriever-steps", type=int, default=3000)
+    p.add_argument("--retriever-lr", type=float, default=1e-3, help="the retriever's peak learning rate")
     p.add_argument("--retriever-batch", type=int, default=256)
     p.add_argument("--hard-negatives", type=int, default=3)
     p.add_argument("--captioner-epochs", type=int, default=20)
@@ -107,7 +123,7 @@ def run(args) -> dict:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise UserError(f"--stages: unknown stage {bad[0]!r}; choose from {', '.join(STAGES)}")
-    for name in ("retriever_steps", "retriever_batch", "captioner_epochs"):
+    for name in ("retriever_steps", "retriever_batch", "captioner_epochs", "retriever_lr"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
     out: Path = args.out
@@ -128,12 +144,11 @@ def run(args) -> dict:
     from raycap.models.tokenizers import world_tokenizer
     from raycap.supervised.retriever import evaluate_retriever
 
+    if args.retriever is not None and args.retriever_init is not None:
+        raise UserError("--retriever uses a trained retriever as it is; --retriever-init trains on from one: "
+                        "give one of them")
     if args.retriever is not None and not (out / "retriever").exists():
-        retriever = Retriever.from_pretrained(args.retriever)
-        vocab = retriever.tokenizer.get_vocab() if hasattr(retriever.tokenizer, "get_vocab") else {}
-        missing = [w for w in world_config.vocabulary() if w not in vocab]
-        if missing:
-            raise UserError(f"--retriever {args.retriever}: its tokenizer lacks world words such as {missing[0]!r}")
+        retriever = load_world_retriever(args.retriever, world_config, "--retriever")
         retriever.save_pretrained(out / "retriever")
         metrics["retriever"] = {**evaluate_retriever(retriever, world, "test", n_eval), "source": str(args.retriever)}
         metrics_file.write_text(json.dumps(metrics, indent=2))
@@ -142,13 +157,18 @@ def run(args) -> dict:
         from raycap.supervised.retriever import RetrieverTraining, train_retriever
 
         cfg = RetrieverTraining(steps=args.retriever_steps, batch_size=args.retriever_batch,
-                                hard_negatives=args.hard_negatives, seed=args.seed)
+                                hard_negatives=args.hard_negatives, lr=args.retriever_lr, seed=args.seed)
         t0 = time.time()
-        retriever = Retriever.for_world(world_tokenizer(world_config.vocabulary()), world_config.image_size)
+        if args.retriever_init is not None:
+            retriever = load_world_retriever(args.retriever_init, world_config, "--retriever-init")
+        else:
+            retriever = Retriever.for_world(world_tokenizer(world_config.vocabulary()), world_config.image_size)
         train_retriever(retriever, world, cfg, out / "work" / "retriever")
         retriever.save_pretrained(out / "retriever")
         metrics["retriever"] = {**evaluate_retriever(retriever, world, "test", n_eval),
                                 "steps": cfg.steps, "train_seconds": round(time.time() - t0, 1)}
+        if args.retriever_init is not None:
+            metrics["retriever"]["init"] = str(args.retriever_init)
         metrics_file.write_text(json.dumps(metrics, indent=2))
         print("retriever (test):", json.dumps(metrics["retriever"]))
 

@@ -82,3 +82,27 @@ def test_a_missing_retriever_dir_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["world", "--out", str(tmp_path / "x"), "--retriever", str(tmp_path / "nope"), *TINY])
     assert "missing raycap_retriever.json" in capsys.readouterr().err
+
+
+def test_retriever_init_trains_on_from_the_given_weights(run_dir, tmp_path):
+    """--retriever-init starts from a trained retriever: with a vanishing learning rate the result is that
+    retriever (random initial weights would not be)."""
+    import torch
+
+    from raycap.models.safetensors_io import load_weights
+
+    out = tmp_path / "r2"
+    main(["world", "--out", str(out), "--stages", "retriever", "--retriever-init", str(run_dir / "retriever"),
+          "--retriever-lr", "1e-12", "--seed", "1", *TINY])
+    init = load_weights(run_dir / "retriever" / "model.safetensors")
+    trained_on = load_weights(out / "retriever" / "model.safetensors")
+    assert init.keys() == trained_on.keys()
+    assert all(torch.allclose(init[k], trained_on[k], atol=1e-6) for k in init)
+    assert json.loads((out / "metrics.json").read_text())["retriever"]["init"] == str(run_dir / "retriever")
+
+
+def test_retriever_and_retriever_init_together_are_refused(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["world", "--out", str(tmp_path / "x"), "--retriever", str(run_dir / "retriever"),
+              "--retriever-init", str(run_dir / "retriever"), *TINY])
+    assert e.value.code == 2 and "--retriever-init" in capsys.readouterr().err
