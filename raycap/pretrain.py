@@ -126,6 +126,9 @@ def run(args) -> dict:
     for name in ("retriever_steps", "retriever_batch", "captioner_epochs", "retriever_lr"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
+    if args.retriever is not None and args.retriever_init is not None:
+        raise UserError("--retriever uses a trained retriever as it is; --retriever-init trains on from one: "
+                        "give one of them")
     out: Path = args.out
     check_output_dir(out, "--out")
     world_config = load_world_config(args.world_config, dict(parse_overrides(args.set)), out)
@@ -144,9 +147,6 @@ def run(args) -> dict:
     from raycap.models.tokenizers import world_tokenizer
     from raycap.supervised.retriever import evaluate_retriever
 
-    if args.retriever is not None and args.retriever_init is not None:
-        raise UserError("--retriever uses a trained retriever as it is; --retriever-init trains on from one: "
-                        "give one of them")
     if args.retriever is not None and not (out / "retriever").exists():
         retriever = load_world_retriever(args.retriever, world_config, "--retriever")
         retriever.save_pretrained(out / "retriever")

@@ -106,3 +106,4 @@ def test_retriever_and_retriever_init_together_are_refused(run_dir, tmp_path, ca
         main(["world", "--out", str(tmp_path / "x"), "--retriever", str(run_dir / "retriever"),
               "--retriever-init", str(run_dir / "retriever"), *TINY])
     assert e.value.code == 2 and "--retriever-init" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused with the other flag checks, before the run dir is made
