@@ -17,6 +17,7 @@ def nearest(targets: torch.Tensor, pool: torch.Tensor, k: int, max_cos: float = 
     target itself (`targets` index `pool`, whose rows are L2-normalised); -1 where fewer qualify."""
     if k > pool.shape[0] - 1:
         raise ValueError(f"asked for {k} hard distractors from a pool of {pool.shape[0]} images")
+    targets = targets.to(pool.device)  # a batch's indices live on the CPU, a scorer's pool maybe on a GPU
     query = pool[targets]
     best_s = torch.full((len(targets), 0), float("-inf"), device=pool.device)
     best_i = torch.zeros((len(targets), 0), dtype=torch.long, device=pool.device)
@@ -43,7 +44,8 @@ def candidates(batch: torch.Tensor, pool: torch.Tensor | None = None, k_hard: in
         raise ValueError(f"{C} candidates need {C - 1 - k_hard} random distractors but the batch has {B - 1} others")
     if pool is not None and C > len(pool):
         raise ValueError(f"{C} candidates asked from a pool of {len(pool)} images")
-    hard = nearest(batch, pool, k_hard, max_cos) if k_hard else batch.new_zeros((B, 0))
+    # the search runs where the pool lives; the rows are built beside the batch's indices
+    hard = nearest(batch, pool, k_hard, max_cos).to(batch.device) if k_hard else batch.new_zeros((B, 0))
     rows = []
     for b in range(B):
         found = hard[b][hard[b] >= 0]  # too few below the near-duplicate threshold: the rest are random

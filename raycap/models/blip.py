@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from raycap.errors import UserError
-from raycap.models import lora
+from raycap.models import lora, precision
 from raycap.models.decoding import Decoding, repeat_rows
 
 CONFIG_NAME = "raycap_blip.json"
@@ -48,6 +48,7 @@ class BlipCaptioner(Decoding, nn.Module):
         super().__init__()
         self.model, self.processor, self.config = model, processor, config
         self.stop_ids = [config.eos_token_id]
+        precision.fp32_head(model.text_decoder)  # log-probs from fp32 logits under bf16 autocast too
         self.set_trainable(True)
 
     # -- the protocol -----------------------------------------------------------------------------------

@@ -291,8 +291,12 @@ class Retriever(nn.Module):
         mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
         x = m.ln_final(m.transformer(x, attn_mask=mask))
         x = x[torch.arange(x.shape[0], device=x.device), eot_index.to(x.device)]
-        x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
-        return F.normalize(x, dim=-1) if normalize else x
+        with torch.autocast(x.device.type, enabled=False):  # the embedding that becomes a logit: fp32
+            x = x.float()
+            proj = m.text_projection
+            x = F.linear(x, proj.weight.float(), None if proj.bias is None else proj.bias.float()) \
+                if isinstance(proj, nn.Linear) else x @ proj.float()
+            return F.normalize(x, dim=-1) if normalize else x
 
 
 class OpenClipTokenizer:

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from raycap.errors import UserError
-from raycap.models import lora
+from raycap.models import lora, precision
 from raycap.models.safetensors_io import load_weights, reading_weights
 from raycap.models.decoding import Decoding, cached_forward, repeat_rows
 
@@ -178,6 +178,7 @@ class ClipCap(Decoding, nn.Module):
         super().__init__()
         self.config = config
         self.lm = _build_lm(config.lm) if lm is None else lm
+        precision.fp32_head(self.lm)  # log-probs from fp32 logits under bf16 autocast too
         self.hidden = self.lm.get_input_embeddings().embedding_dim
         if config.image_input not in ("embedding", "tokens"):
             raise ValueError(f"unknown image_input {config.image_input!r} (expected 'embedding' or 'tokens')")

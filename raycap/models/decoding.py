@@ -11,6 +11,8 @@ from torch import Tensor
 
 from raycap.models.captioner import Captions, token_logprobs
 
+DONE_CHECK_EVERY = 8  # decoded tokens between the host's looks at "every row finished" (each look waits for the device)
+
 
 def _reorder_cache(past, idx: Tensor):
     """Select batch rows `idx` of a HF KV cache (Cache object or legacy tuples)."""
@@ -102,6 +104,8 @@ class Decoding:
         past = None
         if noise is not None and (noise.dim() != 2 or noise.shape[1] != N or noise.shape[0] < max_new):
             raise ValueError(f"noise must be ({max_new}, {N}) uniforms, got {tuple(noise.shape)}")
+        if mode == "sample" and noise is None:  # every step's uniforms in one draw (the same numbers) and one move
+            noise = torch.rand(max_new, N, generator=generator, dtype=torch.float64).to(dev)
         for t in range(max_new):
             logits, past = self._step(prefix, tokens, past, use_cache)
             nxt, lp = next_token(logits, mode, temperature, generator, None if noise is None else noise[t])
@@ -110,7 +114,7 @@ class Decoding:
             logprobs = torch.cat([logprobs, lp.masked_fill(done, 0.0)[:, None]], 1)
             lengths += (~done).long()
             done |= torch.isin(nxt, stop)
-            if bool(done.all()):
+            if (t + 1) % DONE_CHECK_EVERY == 0 and bool(done.all()):  # the host waits for the device only here
                 break
         T = int(lengths.max()) if N else 0
         return Captions(tokens[:, :T], lengths, logprobs[:, :T])

@@ -27,3 +27,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class FP32Linear(torch.nn.Linear):
+    """A linear layer that computes in fp32 whatever autocast is on: an LM head whose logits become log-probs,
+    so the decoder's and the learner's log-probs are not bf16-rounded (rounding noise would dominate importance
+    ratios at small learning rates, and flip greedy ties between two decoders)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
+def fp32_head(model: torch.nn.Module) -> None:
+    """Make the output layer of an HF LM (`get_output_embeddings()`, a plain `nn.Linear`) compute in fp32.
+    The layer keeps its parameters (tied weights stay tied) and its state dict; only its class changes."""
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        head.__class__ = FP32Linear

@@ -78,7 +78,9 @@ class TokenMap:
                 if not len(sel):
                     continue
                 table = token_embedding[pieces[:, j].clamp(min=0)] * (pieces[:, j] >= 0)[:, None]  # (V_lm, D)
-                x = x.index_put((sel[:, 0], sel[:, 3]), probs[sel[:, 0], sel[:, 1]].to(table.dtype) @ table)
+                # under autocast the product is bf16 while x holds the embedding's dtype: cast it to x's
+                spread = probs[sel[:, 0], sel[:, 1]].to(table.dtype) @ table
+                x = x.index_put((sel[:, 0], sel[:, 3]), spread.to(x.dtype))
         rows = torch.arange(N, device=dev)
         end = probs[rows, (lengths - 1).to(dev)].sum(-1, keepdim=True)  # the end position's weight, 1 forward
         eot = torch.tensor(eot_pos, device=dev)

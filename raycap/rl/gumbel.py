@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raycap.models.decoding import cached_forward
+from raycap.models.decoding import DONE_CHECK_EVERY, cached_forward
 
 
 @dataclass
@@ -23,11 +23,38 @@ class SoftCaptions:
     logits: torch.Tensor      # (N, T, V) policy logits at each step (for the KL guard)
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32's shape) on int64 tensors holding values below 2^32; every product stays
+    below 2^63, so no step overflows and every device computes the same bits."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x68E31DA5) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_uniform(shape: torch.Size, generator: torch.Generator | None, device) -> torch.Tensor:
+    """float32 uniforms in (0, 1) of `shape`, computed on `device` as a hash of each element's index and two
+    32-bit seeds drawn from `generator` (a CPU generator): the same seed gives the same numbers on every
+    device, and only the two seeds leave the host, not (N, V) floats per token."""
+    s1, s2 = torch.randint(0, 1 << 32, (2,), generator=generator, dtype=torch.int64).tolist()
+    n = 1
+    for d in shape:
+        n *= d
+    if n >= 1 << 32:
+        raise ValueError(f"counter noise indexes below 2^32 elements, asked for {n}")
+    h = _mix32(_mix32(torch.arange(n, device=device, dtype=torch.int64) ^ s1) ^ s2)
+    return ((h >> 8).float() + 0.5).mul_(2.0 ** -24).view(shape)
+
+
 def gumbel_softmax(logits: torch.Tensor, tau: float, hard: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """`F.gumbel_softmax` with its noise drawn on the CPU by `generator` and moved to the logits' device, so the
-    same seed gives the same captions on CPU and GPU (and a resumed run the same noise)."""
-    u = torch.rand(logits.shape, generator=generator).to(logits.device)
-    g = -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+    """`F.gumbel_softmax` with its uniforms from `counter_uniform` (seeded by `generator`, computed where the
+    logits are), so the same seed gives the same captions on CPU and GPU (and a resumed run the same noise)."""
+    u = counter_uniform(logits.shape, generator, logits.device)
+    g = -torch.log(-torch.log(u))
     y = F.softmax((logits + g) / tau, dim=-1)
     if not hard:
         return y
@@ -47,7 +74,7 @@ def gumbel_decode(captioner, image_embeds: torch.Tensor, eos_id: int, tau: float
     done = torch.zeros(N, dtype=torch.bool, device=x.device)
     lengths = torch.zeros(N, dtype=torch.long, device=x.device)
     probs, logits_all, past = [], [], None
-    for _ in range(max_new):
+    for t in range(max_new):
         out, past = cached_forward(captioner.lm, past, inputs_embeds=x)
         logits = out.logits[:, -1].float()
         y = gumbel_softmax(logits, tau, hard, generator)
@@ -56,10 +83,11 @@ def gumbel_decode(captioner, image_embeds: torch.Tensor, eos_id: int, tau: float
         logits_all.append(logits)
         lengths += (~done).long()
         done |= torch.isin(y.argmax(-1), stop) & (y.sum(-1) > 0)
-        if bool(done.all()):
+        if (t + 1) % DONE_CHECK_EVERY == 0 and bool(done.all()):  # the host waits for the device only here
             break
         x = (y.to(wte.dtype) @ wte)[:, None]
-    probs_t, logits_t = torch.stack(probs, 1), torch.stack(logits_all, 1)
+    T = int(lengths.max())  # steps after every row finished emitted nothing: dropped
+    probs_t, logits_t = torch.stack(probs, 1)[:, :T], torch.stack(logits_all, 1)[:, :T]
     if not bool(done.all()):  # force an end token after the longest captions
         end = torch.zeros(N, 1, V, device=x.device)
         end[~done, 0, eos_id] = 1.0

@@ -15,6 +15,7 @@ entry there (and its name in `RewardConfig.kind`, which a test checks against th
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -24,6 +25,18 @@ Reward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tenso
 logit_scale) -> (N,) rewards."""
 
 
+def _fp32(fn):
+    """Run `fn` with autocast off: the retriever's logits (and so rewards and log-softmaxes) are fp32 matmuls of
+    fp32 embeddings even inside a bf16 role."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+@_fp32
 def candidate_scores(text_emb: torch.Tensor, image_emb: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """(N, K) cosines of each caption with its K candidate images (`candidates` index `image_emb`)."""
     return torch.einsum("nd,nkd->nk", text_emb.float(), image_emb.float()[candidates])
@@ -33,6 +46,7 @@ def discriminative(text_emb, image_emb, candidates, logit_scale) -> torch.Tensor
     return torch.log_softmax(logit_scale * candidate_scores(text_emb, image_emb, candidates), dim=-1)[:, 0]
 
 
+@_fp32
 def pool(text_emb, image_emb, targets, logit_scale) -> torch.Tensor:
     """(N,) log softmax of `logit_scale * cos(text, image)` over all of `image_emb` (the pool), at `targets`."""
     logits = logit_scale * (text_emb.float() @ image_emb.float().T)
@@ -45,6 +59,7 @@ def accuracy(text_emb, image_emb, candidates) -> torch.Tensor:
     return (s[:, 0] > s[:, 1:].max(dim=1).values).float()
 
 
+@_fp32
 def cosine(text_emb, target_emb, logit_scale: float = 1.0) -> torch.Tensor:
     """`logit_scale * cos(text, target)` (raw cosine with the default scale 1)."""
     return logit_scale * (text_emb.float() * target_emb.float()).sum(-1)
