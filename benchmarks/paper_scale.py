@@ -15,9 +15,13 @@ In one run, on the same weights and the same batch:
   state, same parameters); fp32 throughout;
 - the evaluation: beam 5 captions of `--eval-images` (1,000) random image embeddings
   (`raycap.supervised.captioner.caption_embeddings`), in the run's precision as `LocalTrainer.evaluate`.
-Each variant runs once untimed at a tiny size first (2 images, 2 tokens: it allocates Adam's state and warms the
-kernels), then `--repeats` times timed (the median is printed). Progress goes to stderr; stdout gets one header
-line with the sizes, then exactly
+Each variant runs once untimed first, at exactly the timed shape (`--batch` images x `--samples` captions,
+`--tokens` tokens: the static decoder captures its CUDA graph on the first call of each (rows, length) shape, so
+a warm-up at another shape would leave the capture inside the first timed update; it also allocates Adam's state
+and warms the kernels and the allocator), then `--repeats` times timed (the median is printed); the evaluation is
+warmed on one decode batch of its own size (`--eval-batch-size` sequences). `--warmup tiny` warms at 2 images x 2
+tokens instead (the old, cheaper warm-up, for CPU runs, where nothing is captured). Progress goes to stderr; stdout
+gets one header line with the sizes, then exactly
 
     raycap_update_s: X
     egg_update_s: Y
@@ -25,10 +29,14 @@ line with the sizes, then exactly
     eval_1000_beam5_s: Z     (the key names the evaluation's real size: --eval-images, --beams)
     peak_rss_gb: W           (this process's peak resident set, GiB: getrusage ru_maxrss, children not counted)
     raycap_peak_rss_gb: V    (the same, read after raycap's first timed update, before the EGG-style loop runs)
+    raycap_warmup_s: A       (the untimed warm-up update: on CUDA it includes the CUDA graph captures)
+    egg_warmup_s: B
+    eval_warmup_s: C         (nan with --skip-eval)
 
     python benchmarks/paper_scale.py                    # the paper's sizes on the CPU (minutes on 2 cores)
     python benchmarks/paper_scale.py --device cuda      # the same on a GPU (timers read after cuda synchronize)
     python benchmarks/paper_scale.py --batch 4 --tokens 4 --eval-images 8 --samples 2   # a smoke test
+    python benchmarks/paper_scale.py --warmup tiny      # the CPU run with the cheap 2 x 2 warm-up
 
 The captioner's tokenizer is a byte-level BPE (`raycap.models.bpe.train_bpe`) trained here on synthetic text to
 GPT-2's 50,257 ids, so every id the random LM samples decodes to real text (HF tokenizers drop ids beyond their
@@ -114,7 +122,9 @@ class Bench:
         self.args, self.dev = args, torch.device(args.device)
         torch.manual_seed(args.seed)
         self.cfg = run_config(args, args.batch, args.tokens)
-        self.warm_cfg = run_config(args, 2, 2)
+        # the warm-up's config: the timed one (same rows and length: the CUDA graphs captured there are the ones
+        # the timed updates replay), or 2 images x 2 tokens with --warmup tiny
+        self.warm_cfg = self.cfg if args.warmup == "timed" else run_config(args, 2, 2)
 
         log(f"building {CLIP_NAME} (random weights), GPT-2 124M + ClipCap, the BPE ...")
         self.retriever = Retriever.from_open_clip(CLIP_NAME, pretrained=None).freeze().to(self.dev)
@@ -219,16 +229,26 @@ class Bench:
         def scorer(cfg):
             return algorithm.Scorer(self.retriever, self.embeddings, self.tokenizer, self.policy.stop_ids, cfg)
 
-        def warm_up(update):
-            # generate reads the captioner's
-            self.policy.config.max_new_tokens = self.warm_cfg.rl.sampling.max_new_tokens
-            update(self.warm_cfg, scorer(self.warm_cfg), algorithm.Advantages(self.warm_cfg), 10_000)
-            self.policy.config.max_new_tokens = self.cfg.rl.sampling.max_new_tokens  # as LocalTrainer sets it
+        w = self.warm_cfg
+        shape = f"{w.rl.batch_size} images x {w.rl.sampling.num_samples} samples, {w.rl.sampling.max_new_tokens} tokens"
 
-        log("raycap warm-up (2 images, 2 tokens) ...")
-        warm_up(self.raycap_update)
-        if not args.skip_eval:
-            self.evaluate(self.eval_emb[:2])
+        def warm_up(update) -> float:
+            # generate reads the captioner's
+            self.policy.config.max_new_tokens = w.rl.sampling.max_new_tokens
+            # its own step (another batch draw, same shape) and its own baseline state: the timed ones start fresh
+            seconds = self.timed(lambda: update(w, scorer(w), algorithm.Advantages(w), 10_000))
+            self.policy.config.max_new_tokens = self.cfg.rl.sampling.max_new_tokens  # as LocalTrainer sets it
+            return seconds
+
+        log(f"raycap warm-up ({shape}{'; captures the CUDA graphs' if self.dev.type == 'cuda' else ''}) ...")
+        self.warmup = {"raycap": warm_up(self.raycap_update), "egg": float("nan"), "eval": float("nan")}
+        log(f"raycap warm-up: {self.warmup['raycap']:.2f} s")
+        graphs = self.graph_shapes()
+        if not args.skip_eval:  # one decode batch of the evaluation's own size (or 2 images with --warmup tiny)
+            n = 2 if args.warmup == "tiny" else min(args.eval_images, max(1, args.eval_batch_size // args.beams))
+            log(f"evaluation warm-up ({n} images, beam {args.beams}) ...")
+            self.warmup["eval"] = self.timed(lambda: self.evaluate(self.eval_emb[:n]))
+            log(f"evaluation warm-up: {self.warmup['eval']:.2f} s")
         s = scorer(self.cfg)
         adv_raycap, adv_egg = algorithm.Advantages(self.cfg), algorithm.Advantages(self.cfg)
         times = {"raycap": [], "egg": [], "eval": []}
@@ -237,15 +257,24 @@ class Bench:
             log(f"raycap update {rep}: {times['raycap'][-1]:.2f} s")
             if rep == 0:  # before the EGG-style loop allocates anything (its own Adam state, its activations)
                 self.raycap_peak = peak_rss_gib()
-                log("EGG-style warm-up (2 images, 2 tokens) ...")
-                warm_up(self.egg_update)
+                log(f"EGG-style warm-up ({shape}) ...")
+                self.warmup["egg"] = warm_up(self.egg_update)
+                log(f"EGG-style warm-up: {self.warmup['egg']:.2f} s")
             times["egg"].append(self.timed(lambda: self.egg_update(self.cfg, s, adv_egg, rep)))
             log(f"EGG-style update {rep}: {times['egg'][-1]:.2f} s")
         if not args.skip_eval:
             for rep in range(args.repeats):
                 times["eval"].append(self.timed(lambda: self.evaluate(self.eval_emb)))
                 log(f"evaluation {rep}: {times['eval'][-1]:.2f} s")
+        new = self.graph_shapes() - graphs
+        if new and args.warmup == "timed":  # the warm-up should have captured every shape the updates use
+            log(f"warning: the timed updates captured CUDA graphs of new shapes {sorted(map(str, new))}")
         return {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
+
+    def graph_shapes(self) -> set:
+        """The keys (rows, cache length, ...) of the steps (and CUDA graphs) the rollouts' static decoder holds;
+        empty where the rollouts decode with the captioner's own generate (a CPU)."""
+        return set(getattr(self.decoder, "_steps", None) or ())
 
 
 def main() -> None:
@@ -267,6 +296,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--warmup", choices=["timed", "tiny"], default="timed", help="the untimed run before timing: "
+                   "at the timed shape (default: captures the CUDA graphs the timed updates replay), or at 2 images "
+                   "x 2 tokens (cheaper; for CPU runs, where no graph is captured)")
     args = p.parse_args()
     if args.batch < 2 or args.tokens < 1 or args.eval_images < 1 or args.repeats < 1:
         p.error("--batch >= 2, --tokens, --eval-images and --repeats >= 1")
@@ -284,13 +316,17 @@ def main() -> None:
     print(f"sizes: {bench.sizes}; batch {args.batch} x {cfg.rl.sampling.num_samples} samples, {args.tokens} tokens, "
           f"eval {'skipped' if args.skip_eval else f'{args.eval_images} images beam {args.beams}'}; "
           f"raycap precision {cfg.runtime.precision} ({'fp32' if bench.dtype is None else str(bench.dtype)[6:]}), "
-          f"EGG fp32; median of {args.repeats}; {device}")
+          f"EGG fp32; median of {args.repeats} after a warm-up at "
+          f"{'the timed shape' if args.warmup == 'timed' else '2 x 2'}; {device}")
     print(f"raycap_update_s: {t['raycap']:.3f}")
     print(f"egg_update_s: {t['egg']:.3f}")
     print(f"ratio: {t['egg'] / t['raycap']:.2f}")
     print(f"eval_{args.eval_images}_beam{args.beams}_s: {t['eval']:.3f}")
     print(f"peak_rss_gb: {peak_rss:.2f}")
     print(f"raycap_peak_rss_gb: {bench.raycap_peak:.2f}")
+    print(f"raycap_warmup_s: {bench.warmup['raycap']:.3f}")
+    print(f"egg_warmup_s: {bench.warmup['egg']:.3f}")
+    print(f"eval_warmup_s: {bench.warmup['eval']:.3f}")
 
 
 if __name__ == "__main__":

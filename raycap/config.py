@@ -124,17 +124,27 @@ class RuntimeConfig(BaseModel):
     @model_validator(mode="after")
     def _collectives_fit_their_gpus(self):
         """NCCL needs a GPU per rank: refused here, not after the actors have started."""
-        if self.weight_sync == "nccl" and self.collective_backend == "nccl" and not (
-                self.gpus_per_learner > 0 and self.gpus_per_rollout > 0):
-            raise ValueError(f"weight_sync 'nccl' over collective_backend 'nccl' needs GPUs on the learner and the "
-                             f"rollouts (gpus_per_learner {self.gpus_per_learner:g}, gpus_per_rollout "
-                             f"{self.gpus_per_rollout:g}); on CPU use collective_backend: gloo or weight_sync: "
-                             "object_store")
+        if self.weight_sync == "nccl" and self.collective_backend == "nccl":
+            self._broadcast_ranks_own_their_gpus()
         g = self.gpus_per_learner
         if self.learner_workers > 1 and g > 0 and (g < 1 or g != int(g)):
             raise ValueError(f"gpus_per_learner {g:g} with {self.learner_workers} learner ranks: NCCL needs each "
                              "rank on its own GPU, so a whole number >= 1 (or learner_workers: 1)")
         return self
+
+    def _broadcast_ranks_own_their_gpus(self) -> None:
+        """NCCL weight broadcast: the learner and every rollout worker each on whole GPUs of their own."""
+        if not (self.gpus_per_learner > 0 and self.gpus_per_rollout > 0):
+            raise ValueError(f"weight_sync 'nccl' over collective_backend 'nccl' needs GPUs on the learner and the "
+                             f"rollouts (gpus_per_learner {self.gpus_per_learner:g}, gpus_per_rollout "
+                             f"{self.gpus_per_rollout:g}); on CPU use collective_backend: gloo or weight_sync: "
+                             "object_store")
+        split = {k: v for k in ("gpus_per_learner", "gpus_per_rollout") if (v := getattr(self, k)) != int(v)}
+        if split:
+            raise ValueError("weight_sync 'nccl' over collective_backend 'nccl' needs each rank on its own GPU, "
+                             "so a whole number >= 1 of them (" + ", ".join(f"{k} {v:g}" for k, v in split.items())
+                             + "): Ray would pack fractional ranks onto one GPU and NCCL fails at the first "
+                             "broadcast; on one GPU use weight_sync: colocated")
 
 
 SPLIT_ROLES = ("train", "val", "test")

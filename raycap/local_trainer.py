@@ -100,11 +100,12 @@ class LocalTrainer:
             advantages = self.advantages(r, greedy, scores.verified)
             loss, stats = algorithm.reinforce_backward(self.policy, self.reference, img, caps.tokens,
                                                        caps.lengths, advantages, cfg, step, torch.Tensor.backward,
-                                                       self.models.autocast)
+                                                       self.models.autocast, rollout_logprobs=caps.logprobs)
             stats |= algorithm.summarise(scores, caps.lengths)
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
-        self.opt.step()
-        return stats | {"loss": float(loss.detach())}
+        # one process: the decoder is the policy, so its "sync" is the optimizer step
+        changed = algorithm.changes_weights(self.policy, self.opt.step)
+        return stats | {"loss": float(loss.detach()), "sync_changed": float(changed)}
 
     # -- the run --------------------------------------------------------------------------------------
     def evaluate(self, split: str = "val", decoding: str | None = None) -> dict:

@@ -88,6 +88,11 @@ def test_a_captioner_for_another_embedding_width_is_one_line(tmp_path, capsys):
     (["runtime.weight_sync=nccl"], "needs GPUs on the learner and the rollouts"),
     (["runtime.weight_sync=nccl", "runtime.gpus_per_learner=1"], "gpus_per_rollout 0"),
     (["runtime.learner_workers=2", "runtime.gpus_per_learner=0.5", "rl.batch_size=64"], "its own GPU"),
+    (["runtime.weight_sync=nccl", "runtime.gpus_per_learner=0.5", "runtime.gpus_per_rollout=0.5"],
+     r"weight_sync 'nccl' over collective_backend 'nccl' .* whole number >= 1 of them \(gpus_per_learner 0.5, "
+     r"gpus_per_rollout 0.5\): Ray would pack"),
+    (["runtime.weight_sync=nccl", "runtime.gpus_per_learner=1", "runtime.gpus_per_rollout=1.5"],
+     r"\(gpus_per_rollout 1.5\)"),
 ])
 def test_collectives_without_their_gpus_are_refused_before_any_actor(overrides, words):
     with pytest.raises(UserError, match=words) as e:
@@ -99,6 +104,8 @@ def test_collectives_that_fit_load():
     load_config("world-demo", ["runtime.weight_sync=nccl", "runtime.collective_backend=gloo"])
     load_config("world-demo", ["runtime.learner_workers=2", "runtime.gpus_per_learner=1", "rl.batch_size=64"])
     load_config("world-gpu")
+    load_config("world-demo", ["runtime.weight_sync=nccl", "runtime.collective_backend=gloo",
+                               "runtime.gpus_per_learner=0.5", "runtime.gpus_per_rollout=0.5"])  # gloo shares one
 
 
 @pytest.mark.parametrize("baseline", ["loo", "best", "greedy"])

@@ -278,3 +278,18 @@ def test_cuda_rollouts_use_the_graph_decoder_and_equal_cpu_rollouts(rollout):
         twin = rollout_step(gpu, img.cuda(), cfg, step=3, decoder=StaticDecoder(gpu, cuda_graph=False, static=True))
     assert torch.equal(graph.tokens, twin.tokens) and graph.logprobs.dtype == torch.float32
     assert (4 * cfg.rl.sampling.num_samples if rollout == "sample" else 4) == graph.tokens.shape[0]
+
+
+def test_the_dependency_floors_admit_only_the_apis_the_decoder_uses():
+    """torch.get_autocast_dtype / is_autocast_enabled(device_type) need torch 2.4; the static decoder's cache
+    keyword and StaticLayer are those of the transformers release the suite runs on (5.25)."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = {r.name: min(Version(s.version) for s in r.specifier if s.operator == ">=")
+              for r in map(Requirement, deps) if r.name in ("torch", "transformers")}
+    assert floors["torch"] >= Version("2.4") and floors["transformers"] >= Version("5.25")

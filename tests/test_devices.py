@@ -60,10 +60,16 @@ def test_every_role_builds_its_models_on_the_device_it_was_given(tiny_world_dir)
     assert models.retriever.pixel_mean.device.type == "meta"  # what encodes pixels and text follows the model
 
 
-def test_precision_auto_is_bf16_on_cuda_only():
+def test_precision_auto_is_bf16_on_cuda_only(monkeypatch):
     from raycap.models.precision import autocast, compute_dtype
 
     assert compute_dtype("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA device that supports bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert compute_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert compute_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100: fp32
+    assert compute_dtype("auto", torch.device("cuda")) is None
     assert compute_dtype("fp32", torch.device("cuda")) is None
     assert compute_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with autocast(torch.device("cpu"), torch.bfloat16):

@@ -24,6 +24,26 @@ def test_paper_settings(name):
     assert cfg.setup and "python -m raycap.convert" in cfg.setup
 
 
+def test_a_learner_on_a_gpu_gives_the_reward_service_one_and_one_gpu_configs_fit_one():
+    """Scoring and the evaluations (5,000 images, beam 5 in the paper configs) run in the reward service: a config
+    that gives its learner a GPU gives the reward service one too, and a config built for one GPU fits on one
+    (Ray's fractional GPUs). world-gpu, a 4-GPU cluster layout whose reward service scores the world's 64-d
+    embeddings, keeps it on the CPU: a GPU of its own would need a fifth (benchmarks/gpu_check.sh runs it on 4 or 1)."""
+    from raycap.config import CONFIG_DIR, named_configs
+    from raycap.runtime.resources import Roles, check_local_gpus
+
+    one_gpu = []
+    for name in named_configs():
+        rt = load_config(name).runtime
+        if rt.gpus_per_learner and name != "world-gpu":
+            assert rt.gpus_per_reward > 0, name
+        if "Built for one GPU" in (CONFIG_DIR / f"{name}.yaml").read_text():
+            assert sum(b.get("GPU", 0) for b in Roles.of(rt).bundles(rt)) <= 1, name
+            check_local_gpus(rt, visible=1)
+            one_gpu.append(name)
+    assert sorted(one_gpu) == sorted(PAPER)
+
+
 @pytest.mark.parametrize("name", PAPER)
 def test_missing_inputs_fail_at_once_naming_what_and_where(name, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/ and no captioners/ here

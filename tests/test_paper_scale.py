@@ -92,17 +92,19 @@ def test_coco_clipcap_end_to_end_at_paper_size(paper_inputs, tmp_path, capsys):
     for runtime in ("local", "ray"):
         extra = []
         if runtime == "ray":
-            # coco-clipcap reserves a GPU for its learner: on a machine without one, one line says what to set
+            # coco-clipcap reserves a GPU for its learner and reward service: on a machine without one, one line
+            # says what to set
             capsys.readouterr()
             with pytest.raises(SystemExit) as e:
                 train_main([*common, "--out", str(tmp_path / "refused"), "--runtime", "ray",
                             "--set", "runtime.num_cpus=8"])
             err = capsys.readouterr().err.strip()
             assert e.value.code == 2 and len(err.splitlines()) == 1, err  # before Ray or any actor starts
-            assert "gpus_per_learner 1 but this machine has no GPU" in err, err
+            assert "gpus_per_learner 0.5, gpus_per_reward 0.5 but this machine has no GPU" in err, err
             # the distributed path at the same architecture; 10 images per update and a greedy test evaluation
             # keep CI's time (the local run above took the config's batch of 100 and its beam-5 evaluation)
-            extra = ["--set", "runtime.gpus_per_learner=0", "--set", "runtime.num_cpus=8", "--set", "threads=1",
+            extra = ["--set", "runtime.gpus_per_learner=0", "--set", "runtime.gpus_per_reward=0",
+                     "--set", "runtime.num_cpus=8", "--set", "threads=1",
                      "--set", "rl.batch_size=10", "--set", "rl.reward.num_candidates=10", "--set", "eval.decoding=greedy"]
         final = train_main([*common, *extra, "--out", str(tmp_path / runtime), "--runtime", runtime])
         assert final["updates"] == 2 and final["n_images"] == 100 and 0 <= final["p_at_1"] <= 1

@@ -14,3 +14,20 @@ def test_the_store_holds_the_port_it_hands_out():
         s.bind(("127.0.0.1", store.port))
     store.set("k", "v")
     assert store.get("k") == b"v"
+
+
+def test_an_nccl_broadcast_group_waits_for_a_missing_rank_only_its_timeout(monkeypatch):
+    """A rank that never comes (a restarted rollout worker) holds a broadcast for the group's timeout, not NCCL's
+    own default of 10 minutes: BroadcastGroup hands its timeout_s to ProcessGroupNCCL as it does to gloo."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from raycap.runtime import weights
+
+    made = []
+    monkeypatch.setattr(weights.dist, "ProcessGroupNCCL", lambda *args: made.append(args) or object())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    weights.BroadcastGroup("nccl", "127.0.0.1", 0, 0, 2, timeout_s=7, store=dist.HashStore())
+    assert made and made[0][3:] == (timedelta(seconds=7),)

@@ -296,6 +296,46 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(micro):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rollout, temperature", [("sample", 0.7), ("greedy", 1.0)])
+def test_logprob_drift_is_zero_on_policy_and_shows_a_decoder_that_drifted(rollout, temperature):
+    """The decoder's token log-probs (under the tempered policy when sampled, the model's own when greedy) against
+    the learner's teacher-forced ones of the same tokens: ~0 under the same weights, large under other weights."""
+    import copy
+
+    from raycap.config import load_config
+    from raycap.rl import algorithm
+
+    cfg = load_config("world-demo", [f"rl.sampling.rollout={rollout}", f"rl.sampling.temperature={temperature}",
+                                     "rl.algorithm.baseline=mean", "rl.sampling.num_samples=1", "rl.batch_size=6",
+                                     "rl.reward.num_candidates=6"])
+    policy = tiny_captioner(seed=1)
+    img = torch.randn(6, 8)
+    caps = algorithm.rollout(policy, img, cfg, step=0)
+    drifted = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in drifted.mapper.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    drift = {}
+    for name, learner in (("same", policy), ("drifted", drifted)):
+        _, stats = algorithm.reinforce_loss(learner, policy, img, caps.tokens, caps.lengths, torch.zeros(6), cfg,
+                                            rollout_logprobs=caps.logprobs)
+        drift[name] = stats["logprob_drift"], stats["logprob_drift_max"]
+    assert drift["same"][0] < 1e-6 and drift["same"][1] < 1e-5
+    assert drift["drifted"][0] > 1e-3 and drift["drifted"][1] >= drift["drifted"][0]
+
+
+def test_changes_weights_tells_a_step_that_moved_the_trainable_weights_from_one_that_did_not():
+    from raycap.rl import algorithm
+
+    model = torch.nn.Linear(4, 2)
+    model.bias.requires_grad_(False)
+    opt = torch.optim.Adam([model.weight], lr=1e-7)  # the paper's lr still shows
+    model(torch.randn(3, 4)).sum().backward()
+    assert algorithm.changes_weights(model, opt.step)
+    assert not algorithm.changes_weights(model, lambda: None)  # a sync that moved nothing
+    assert not algorithm.changes_weights(model, lambda: model.bias.data.add_(1.0))  # frozen weights do not count
+
+
 def test_micro_batch_settings_are_checked_when_the_config_loads():
     from raycap.config import load_config
     from raycap.errors import UserError

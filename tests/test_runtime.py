@@ -38,6 +38,11 @@ def test_ray_runtime_matches_the_reference_loop(tiny_world_dir, tmp_path):
         assert [r[key] for r in a[1:]] == pytest.approx([r[key] for r in b[1:]], rel=1e-4, abs=1e-5), key
     assert ray_run["p_at_1"] == pytest.approx(local["p_at_1"], abs=0.011)
     assert [r["policy_lag"] for r in a[1:]] == [0, 0, 0]
+    # the safeguards: on-policy in fp32 the decoder's token log-probs are the learner's, and every sync (object
+    # store: loaded before the next step's rollouts; the reference loop: its optimizer step) changed the weights
+    assert all(r["logprob_drift"] < 1e-4 and r["logprob_drift_max"] < 1e-4 for r in a[1:] + b[1:])
+    assert [r.get("sync_changed") for r in a[1:]] == [None, 1.0, 1.0]
+    assert [r["sync_changed"] for r in b[1:]] == [1.0, 1.0, 1.0]
     assert (tmp_path / "ray" / "final" / "raycap_clipcap.json").is_file()
 
 
@@ -62,6 +67,7 @@ def test_colocated_gives_the_same_updates_as_object_store(tiny_world_dir, tmp_pa
     a, b = records(tmp_path / "store"), records(tmp_path / "colo")
     assert [r["reward_mean"] for r in a[1:]] == pytest.approx([r["reward_mean"] for r in b[1:]], rel=1e-5)
     assert all(r["weight_sync_seconds"] == 0 for r in b[1:])
+    assert all(r["sync_changed"] == 1.0 for r in b[1:])  # colocated: the learner's step changed its decoder
 
 
 def test_two_deepspeed_learner_ranks_with_zero2_match_one(tiny_world_dir, tmp_path):
@@ -82,6 +88,8 @@ def test_policy_lag_one_overlaps_rollouts_with_the_update(tiny_world_dir, tmp_pa
     for r in log[1:]:
         assert 0 < r["importance_ratio_mean"] and r["importance_ratio_max"] >= r["importance_ratio_mean"]
         assert r["importance_ratio_mean"] != 1.0  # the learner moved, so pi != mu
+    # the drift between the decoder's and the learner's log-probs is ~0 on-policy, the update's size one version on
+    assert log[0]["logprob_drift"] < 1e-4 < min(r["logprob_drift"] for r in log[1:])
 
 
 def test_broadcast_weight_sync_over_gloo(tiny_world_dir, tmp_path):
@@ -113,6 +121,53 @@ def test_a_killed_rollout_worker_is_restarted_and_the_run_completes(tiny_world_d
         assert c.restarts == 1 and record["actor_restarts"] == 1 and c.version == 4
     finally:
         c.shutdown()
+
+
+def test_a_killed_rollout_worker_rejoins_the_weight_broadcast(tiny_world_dir, tmp_path):
+    """weight_sync nccl (over gloo here): a rollout worker that Ray restarts is in no broadcast group, so the
+    controller re-forms the group before the next rollouts; the worker gets the current weights from that broadcast
+    (its captions are the current version's) and the run goes on."""
+    import torch
+
+    from raycap.runtime.controller import Controller
+
+    c = Controller(config(tiny_world_dir, "runtime.weight_sync=nccl", "runtime.collective_backend=gloo",
+                          "runtime.rollout_workers=2", "rl.steps=2"), tmp_path)
+    try:
+        c.run_step(0, None)
+        os.kill(ray.get(c.rollouts[0].pid.remote()), signal.SIGKILL)
+        record, _ = c.run_step(1, None)
+        assert c.restarts == 1 and record["policy_lag"] == 0 and record["sync_changed"] == 1.0
+        learner = ray.get(c.learners[0].publish.remote())
+        for w in c.rollouts:
+            assert (ray.get(w.weights.remote()) == learner).all()
+        img = ray.get(c.reward.batch.remote(2))[1][:3]
+        restarted, kept = ray.get([w.rollout.remote(2, img, c.version, None, True) for w in c.rollouts])
+        assert restarted["version"] == kept["version"] == 2 and torch.equal(restarted["tokens"], kept["tokens"])
+    finally:
+        c.shutdown()
+
+
+def test_sync_changed_reads_0_when_a_weight_sync_moves_nothing(tiny_world_dir, monkeypatch):
+    """The safeguard against a sync that silently leaves the decoder's weights as they were: a rollout worker (in
+    this process, no actor) reports whether loading the learner's weights changed its own; both are dashboard
+    gauges."""
+    import torch
+
+    from raycap.runtime import rollout
+    from raycap.runtime.metrics import GAUGES
+
+    assert {"logprob_drift", "sync_changed"} <= set(GAUGES)
+    threads = torch.get_num_threads()
+    try:
+        worker = rollout.RolloutWorker(config(tiny_world_dir).model_dump_json(), 0)
+    finally:
+        torch.set_num_threads(threads)  # the worker sets this process's threads to the config's
+    img = torch.randn(2, worker.policy.config.clip_dim)
+    flat = worker.weights()
+    assert worker.rollout(0, img, 1, [ray.put(flat + 1e-3)])["sync_changed"] is True
+    monkeypatch.setattr(rollout, "load_flat_weights", lambda model, weights: None)
+    assert worker.rollout(0, img, 2, [ray.put(flat)])["sync_changed"] is False
 
 
 def test_resume_continues_the_step_counter_and_metrics(tiny_world_dir, tmp_path, capsys):

@@ -5,7 +5,9 @@
   captions into rewards (task reward plus the optional word-swap self-check);
 - `Advantages`: the baseline (none, running mean, self-critical, leave-one-out);
 - `reinforce_loss` / `gumbel_loss`: the learner's loss, with the KL guard to the frozen reference captioner;
-  `reinforce_backward`: that loss's backward pass over micro-batches (`rl.optimiser.micro_batch`).
+  `reinforce_backward`: that loss's backward pass over micro-batches (`rl.optimiser.micro_batch`);
+- `drift_stats`, `changes_weights`: two safeguards both runtimes log, `logprob_drift` (the decoder's token
+  log-probs against the learner's) and `sync_changed` (whether a weight sync or step changed the decoder's weights).
 
 The policy is the distribution rollouts sample from: softmax(logits / temperature) when `rollout: sample`, so
 the REINFORCE log-probs, the KL guard and the entropy all read the tempered logits. Rollouts that an older
@@ -205,12 +207,14 @@ def kl_guard(reference: Captioner, img, tokens, lengths, logp, token_lp, estimat
 
 
 def reinforce_loss(policy: Captioner, reference: Captioner, img, tokens, lengths, advantages,
-                   cfg: RunConfig, behaviour_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                   cfg: RunConfig, behaviour_logprobs: torch.Tensor | None = None,
+                   rollout_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """REINFORCE `-(R-b) log P(c|i)` by teacher forcing, + kl_coef * KL guard - entropy_coef * entropy, all
     under the tempered policy. `behaviour_logprobs` (N, T): per-token log-probs under the policy that sampled
     the captions when it is older than this one (off-policy); each caption's term is then weighted by the
-    importance ratio pi(c)/mu(c), truncated at `importance_ratio_cap`. The (N, T, V) log-softmax is computed
-    once and read by every term."""
+    importance ratio pi(c)/mu(c), truncated at `importance_ratio_cap`. `rollout_logprobs` (N, T): the decoder's
+    per-token log-probs of the captions (under the tempered policy when sampled, like these), for the
+    `logprob_drift` statistics only. The (N, T, V) log-softmax is computed once and read by every term."""
     policy.eval()
     logits = policy.logits(img, tokens)
     temperature = policy_temperature(cfg)
@@ -224,6 +228,8 @@ def reinforce_loss(policy: Captioner, reference: Captioner, img, tokens, lengths
         weights = ratio.clamp(max=cfg.rl.algorithm.importance_ratio_cap)
         stats = {"importance_ratio_mean": float(ratio.mean()), "importance_ratio_max": float(ratio.max()),
                  "importance_ratio_truncated": float((ratio > cfg.rl.algorithm.importance_ratio_cap).float().mean())}
+    if rollout_logprobs is not None:
+        stats |= drift_stats(token_lp, rollout_logprobs, lengths)
     pg = losses.reinforce(token_lp, lengths, advantages, cfg.rl.algorithm.length_normalise, weights)
     kl = kl_guard(reference, img, tokens, lengths, logp, token_lp, cfg.rl.algorithm.kl_estimator)
     with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.rl.algorithm.entropy_coef)):
@@ -235,6 +241,28 @@ def reinforce_loss(policy: Captioner, reference: Captioner, img, tokens, lengths
                           "advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0}
 
 
+def drift_stats(token_lp: torch.Tensor, rollout_logprobs: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """`logprob_drift`: the mean over captions of each one's mean |learner - rollout| token log-prob (~0 on-policy;
+    a decoder that drifted from the learner, e.g. in precision or weights, shows here), and its max over tokens."""
+    mean, worst = losses.logprob_drift(token_lp, rollout_logprobs.to(token_lp.device), lengths)
+    return {"logprob_drift": float(mean.mean()), "logprob_drift_max": float(worst.max())}
+
+
+def fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    """A cheap fingerprint of the model's trainable weights: each trainable tensor's sum of |w| (float64, CPU)."""
+    with torch.no_grad():
+        return torch.stack([p.detach().abs().sum(dtype=torch.float64) for p in model.parameters()
+                            if p.requires_grad]).cpu()
+
+
+def changes_weights(model: torch.nn.Module, apply) -> bool:
+    """Whether `apply()` (a weight sync, an optimizer step) changed the model's trainable weights, by their
+    `fingerprint`: a sync that silently moves nothing is the most reported kind of RL-trainer bug."""
+    before = fingerprint(model)
+    apply()
+    return not torch.equal(before, fingerprint(model))
+
+
 def micro_batches(n_images: int, micro_batch: int | None) -> list[slice]:
     """The image slices of one update's teacher-forced passes: `micro_batch` images each (all when None)."""
     per = n_images if not micro_batch else min(micro_batch, n_images)
@@ -243,19 +271,22 @@ def micro_batches(n_images: int, micro_batch: int | None) -> list[slice]:
 
 def reinforce_backward(policy: Captioner, reference: Captioner, img, tokens, lengths, advantages, cfg: RunConfig,
                        step: int, backward, forward_context=contextlib.nullcontext,
-                       behaviour_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                       behaviour_logprobs: torch.Tensor | None = None,
+                       rollout_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """`reinforce_loss` and its backward pass over micro-batches of `rl.optimiser.micro_batch` images (with all their
     samples): each micro-batch's loss, weighted by its share of the captions, is checked (`check_loss`) and
     handed to `backward`, so the gradients accumulate to those of the whole batch's loss while only one
     micro-batch's (N, T, V) tensors are alive. Forward passes run inside `forward_context()` (the role's
-    autocast), backward passes outside it. Returns (the whole batch's loss, detached; its statistics)."""
+    autocast), backward passes outside it; `behaviour_logprobs` and `rollout_logprobs` as `reinforce_loss` reads
+    them. Returns (the whole batch's loss, detached; its statistics)."""
     k = tokens.shape[0] // img.shape[0]
     total, stats, n = 0.0, {}, tokens.shape[0]
     for part in micro_batches(img.shape[0], cfg.rl.optimiser.micro_batch):
         rows = slice(part.start * k, part.stop * k)
         with forward_context():
             loss, s = reinforce_loss(policy, reference, img[part], tokens[rows], lengths[rows], advantages[rows],
-                                     cfg, None if behaviour_logprobs is None else behaviour_logprobs[rows])
+                                     cfg, None if behaviour_logprobs is None else behaviour_logprobs[rows],
+                                     None if rollout_logprobs is None else rollout_logprobs[rows])
         weight = (rows.stop - rows.start) / n
         check_loss(loss, step)
         backward(loss * weight)

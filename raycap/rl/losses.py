@@ -38,6 +38,16 @@ def importance_ratio(policy_token_logprobs: torch.Tensor, behaviour_token_logpro
     return d.clamp(max=80.0).exp()
 
 
+def logprob_drift(policy_token_logprobs: torch.Tensor, behaviour_token_logprobs: torch.Tensor,
+                  lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) mean and (N,) max over each caption's tokens of |log pi - log mu|: how far the learner's teacher-forced
+    log-probs are from those the decoder reported for the same tokens (no gradient). Under the same weights it
+    is numerical noise (~1e-7 in fp32); more means the decoder and the learner compute different policies."""
+    mask = token_mask(lengths, policy_token_logprobs.shape[1])
+    d = (policy_token_logprobs.detach() - behaviour_token_logprobs.detach()).abs() * mask
+    return d.sum(1) / mask.sum(1).clamp(min=1), d.max(1).values
+
+
 ROWS = 8  # captions per slice when a (N, T, V) computation runs slice by slice (bounds its temporaries)
 
 

@@ -54,6 +54,16 @@ def concat_captions(parts: list[dict], pad_id: int) -> tuple[torch.Tensor, torch
     return cat("tokens", pad_id), torch.cat([p["lengths"] for p in parts]), cat("logprobs", 0.0)
 
 
+def combine_stats(stats: list[dict]) -> dict:
+    """The learner ranks' float statistics of one update: the max over ranks of a `*_max`, else the mean (the
+    ranks' shards are equal)."""
+    def combine(k):
+        values = [s[k] for s in stats]
+        return max(values) if k.endswith("_max") else sum(values) / len(values)
+
+    return {k: combine(k) for k in stats[0] if isinstance(stats[0][k], float) and all(k in s for s in stats)}
+
+
 class Controller:
     def __init__(self, config: RunConfig, out: Path, log=print, allow_new_config: bool = False, splits=None):
         """`splits`: the run's images already opened (as a search hands them to its trials); by default they
@@ -116,6 +126,7 @@ class Controller:
 
     # -- weights ----------------------------------------------------------------------------------------
     def _join_broadcast(self):
+        """Form the broadcast group: learner rank 0 starts it (dropping an earlier one), every worker (re)joins."""
         rt = self.cfg.runtime
         world = 1 + len(self.rollouts)
         host, port = ray.get(self.learners[0].start_broadcast.remote(rt.collective_backend, world))
@@ -131,12 +142,32 @@ class Controller:
         elif mode == "nccl":
             self._broadcast()
 
-    def _broadcast(self) -> None:
-        ray.get([self.learners[0].send_broadcast.remote()]
-                + [w.receive_broadcast.remote(self.version) for w in self.rollouts])
+    def _broadcast(self) -> float:
+        """The learner's weights (version `self.version`) to every rollout worker, in a group re-formed first if a
+        worker lost it; returns the share of workers whose weights the broadcast changed."""
+        self._regroup()
+        done = ray.get([self.learners[0].send_broadcast.remote()]
+                       + [w.receive_broadcast.remote(self.version) for w in self.rollouts])
+        return sum(done[1:]) / len(self.rollouts)
+
+    def _regroup(self) -> bool:
+        """Re-form the broadcast group when a rollout worker is in none (Ray restarted it: a broadcast would wait
+        for its rank until the group's timeout). Returns whether it did."""
+        if all(ray.get([w.has_group.remote() for w in self.rollouts])):
+            return False
+        self.log("a rollout worker lost its broadcast group (restarted): re-forming the group")
+        self._join_broadcast()
+        return True
+
+    def _catch_up(self) -> None:
+        """Before rollouts under weight_sync=nccl: a restarted worker rejoins and gets the current weights."""
+        if self._regroup():
+            self._broadcast()
 
     # -- one step ---------------------------------------------------------------------------------------
     def submit_rollouts(self, step: int, img: torch.Tensor, greedy: bool = False) -> list:
+        if self.cfg.runtime.weight_sync == "nccl":
+            self._catch_up()
         return [w.rollout.remote(step, part, self.version, self.weights, greedy)
                 for w, part in zip(self.decoders, shards(img, len(self.decoders)))]
 
@@ -152,27 +183,34 @@ class Controller:
         info = {"rollout_version": min(p["version"] for p in parts),
                 "rollout_sync_seconds": max(p["sync_seconds"] for p in parts),
                 "decode_seconds": max(p["decode_seconds"] for p in parts)}
+        loaded = [p["sync_changed"] for p in parts if p.get("sync_changed") is not None]
+        if loaded:  # weight_sync=object_store: the workers that loaded new weights for these rollouts
+            info["sync_changed"] = sum(loaded) / len(loaded)
         return tokens, lengths, logprobs, info
 
-    def learn(self, step: int, img, tokens, lengths, advantages, cands=None, behaviour_logprobs=None) -> dict:
+    def learn(self, step: int, img, tokens, lengths, advantages, cands=None, behaviour_logprobs=None,
+              rollout_logprobs=None) -> dict:
         """The learner ranks' update on their shards, then the new weights to the rollouts (version + 1).
-        `behaviour_logprobs` are given when an older policy sampled the captions (importance weighting)."""
+        `behaviour_logprobs` are given when an older policy sampled the captions (importance weighting);
+        `rollout_logprobs`, the rollouts' own log-probs, always (the `logprob_drift` statistics)."""
         n, mode = len(self.learners), self.cfg.runtime.weight_sync
         rows = [shards(x, n) if x is not None else [None] * n
-                for x in (img, tokens, lengths, advantages, cands, behaviour_logprobs)]
+                for x in (img, tokens, lengths, advantages, cands, behaviour_logprobs, rollout_logprobs)]
         refs = [lr.update.options(num_returns=2).remote(step, *(r[i] for r in rows[:5]),
                                                         publish=i == 0 and mode == "object_store",
-                                                        behaviour_logprobs=rows[5][i])
+                                                        behaviour_logprobs=rows[5][i], rollout_logprobs=rows[6][i])
                 for i, lr in enumerate(self.learners)]
         stats = ray.get([r[0] for r in refs])
         self.version += 1
         t = time.perf_counter()
+        changed = None
         if mode == "object_store":
             self.weights = [refs[0][1]]  # already in the object store; workers fetch it when they decode
         elif mode == "nccl":
-            self._broadcast()
-        out = {k: sum(s[k] for s in stats) / n for k in stats[0]
-               if isinstance(stats[0][k], float) and all(k in s for s in stats)}
+            changed = self._broadcast()
+        out = combine_stats(stats)
+        if changed is not None:
+            out["sync_changed"] = changed
         out["learner_seconds"] = max(s["learner_seconds"] for s in stats)
         moved = 0.0 if mode == "colocated" else time.perf_counter() - t  # colocated: nothing moves
         out["weight_sync_seconds"] = moved + stats[0].get("publish_seconds", 0.0)
@@ -206,11 +244,14 @@ class Controller:
             nxt = self.submit_rollouts(step + 1, ray.get(self._next_batch[step + 1])[1])
         policy_lag = self.version - info["rollout_version"]
         record = self.learn(step, img, tokens, lengths, advantages,
-                            behaviour_logprobs=behaviour_logprobs if policy_lag else None)
+                            behaviour_logprobs=behaviour_logprobs if policy_lag else None,
+                            rollout_logprobs=behaviour_logprobs)
         record |= algorithm.summarise(scores, lengths) | {
             "policy_lag": float(policy_lag), "decode_seconds": info["decode_seconds"],
             "score_seconds": score_seconds, "actor_restarts": self.restarts}
         record["weight_sync_seconds"] += info["rollout_sync_seconds"]
+        if "sync_changed" in info:  # object_store: the sync these rollouts loaded
+            record["sync_changed"] = info["sync_changed"]
         record["step_seconds"] = time.perf_counter() - t
         record["captions_per_second"] = len(tokens) / record["step_seconds"]
         return record, nxt

@@ -133,11 +133,13 @@ class Learner:
 
     # -- the update ---------------------------------------------------------------------------------------
     def update(self, step: int, img, tokens, lengths, advantages, cands=None, publish: bool = False,
-               behaviour_logprobs=None):
+               behaviour_logprobs=None, rollout_logprobs=None):
         """One optimizer step on this rank's shard. Returns (statistics, the new trainable weights if
         `publish`, else None): the controller calls it with two returns, so under weight_sync=object_store
         the weights reach the object store without another round trip. `behaviour_logprobs`: the rollouts'
-        per-token log-probs when an older policy sampled them (importance-weighted update)."""
+        per-token log-probs when an older policy sampled them (importance-weighted update); `rollout_logprobs`:
+        the rollouts' per-token log-probs always (the `logprob_drift` statistics). Colocated, this rank decodes
+        too: `sync_changed` says whether the step changed its weights."""
         t = time.perf_counter()
         img = img.to(self.device)
         if self.cfg.rl.method == "gumbel":
@@ -156,10 +158,14 @@ class Learner:
             loss, stats = algorithm.reinforce_backward(
                 self.policy, self.reference, img, tokens.to(self.device), lengths.to(self.device),
                 advantages.to(self.device), self.cfg, step, backward, self.autocast,
-                None if behaviour_logprobs is None else behaviour_logprobs.to(self.device))
+                None if behaviour_logprobs is None else behaviour_logprobs.to(self.device),
+                None if rollout_logprobs is None else rollout_logprobs.to(self.device))
         if not self.cfg.runtime.zero_stage:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), CLIP_NORM)
-        self.engine.step()
+        if self.cfg.runtime.weight_sync == "colocated":  # this rank's decoder is its engine's module
+            stats["sync_changed"] = float(algorithm.changes_weights(self.policy, self.engine.step))
+        else:
+            self.engine.step()
         self.version += 1
         stats |= {"loss": float(loss.detach()), "learner_seconds": time.perf_counter() - t, "version": self.version}
         if not publish:
@@ -186,8 +192,11 @@ class Learner:
         return flat_weights(self.policy)
 
     def start_broadcast(self, backend: str, world_size: int) -> tuple[str, int]:
+        """Start a broadcast group as its rank 0 (replacing an earlier one: the controller re-forms the group when a
+        rollout worker was restarted); returns the address the workers join."""
         import threading
 
+        self._leave_broadcast()
         host = node_address()
         store = master_store(host, world_size)  # bound here, so the port handed out is ours
         # rank 0 blocks until every worker joined: do it off the actor's thread
@@ -198,10 +207,19 @@ class Learner:
     def _join_broadcast(self, backend, host, store, world_size):
         self.group = BroadcastGroup(backend, host, store.port, 0, world_size, store=store)
 
-    def send_broadcast(self) -> float:
+    def _wait_joined(self) -> None:
         if self._joiner is not None:
             self._joiner.join()
             self._joiner = None
+
+    def _leave_broadcast(self) -> None:
+        self._wait_joined()
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+    def send_broadcast(self) -> float:
+        self._wait_joined()
         return self.group.broadcast(self.policy)
 
     # -- checkpoints --------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ GAUGES = {
     "weight_sync_seconds": "seconds spent moving weights to the rollouts",
     "policy_lag": "updates between the weights that sampled and the weights being updated",
     "step_seconds": "seconds of a full RL step",
+    "logprob_drift": "mean |rollout - learner| log-prob of the sampled tokens (~0 on-policy: decoder and learner "
+                     "agree)",
+    "sync_changed": "share of decoders whose trainable weights the last weight sync changed (1 expected)",
 }
 
 

@@ -40,18 +40,31 @@ class RolloutWorker:
     def weights(self):
         return flat_weights(self.policy)
 
+    def has_group(self) -> bool:
+        """Whether this worker is in a broadcast group (a worker Ray restarted is in none until it rejoins)."""
+        return self.group is not None
+
     def join_broadcast(self, backend: str, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join the learner's broadcast group as `rank`, leaving the one it was in (the group is re-formed when a
+        worker was restarted)."""
+        if self.group is not None:
+            self.group.close()
+            self.group = None
         self.group = BroadcastGroup(backend, host, port, rank, world_size)
 
-    def receive_broadcast(self, version: int) -> float:
-        seconds = self.group.broadcast(self.policy)
+    def receive_broadcast(self, version: int) -> bool:
+        """Receive the learner's weights of `version`; returns whether they changed this worker's weights."""
+        if self.group is None:
+            raise RuntimeError(f"rollout worker {self.shard} is in no broadcast group (restarted and not rejoined)")
+        changed = algorithm.changes_weights(self.policy, lambda: self.group.broadcast(self.policy))
         self.version = version
-        return seconds
+        return changed
 
     def rollout(self, step: int, img: torch.Tensor, version: int, weights: list | None, greedy: bool = False) -> dict:
         """Decode this worker's shard. If the worker's copy is older than `version`, first load `weights` (a
-        one-element list holding the object ref of the learner's flat trainable weights)."""
-        sync = 0.0
+        one-element list holding the object ref of the learner's flat trainable weights); `sync_changed` then says
+        whether loading them changed this worker's weights (None when nothing was loaded)."""
+        sync, changed = 0.0, None
         if version != self.version:
             if not weights:
                 raise RuntimeError(f"rollout worker {self.shard} holds weights v{self.version}, asked for v{version} "
@@ -59,11 +72,12 @@ class RolloutWorker:
             import ray
 
             t = time.perf_counter()
-            load_flat_weights(self.policy, ray.get(weights[0]))
+            flat = ray.get(weights[0])
+            changed = algorithm.changes_weights(self.policy, lambda: load_flat_weights(self.policy, flat))
             sync, self.version = time.perf_counter() - t, version
         t = time.perf_counter()
         with torch.no_grad(), self.models.autocast():
             caps = algorithm.rollout(self.policy, img.to(self.device), self.cfg, step, self.shard, greedy=greedy,
                                      decoder=self.decoder)
         return captions_payload(caps, self.version, sync_seconds=sync, decode_seconds=time.perf_counter() - t,
-                                pid=os.getpid())
+                                pid=os.getpid(), sync_changed=changed)

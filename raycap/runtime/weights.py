@@ -10,7 +10,9 @@ Three modes behind `WeightSync` (the controller's side) and `receive_weights` (a
 - `colocated` (one GPU, verl's hybrid engine): the learner ranks decode their own shards with the engine's
   module, one copy of the weights, nothing moves.
 - `nccl` (several GPUs): learner rank 0 and the rollout workers form a separate process group (its own TCP
-  store, outside the learners' DeepSpeed group) and rank 0 broadcasts each trainable tensor in place.
+  store, outside the learners' DeepSpeed group) and rank 0 broadcasts each trainable tensor in place. A worker
+  that Ray restarted is in no group: the controller re-forms the group (rank 0 starts a new one, every worker
+  joins it) and broadcasts the current weights before the next rollouts.
   `collective_backend: gloo` runs the very same broadcast on CPU, which is how it is tested without GPUs.
 """
 from __future__ import annotations
@@ -69,16 +71,21 @@ class BroadcastGroup:
         choosing it and binding it); the others connect to `host:port`."""
         if store is None:
             store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
-        opts = timedelta(seconds=timeout_s)
+        timeout = timedelta(seconds=timeout_s)  # how long a collective waits for a missing rank
         if backend == "nccl":
-            self.group = dist.ProcessGroupNCCL(store, rank, world_size)
+            self.group = dist.ProcessGroupNCCL(store, rank, world_size, timeout)
             self.device = torch.device("cuda", torch.cuda.current_device())
         elif backend == "gloo":
-            self.group = dist.ProcessGroupGloo(store, rank, world_size, opts)
+            self.group = dist.ProcessGroupGloo(store, rank, world_size, timeout)
             self.device = torch.device("cpu")
         else:
             raise ValueError(f"unknown collective backend {backend!r}")
         self.store, self.rank = store, rank
+
+    def close(self) -> None:
+        """Abort the group (a member may be dead: nothing waits on it); a new group replaces it."""
+        self.group.abort()
+        self.group = self.store = None
 
     def broadcast(self, model: torch.nn.Module) -> float:
         """Send (rank 0) or receive (others) every trainable tensor in place; returns the seconds taken."""
