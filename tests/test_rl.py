@@ -406,3 +406,16 @@ def test_best_of_verified_and_the_gate_on_other_baselines():
     with pytest.raises(UserError, match="self_check.gate needs self_check.substitution_classes"):
         load_config("world-demo", ["rl.self_check.gate=true", "rl.self_check.substitution_classes=[]",
                                    "eval.select_check=0", "rl.self_check.kind=swap"])
+
+
+def test_gumbel_uniforms_stay_inside_the_open_unit_interval_at_the_extreme_hashes():
+    """The hash's extremes map strictly inside (0, 1), so the Gumbel noise -log(-log(u)) is finite for every
+    element (2^-24 per element hit 1.0 before: a NaN loss nearly every update at GPT-2's vocabulary)."""
+    from raycap.rl.gumbel import counter_uniform, unit_interval
+
+    h = torch.tensor([0, 1, 511, 512, (1 << 32) - 1, (1 << 32) - 512, (1 << 32) - 513], dtype=torch.int64)
+    u = unit_interval(h)
+    assert bool(((u > 0) & (u < 1)).all()) and torch.isfinite(-torch.log(-torch.log(u))).all()
+    a = counter_uniform((3, 70000), torch.Generator().manual_seed(0), "cpu")
+    b = counter_uniform((3, 70000), torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(a, b) and abs(float(a.mean()) - 0.5) < 0.01 and a.unique().numel() > 200000

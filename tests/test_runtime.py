@@ -144,6 +144,15 @@ def test_a_killed_rollout_worker_rejoins_the_weight_broadcast(tiny_world_dir, tm
         img = ray.get(c.reward.batch.remote(2))[1][:3]
         restarted, kept = ray.get([w.rollout.remote(2, img, c.version, None, True) for w in c.rollouts])
         assert restarted["version"] == kept["version"] == 2 and torch.equal(restarted["tokens"], kept["tokens"])
+        # a worker restarted while its rollout was queued or running: the retried task finds no weights, and the
+        # controller rejoins it to the broadcast and decodes that shard again
+        os.kill(ray.get(c.rollouts[1].pid.remote()), signal.SIGKILL)
+        catch_up, c._catch_up = c._catch_up, lambda: None  # as if it died after the submission's check
+        refs = c.submit_rollouts(2, ray.get(c.reward.batch.remote(2))[1])
+        c._catch_up = catch_up
+        tokens, _, _, info = c.collect(refs)
+        assert info["rollout_version"] == 2 and c.restarts == 2 and len(tokens) == c.cfg.rl.batch_size * \
+            c.cfg.rl.sampling.num_samples
     finally:
         c.shutdown()
 

@@ -10,7 +10,6 @@ token ids out: the tokenizer lives elsewhere.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 from raycap.errors import UserError
 from raycap.models import lora, precision
 from raycap.models.safetensors_io import load_weights, reading_weights
-from raycap.models.decoding import Decoding, cached_forward, repeat_rows
+from raycap.models.decoding import Decoding, cached_forward, keeps_logits, repeat_rows
 
 CONFIG_NAME = "raycap_clipcap.json"
 MAPPER_NAME = "mapper.safetensors"
@@ -158,15 +157,6 @@ def _build_lm(spec: str | dict, weights: bool = True) -> PreTrainedModel:
                         "HF causal LM, or download it first (huggingface-cli download NAME) on a machine online") from None
 
 
-@functools.lru_cache(maxsize=None)
-def _keeps_logits(lm_class: type) -> bool:
-    """Whether the LM class's forward takes `logits_to_keep` (transformers' causal LMs since 4.50); read once per
-    class, not per teacher-forced pass."""
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(lm_class.forward).parameters
-
-
 # -----------------------------------------------------------------------------
 # model
 
@@ -269,7 +259,7 @@ class ClipCap(Decoding, nn.Module):
         tokens = tokens.to(prefix.device)
         P, T = prefix.size(1), tokens.size(1)
         embeds = self._embed(prefix, tokens[:, :-1])
-        if _keeps_logits(type(self.lm)):  # the LM head only at the T positions read (not over the prefix)
+        if keeps_logits(type(self.lm)):  # the LM head only at the T positions read (not over the prefix)
             return self.lm(inputs_embeds=embeds, use_cache=False, logits_to_keep=T).logits.float()
         return self.lm(inputs_embeds=embeds, use_cache=False).logits[:, P - 1:].float()
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from raycap.models.captioner import Captions
-from raycap.models.decoding import DONE_CHECK_EVERY, next_token
+from raycap.models.decoding import DONE_CHECK_EVERY, keeps_logits, next_token
 
 
 def rollout_decoder(captioner):
@@ -187,7 +187,11 @@ class _Step:
         self.cache_arg = cache_argument(lm)
         self.ids = torch.zeros(N, 1, dtype=torch.long, device=dev)
         self.slots = torch.arange(length, device=dev)
-        self.eager = getattr(lm.config, "_attn_implementation", "sdpa") == "eager"
+        attention = getattr(lm.config, "_attn_implementation", "sdpa") or "sdpa"
+        if attention not in ("sdpa", "eager"):  # flash attention reads a 2D padding mask and syncs on it
+            raise ValueError(f"the static decoder runs sdpa or eager attention, this LM uses {attention!r}")
+        self.eager = attention == "eager"
+        self.keep_last = keeps_logits(type(lm))
         self.replay = None
 
     def prefill(self, prefix: Tensor) -> Tensor:
@@ -196,8 +200,9 @@ class _Step:
         self.position.zero_()
         writes = self.cache.layers[0].writes
         positions = torch.arange(P, device=self.device)
+        last = {"logits_to_keep": 1} if self.keep_last else {}  # the LM head at the last position only
         out = self.lm(inputs_embeds=prefix.to(self.lm.dtype), **{self.cache_arg: self.cache},
-                      cache_position=positions, position_ids=positions[None].expand(N, -1), use_cache=True)
+                      cache_position=positions, position_ids=positions[None].expand(N, -1), use_cache=True, **last)
         if self.cache.layers[0].writes == writes:
             raise RuntimeError(f"{type(self.lm).__name__} did not write the static cache it was given as "
                                f"`{self.cache_arg}=`: this transformers version ignores it (raycap needs the "
@@ -207,8 +212,8 @@ class _Step:
     def _mask(self) -> Tensor:
         """The step's attention mask over the cache's slots, made from the position (every row attends to the
         prefix and all tokens so far: finished rows decode pads that are dropped later) and handed to the LM as
-        a prepared 4D mask, so transformers does not rebuild a causal mask every step: boolean (keep) for SDPA
-        and flash attention, additive for eager attention."""
+        a prepared 4D mask, so transformers does not rebuild a causal mask every step: boolean (keep) for SDPA,
+        additive for eager attention."""
         keep = (self.slots <= self.position)[None, None, None, :]
         if self.eager:
             dtype = self.lm.dtype

@@ -5,6 +5,8 @@ prefix embeddings, BLIP's vision features), `_step(state, tokens, past, use_cach
 cache), `logits(inputs, tokens)`, `config.max_new_tokens`, `config.pad_token_id` and `stop_ids`."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -191,6 +193,15 @@ class Decoding:
         if reduction == "mean":
             return lp.sum(1) / lengths.clamp(min=1)
         raise ValueError(f"unknown reduction {reduction!r} (expected 'none', 'sum' or 'mean')")
+
+
+@functools.lru_cache(maxsize=None)
+def keeps_logits(lm_class: type) -> bool:
+    """Whether the LM class's forward takes `logits_to_keep` (transformers' causal LMs since 4.50); read once per
+    class, not per teacher-forced pass."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(lm_class.forward).parameters
 
 
 def cached_forward(lm, past, **kwargs):

@@ -47,7 +47,13 @@ def counter_uniform(shape: torch.Size, generator: torch.Generator | None, device
     if n >= 1 << 32:
         raise ValueError(f"counter noise indexes below 2^32 elements, asked for {n}")
     h = _mix32(_mix32(torch.arange(n, device=device, dtype=torch.int64) ^ s1) ^ s2)
-    return ((h >> 8).float() + 0.5).mul_(2.0 ** -24).view(shape)
+    return unit_interval(h).view(shape)
+
+
+def unit_interval(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 in [2^-24, 1 - 2^-24]: the top 23 bits, centred in their bin (every value exact in
+    float32, so never 0 or 1, whose double log is infinite)."""
+    return ((h >> 9).float() + 0.5).mul_(2.0 ** -23)
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, hard: bool, generator: torch.Generator | None) -> torch.Tensor:

@@ -34,7 +34,7 @@ from raycap.runtime import resources
 from raycap.runtime.learner import Learner
 from raycap.runtime.metrics import DashboardMetrics
 from raycap.runtime.reward import RewardService
-from raycap.runtime.rollout import RolloutWorker
+from raycap.runtime.rollout import RolloutWorker, StaleWeights
 
 CONTROLLER_STATE = CHECKPOINT_MARKERS["ray"]  # "controller.pt", written last
 
@@ -122,6 +122,7 @@ class Controller:
         self.advantages = algorithm.Advantages(config)
         self.step, self.version, self.weights, self.restarts = 0, 0, None, 0
         self._next_batch: dict[int, ray.ObjectRef] = {}
+        self._submitted: dict[ray.ObjectRef, tuple] = {}  # each rollout ref's (worker, step, shard, greedy)
         self._resume()
 
     # -- weights ----------------------------------------------------------------------------------------
@@ -168,11 +169,27 @@ class Controller:
     def submit_rollouts(self, step: int, img: torch.Tensor, greedy: bool = False) -> list:
         if self.cfg.runtime.weight_sync == "nccl":
             self._catch_up()
-        return [w.rollout.remote(step, part, self.version, self.weights, greedy)
-                for w, part in zip(self.decoders, shards(img, len(self.decoders)))]
+        refs = []
+        for i, (w, part) in enumerate(zip(self.decoders, shards(img, len(self.decoders)))):
+            refs.append(w.rollout.remote(step, part, self.version, self.weights, greedy))
+            self._submitted[refs[-1]] = (i, step, part, greedy)
+        return refs
+
+    def _fetch(self, ref) -> dict:
+        """One shard's rollouts. Under weight_sync=nccl a worker that Ray restarted while it decoded comes back
+        with no weights (`StaleWeights`): it rejoins the broadcast, gets the current weights, and decodes again."""
+        i, step, part, greedy = self._submitted.pop(ref)
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if self.cfg.runtime.weight_sync != "nccl" or not isinstance(getattr(e, "cause", None), StaleWeights):
+                raise
+            self.log(f"rollout worker {i} was restarted while it decoded: rejoining the broadcast, decoding again")
+            self._catch_up()
+            return ray.get(self.decoders[i].rollout.remote(step, part, self.version, None, greedy))
 
     def collect(self, refs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        parts = ray.get(refs)
+        parts = [self._fetch(ref) for ref in refs]
         for i, p in enumerate(parts):
             if p["pid"] != self.pids[i]:  # the actor was restarted by Ray and the task retried
                 self.pids[i] = p["pid"]

@@ -21,6 +21,11 @@ def captions_payload(caps, version: int, **extra) -> dict:
             "version": version, **extra}
 
 
+class StaleWeights(RuntimeError):
+    """A worker asked to decode a newer version than it holds, with no weights to load (a worker Ray restarted in
+    the middle of a task under weight_sync=nccl: the controller rejoins it to the broadcast and asks again)."""
+
+
 class RolloutWorker:
     """Holds a frozen copy of the captioner; decodes greedy / sampled (KV cache) for one shard of each batch."""
 
@@ -67,7 +72,7 @@ class RolloutWorker:
         sync, changed = 0.0, None
         if version != self.version:
             if not weights:
-                raise RuntimeError(f"rollout worker {self.shard} holds weights v{self.version}, asked for v{version} "
+                raise StaleWeights(f"rollout worker {self.shard} holds weights v{self.version}, asked for v{version} "
                                    "without a reference to them")
             import ray
 
