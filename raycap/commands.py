@@ -11,6 +11,7 @@ COMMANDS = {  # subcommand: (module whose main(argv) runs it, one line of help)
     "pretrain": ("raycap.pretrain", "the supervised stage (world retriever and captioner, or a captioner)"),
     "convert": ("raycap.convert", "a published ClipCap or BLIP as a raycap captioner dir"),
     "data": ("raycap.data", "data tools (export-world)"),
+    "card": ("raycap.card", "a retriever's card: retrieval, binding, specificity, generic gap, what captioners read"),
 }
 
 _console = {"on": False}  # set by raycap.cli once per process

@@ -6,7 +6,8 @@ and its tokenizer, on any dataset's references: raycap.supervised.captioner_stag
 
 (1) trains the tiny CLIP retriever (InfoNCE with attribute-swapped hard negatives), (2) trains the tiny
 ClipCap captioner with cross-entropy on the labelled split's vague references, and writes
-DIR/world.json, DIR/retriever/, DIR/captioner/ and DIR/metrics.json (test split, P@1 among 100).
+DIR/world.json, DIR/retriever/, DIR/captioner/ and DIR/metrics.json (test split: P@1 among 100, the retriever's
+card: raycap.metrics.card). `--set version=2` trains the retriever with CLIP's loss (world v2).
 Re-running with the same DIR resumes: finished stages are kept, an interrupted retriever run continues
 from its last checkpoint.
 """
@@ -67,6 +68,14 @@ def load_world_retriever(path: Path, world_config: WorldConfig, flag: str):
     return retriever
 
 
+def card(retriever, world: World, n_eval: int, args) -> dict:
+    """The retriever's card on the test split (`raycap.metrics.card`), its probe reading what the captioner will."""
+    from raycap.metrics.card import retriever_card
+
+    return retriever_card(retriever.eval(), world, n_eval, probe_images=min(args.probe_images, world.config.n_train),
+                          image_tokens=args.captioner_input == "tokens", seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("raycap.pretrain"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--eval-images", type=int, default=None, help="test images to evaluate on (default: all)")
+    p.add_argument("--probe-images", type=int, default=20000, help="train images the retriever card's probe learns "
+                   "from (0: no probe)")
     return p
 
 
@@ -126,6 +137,8 @@ def run(args) -> dict:
     for name in ("retriever_steps", "retriever_batch", "captioner_epochs", "retriever_lr"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
+    if args.probe_images < 0:
+        raise UserError(f"--probe-images: must be >= 0 (0: no probe), got {args.probe_images}")
     if args.retriever is not None and args.retriever_init is not None:
         raise UserError("--retriever uses a trained retriever as it is; --retriever-init trains on from one: "
                         "give one of them")
@@ -150,14 +163,16 @@ def run(args) -> dict:
     if args.retriever is not None and not (out / "retriever").exists():
         retriever = load_world_retriever(args.retriever, world_config, "--retriever")
         retriever.save_pretrained(out / "retriever")
-        metrics["retriever"] = {**evaluate_retriever(retriever, world, "test", n_eval), "source": str(args.retriever)}
+        metrics["retriever"] = {**evaluate_retriever(retriever, world, "test", n_eval), "source": str(args.retriever),
+                                "card": card(retriever, world, n_eval, args)}
         metrics_file.write_text(json.dumps(metrics, indent=2))
         print("retriever (test):", json.dumps(metrics["retriever"]))
     if "retriever" in stages and not (out / "retriever" / "raycap_retriever.json").exists():
         from raycap.supervised.retriever import RetrieverTraining, train_retriever
 
         cfg = RetrieverTraining(steps=args.retriever_steps, batch_size=args.retriever_batch,
-                                hard_negatives=args.hard_negatives, lr=args.retriever_lr, seed=args.seed)
+                                hard_negatives=args.hard_negatives, lr=args.retriever_lr, seed=args.seed,
+                                mask_true_texts=world_config.version == 1)
         t0 = time.time()
         if args.retriever_init is not None:
             retriever = load_world_retriever(args.retriever_init, world_config, "--retriever-init")
@@ -169,6 +184,7 @@ def run(args) -> dict:
                                 "steps": cfg.steps, "train_seconds": round(time.time() - t0, 1)}
         if args.retriever_init is not None:
             metrics["retriever"]["init"] = str(args.retriever_init)
+        metrics["retriever"]["card"] = card(retriever, world, n_eval, args)
         metrics_file.write_text(json.dumps(metrics, indent=2))
         print("retriever (test):", json.dumps(metrics["retriever"]))
 

@@ -58,6 +58,7 @@ LAYERS = {
     "raycap.caption": ENTRY,
     "raycap.pretrain": ENTRY,
     "raycap.convert": ENTRY,
+    "raycap.card": ENTRY,
     "raycap.data.__main__": ENTRY,
     "raycap.report.__main__": ENTRY,
 }

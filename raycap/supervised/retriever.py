@@ -2,9 +2,15 @@
 
 Each step: a batch of images; for each, one positive text (the full description or a partial one) and
 `hard_negatives` false variants of it. Image->text softmax runs over all positives and negatives of the
-batch, text->image over the batch's images; any other text that is also true of an image (a partial
-description can fit several images) is masked out instead of being pushed away. The batch for step t is a
-function of (seed, t), so a resumed run sees exactly the data an uninterrupted one would.
+batch, text->image over the batch's images. The batch for step t is a function of (seed, t), so a resumed run
+sees exactly the data an uninterrupted one would.
+
+Two recipes for the other texts of the batch that are also true of an image (a partial description fits several
+images): `mask_true_texts` (world v1) masks them out instead of pushing them away, so a text true of every image
+("a shape") is never pushed from any and scores level with a full description; without it (world v2, as CLIP
+trains: every other pair of the batch is a negative) the optimum scores a pair by how much more likely the text
+is for this image than for any (a pointwise mutual information), so a more specific true text scores higher and
+a text true of every image scores low, which is what both methods lean on in a real CLIP.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ class RetrieverTraining:
     checkpoint_every: int = 100
     bf16: bool = True  # CPU autocast; the loss stays fp32
     seed: int = 0
+    mask_true_texts: bool = True  # world v1's recipe (other true texts masked, not pushed away); v2: False
 
 
 def lr_at(step: int, cfg: RetrieverTraining) -> float:
@@ -93,10 +100,13 @@ class BatchMaker:
         return idx, [D.render(d) for d in descs], truth
 
 
-def contrastive_loss(image_emb, text_emb, truth, logit_scale) -> torch.Tensor:
-    """Image->text over all texts and text->image over images for the positives; other true pairs masked."""
+def contrastive_loss(image_emb, text_emb, truth, logit_scale, mask_true_texts: bool = False) -> torch.Tensor:
+    """Image->text over all texts and text->image over images for the positives; with `mask_true_texts` the other
+    true pairs are masked out, else they are negatives like every other pair (CLIP's loss)."""
     b = image_emb.shape[0]
     logits = logit_scale * image_emb @ text_emb.T  # (B, T)
+    if not mask_true_texts:
+        truth = torch.zeros_like(truth)
     own = torch.zeros_like(truth.T)
     own[torch.arange(b), torch.arange(b)] = True
     i2t = logits.masked_fill(truth.T & ~own, float("-inf"))
@@ -132,7 +142,7 @@ def train_retriever(retriever: Retriever, world: World, cfg: RetrieverTraining, 
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             image_emb = retriever.encode_image(retriever.pixels(images[idx]))
             text_emb = retriever.encode_captions(texts)
-        loss = contrastive_loss(image_emb.float(), text_emb.float(), truth, retriever.logit_scale)
+        loss = contrastive_loss(image_emb.float(), text_emb.float(), truth, retriever.logit_scale, cfg.mask_true_texts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(retriever.parameters(), 1.0)

@@ -1,0 +1,89 @@
+"""The retriever card (issue 40): its properties on a tiny world and on any labelled data, and world v2's loss,
+which pushes a text true of every image away from the images it was not paired with (v1's masks it)."""
+import json
+
+import torch
+
+from raycap.data import descriptions as D
+from raycap.data.grammar import parse
+from raycap.metrics.card import one_attribute_texts, one_dropped
+from raycap.supervised.retriever import contrastive_loss
+
+
+def test_the_card_of_a_tiny_world_and_of_its_labelled_data(tiny_world_dir, tmp_path, capsys):
+    from raycap.card import main
+    from raycap.models.loading import load_world_dir
+
+    card = main(["--world-dir", str(tiny_world_dir), "--images", "100", "--probe-images", "400",
+                 "--out", str(tmp_path / "card.json")])
+    assert json.loads((tmp_path / "card.json").read_text()) == card == json.loads(capsys.readouterr().out)
+    for key in ("p_at_1_full", "p_at_1_vague", "binding_accuracy", "specificity_multi_object",
+                "generic_below_references", "a_shape_above_full", "probe_exact_1_objects", "probe_exact_2_objects"):
+        assert 0.0 <= card[key] <= 1.0, key
+    assert card["probe_input"] == "embedding" and card["images"] == 100
+    pretrained = json.loads((tiny_world_dir / "metrics.json").read_text())["retriever"]["card"]
+    assert pretrained["images"] == 120 and "specificity_multi_object" in pretrained  # `pretrain world` writes one
+    world = load_world_dir(tiny_world_dir).world
+    for i in range(20):  # what the card compares: true texts, each less specific than the full description
+        scene = world.scene("test", i)
+        texts = one_dropped(scene) + one_attribute_texts(scene)
+        assert all(D.is_true(parse(text), scene) for text in texts)
+        assert len(one_dropped(scene)) == 4 * len(scene.objects)
+    data = main(["--config", "world-demo", "--set", f"data.path={tiny_world_dir}",
+                 "--set", f"retriever.path={tiny_world_dir}/retriever", "--images", "100"])
+    assert data["images"] == 100 and 0 <= data["generic_below_references"] <= 1
+    assert 0 <= data["p_at_1_references"] <= 1
+
+
+def test_bad_card_arguments_are_one_line_each(tiny_world_dir, capsys):
+    import pytest
+
+    from raycap.card import main
+
+    for args, needle in ((["--images", "50"], "--images 50: P@1 ranks each target among 100"),
+                         (["--probe-images", "-1"], "--probe-images: must be >= 0")):
+        with pytest.raises(SystemExit) as e:
+            main(["--world-dir", str(tiny_world_dir), *args])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_world_v2s_loss_pushes_a_text_true_of_every_image_from_the_images_it_was_not_paired_with():
+    """With orthonormal image embeddings, logit (j, t) is scale * text_emb[t, j]: the gradient of the loss on the
+    generic text's coordinate j is its pull or push on image j. v1 masks the other true pairs (no gradient: "a
+    shape" is never pushed from any image); v2 (CLIP's loss) pushes it from every image but its own."""
+    b = 4
+    images = torch.eye(b, 8)
+    texts = torch.nn.functional.normalize(torch.randn(b + 2, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    truth = torch.zeros(b + 2, b, dtype=torch.bool)
+    truth[torch.arange(b), torch.arange(b)] = True
+    truth[0] = True  # text 0, image 0's positive, is true of every image ("a shape")
+    grads = {}
+    for mask in (True, False):
+        t = texts.clone().requires_grad_(True)
+        contrastive_loss(images, t, truth, torch.tensor(10.0), mask_true_texts=mask).backward()
+        grads[mask] = t.grad[0, 1:b]  # d loss / d cos(image j, generic), j != 0
+    assert torch.equal(grads[True], torch.zeros(b - 1))
+    assert bool((grads[False] > 0).all())  # descent lowers cos(image j, "a shape") for every other image
+
+
+def test_the_world_version_chooses_the_retrievers_recipe(tmp_path, monkeypatch):
+    from raycap import pretrain
+    from raycap.supervised import retriever as stage
+
+    seen = []
+
+    def capture(retriever, world, cfg, work_dir, log=print):
+        seen.append(cfg.mask_true_texts)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(stage, "train_retriever", capture)
+    for version in (1, 2):
+        try:
+            pretrain.main(["world", "--out", str(tmp_path / f"v{version}"), "--stages", "retriever",
+                           "--set", f"version={version}", "--set", "n_train=50", "--set", "n_val=10",
+                           "--set", "n_test=10"])
+        except SystemExit:
+            pass
+    assert seen == [True, False]
+    assert json.loads((tmp_path / "v2" / "world.json").read_text())["version"] == 2
