@@ -23,9 +23,7 @@ def test_discritune_with_hard_distractors_lora_beam_and_select_under_bf16(tiny_w
     cfg = load_config("world-demo", [*world_sets(tiny_world_dir), "runtime.precision=bf16", "runtime.device=cpu",
                                      "rl.batch_size=12", "rl.reward.num_candidates=12", "rl.reward.hard_distractors=3",
                                      "rl.sampling.max_new_tokens=8", "eval.images=100", "eval.select_samples=4",
-                                     "threads=2"])
-    cfg = cfg.model_copy(update={"captioner": cfg.captioner.model_copy(update={"lora": {"r": 4, "alpha": 8}})})
-    cfg = RunConfig.model_validate(cfg.model_dump())
+                                     "captioner.lora.r=4", "captioner.lora.alpha=8", "threads=2"])
     trainer = LocalTrainer(cfg, tmp_path / "run", log=lambda *a: None)
     assert trainer.models.dtype == torch.bfloat16
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
