@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from raycap.errors import UserError
+from raycap.models.precision import fp32_linear
 from raycap.models.safetensors_io import load_weights
 from raycap.models.tokenizers import encode as encode_ids
 from raycap.models.tokenizers import load_tokenizer
@@ -291,12 +292,9 @@ class Retriever(nn.Module):
         mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
         x = m.ln_final(m.transformer(x, attn_mask=mask))
         x = x[torch.arange(x.shape[0], device=x.device), eot_index.to(x.device)]
-        with torch.autocast(x.device.type, enabled=False):  # the embedding that becomes a logit: fp32
-            x = x.float()
-            proj = m.text_projection
-            x = F.linear(x, proj.weight.float(), None if proj.bias is None else proj.bias.float()) \
-                if isinstance(proj, nn.Linear) else x @ proj.float()
-            return F.normalize(x, dim=-1) if normalize else x
+        proj = m.text_projection  # the embedding that becomes a logit: fp32
+        x = fp32_linear(x, proj.weight, proj.bias) if isinstance(proj, nn.Linear) else fp32_linear(x, proj.T)
+        return F.normalize(x, dim=-1) if normalize else x
 
 
 class OpenClipTokenizer:

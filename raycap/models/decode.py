@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from raycap.models.captioner import Captions
-from raycap.models.decoding import DONE_CHECK_EVERY, keeps_logits, next_token
+from raycap.models.decoding import DONE_CHECK_EVERY, keeps_logits, next_token, sampling_noise
 
 
 def rollout_decoder(captioner):
@@ -155,7 +155,7 @@ class StaticDecoder:
         prefix = cap.prefix(image_embeds).repeat_interleave(num_samples, dim=0)
         N, P, dev = prefix.shape[0], prefix.shape[1], prefix.device
         if mode == "sample" and noise is None:  # every step's uniforms in one draw and one transfer
-            noise = torch.rand(max_new, N, generator=generator, dtype=torch.float64).to(dev)
+            noise = sampling_noise(max_new, N, generator).to(dev)
         step = self._step_for(N, P + max_new, dev)
         logits = step.prefill(prefix)
         stop = torch.tensor(cap.stop_ids, dtype=torch.long, device=dev)

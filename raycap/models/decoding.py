@@ -40,6 +40,12 @@ def sample_next(logits: Tensor, temperature: float, generator: torch.Generator |
     return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
 
 
+def sampling_noise(max_new: int, rows: int, generator: torch.Generator | None) -> Tensor:
+    """A sampled decode's uniforms in one CPU draw: (max_new, rows) float64, row r's step-t draw at [t, r], the
+    very numbers `sample_next` would draw step by step with `generator` (a CPU generator fills in order)."""
+    return torch.rand(max_new, rows, generator=generator, dtype=torch.float64)
+
+
 def next_token(logits: Tensor, mode: str, temperature: float, generator: torch.Generator | None,
                noise: Tensor | None = None):
     """(ids, log-probs) of one decoding step: the argmax under the model's distribution ("greedy"), or a draw
@@ -107,7 +113,7 @@ class Decoding:
         if noise is not None and (noise.dim() != 2 or noise.shape[1] != N or noise.shape[0] < max_new):
             raise ValueError(f"noise must be ({max_new}, {N}) uniforms, got {tuple(noise.shape)}")
         if mode == "sample" and noise is None:  # every step's uniforms in one draw (the same numbers) and one move
-            noise = torch.rand(max_new, N, generator=generator, dtype=torch.float64).to(dev)
+            noise = sampling_noise(max_new, N, generator).to(dev)
         for t in range(max_new):
             logits, past = self._step(prefix, tokens, past, use_cache)
             nxt, lp = next_token(logits, mode, temperature, generator, None if noise is None else noise[t])

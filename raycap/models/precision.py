@@ -29,15 +29,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` in fp32 with autocast off, whatever the inputs' dtypes and the enclosing autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
 class FP32Linear(torch.nn.Linear):
     """A linear layer that computes in fp32 whatever autocast is on: an LM head whose logits become log-probs,
     so the decoder's and the learner's log-probs are not bf16-rounded (rounding noise would dominate importance
     ratios at small learning rates, and flip greedy ties between two decoders)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            bias = None if self.bias is None else self.bias.float()
-            return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+        return fp32_linear(x, self.weight, self.bias)
 
 
 def fp32_head(model: torch.nn.Module) -> None:

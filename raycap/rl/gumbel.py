@@ -7,6 +7,7 @@ captioner and CLIP share one vocabulary) into the frozen CLIP text encoder.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,7 @@ def counter_uniform(shape: torch.Size, generator: torch.Generator | None, device
     32-bit seeds drawn from `generator` (a CPU generator): the same seed gives the same numbers on every
     device, and only the two seeds leave the host, not (N, V) floats per token."""
     s1, s2 = torch.randint(0, 1 << 32, (2,), generator=generator, dtype=torch.int64).tolist()
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     if n >= 1 << 32:
         raise ValueError(f"counter noise indexes below 2^32 elements, asked for {n}")
     h = _mix32(_mix32(torch.arange(n, device=device, dtype=torch.int64) ^ s1) ^ s2)

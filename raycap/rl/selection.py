@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from raycap.config import RunConfig
+from raycap.models.decoding import sampling_noise
 from raycap.models.tokenizers import decode
 from raycap.rl.self_check import substitution_check
 
@@ -77,7 +78,7 @@ def select_captions(captioner, tokenizer, inputs: torch.Tensor, image_emb: torch
     for k in range(0, len(image_emb), selection.chunk):
         block = min(selection.chunk, len(image_emb) - k)
         gen = torch.Generator().manual_seed(selection.seed * 1_000_003 + k)
-        noise = torch.rand(max_new, block * n, generator=gen, dtype=torch.float64)
+        noise = sampling_noise(max_new, block * n, gen)
         for j in range(k, k + block, step):
             m = min(step, k + block - j)
             rows = slice((j - k) * n, (j - k + m) * n)
