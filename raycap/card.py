@@ -59,7 +59,7 @@ def run(args) -> dict:
 
         cfg = load_config(args.config, args.set)
         retriever = load_retriever(cfg.retriever).eval()
-        split = open_splits(cfg, retriever)[args.split]
+        split = open_splits(cfg, retriever, for_run=False)[args.split]  # a card, not a run: no rl sizes
         n = min(args.images, len(split.source))
         if n < 100:
             raise UserError(f"the {args.split} split has {len(split.source)} images, fewer than 100")

@@ -570,6 +570,33 @@ def yaml_error(e: yaml.YAMLError) -> str:
     return msg
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping holding a key twice (PyYAML keeps the last one silently: a second
+    `rl:` block would replace the first); merge keys (`<<`) still merge."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base constructor says so
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first.line + 1}); a later one would "
+                        "silently replace the earlier, so give each key once", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """`yaml.safe_load` with a duplicate key refused (`UniqueKeyLoader`): what raycap reads every YAML with."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
+
+
 def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
     out = []
     for pair in pairs:
@@ -577,7 +604,7 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
             raise UserError(f"--set {pair!r}: expected key=value")
         key, value = pair.split("=", 1)
         try:
-            out.append((key.strip(), yaml.safe_load(value)))
+            out.append((key.strip(), load_yaml(value)))
         except yaml.YAMLError as e:
             raise UserError(f"--set {pair!r}: value is not valid YAML ({yaml_error(e)})") from None
     return out
@@ -587,14 +614,20 @@ def named_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def read_yaml_mapping(path: Path) -> dict:
-    """A config file's settings: YAML that is a mapping (an empty file is {}), or a one-line UserError."""
+def read_yaml_mapping(path: Path, allow_empty: bool = True) -> dict:
+    """A config file's settings: YAML that is a mapping with each key once, or a one-line UserError. An empty
+    file (or one of comments only) is {} when `allow_empty`, else refused."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text())
     except OSError as e:
         raise UserError(f"{path}: cannot read config: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML: {yaml_error(e)}") from None
+    if data is None or data == {}:
+        if not allow_empty:
+            raise UserError(f"{path}: the config is empty (no settings); a run config needs its settings, e.g. "
+                            f"start from a copy of {CONFIG_DIR / 'world-demo.yaml'} or pass --config world-demo")
+        data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping of settings, not a {type(data).__name__}")
     return data
@@ -608,37 +641,73 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> RunConfig:
         if not path.exists():
             raise UserError(f"unknown config {name_or_path!r}; named configs: {', '.join(named_configs())}, "
                             "or give a YAML path")
-    data = read_yaml_mapping(path)
+    data = read_yaml_mapping(path, allow_empty=False)  # an empty file would train on bare defaults
     for key in data:
         hint = moved_key_hint(str(key)) if key not in RunConfig.model_fields else ""
         if hint:
             raise UserError(f"{path}: {key!r} is no longer a top-level setting{hint}; configs have sections "
                             "data, retriever, captioner, rl, runtime, eval")
-    given = {}  # key -> the --set as written
+    import copy
+
+    base = copy.deepcopy(data)  # the file's settings, before the overrides (to tell which --set broke a check)
+    given, applied = {}, []  # key -> the --set as written; (key, value) in order
     for pair, (key, value) in zip(overrides, parse_overrides(list(overrides))):
         check_override_key(key)
         set_dotted(data, key, value)
         given[key] = pair.strip()
+        applied.append((key, value))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         locs = {".".join(str(x) for x in err.get("loc", ())) for err in e.errors()}
         if locs and locs <= set(given):  # only overridden values are wrong: blame the --set, not the YAML file
             raise UserError("--set " + format_validation_error(e)) from None
-        blamed = overrides_behind(locs, given)
+        blamed = overrides_behind(e.errors(), given, base, applied)
         if blamed:  # a section's (or the run's) consistency check, broken by these --set values
             raise UserError(f"--set {' '.join(blamed)}: " + format_validation_error(e)) from None
         raise UserError(format_validation_error(e, str(path))) from None
 
 
-def overrides_behind(locs: set[str], given: dict[str, str]) -> list[str]:
-    """The `--set` pairs that can have caused every one of these model-level errors (`rl`: a check across the
-    rl section's fields, fed by an `--set rl.x`; `""`: across sections, fed by any `--set`), or [] when some
-    error has none and so lies in the config file itself."""
+def _error_key(err: dict) -> tuple:
+    return tuple(err.get("loc", ())), err.get("msg")
+
+
+def _fails_without(err: dict, key: str, base: dict, applied: list[tuple[str, object]]) -> bool:
+    """Whether the config still fails with `err` when the `--set` of `key` is left out (the others applied)."""
+    import copy
+
+    data = copy.deepcopy(base)
+    try:
+        for k, value in applied:
+            if k != key:
+                set_dotted(data, k, value)
+        RunConfig.model_validate(data)
+    except ValidationError as e:
+        return _error_key(err) in {_error_key(x) for x in e.errors()}
+    except UserError:
+        return True
+    return False
+
+
+def overrides_behind(errors: list[dict], given: dict[str, str], base: dict | None = None,
+                     applied: list[tuple[str, object]] = ()) -> list[str]:
+    """The `--set` pairs behind these model-level errors (`rl`: a check across the rl section's fields, fed by
+    an `--set rl.x`; `""`: across sections, fed by any `--set`), or [] when some error has none and so lies in
+    the config file itself. Of the overrides that could feed a check, those involved are named: the ones whose
+    field the error names (relative to the checked section, as the checks name them) and the ones without which
+    the check passes (`--set rl.batch_size=8 --set rl.steps=5` breaking the candidates' check blames
+    rl.batch_size alone); all of them when none is found so."""
+    import re
+
     blamed = set()
-    for loc in locs:
+    for err in errors:
+        loc = ".".join(str(x) for x in err.get("loc", ()))
         mine = {k for k in given if not loc or k.startswith(loc + ".")}
         if not mine:
             return []
-        blamed |= mine
+        msg = str(err.get("msg", ""))
+        named = {k for k in mine if re.search(r"(?<![\w.])" + re.escape(k[len(loc) + 1:] if loc else k) + r"(?!\w)",
+                                              msg)}
+        reverted = {k for k in mine - named if base is not None and not _fails_without(err, k, base, list(applied))}
+        blamed |= (named | reverted) or mine
     return [given[k] for k in sorted(blamed)]

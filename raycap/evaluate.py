@@ -8,7 +8,7 @@
 nocaps:ANNOTATIONS.json[:IMAGE_ROOT] | cc:FILE.tsv[:IMAGE_ROOT] | folder:DIR[:CAPTIONS.jsonl].
 `--captions`: COCO results format, `[{"image_id": ..., "caption": ...}]`, one per image of the dataset (image_id
 as the dataset's ids: COCO ids, Karpathy cocoid/imgid, file paths for folders and CC, `SPLIT-INDEX` for the
-world).
+world); a caption over 2,000 characters is refused, and image_ids the dataset lacks are ignored with a warning.
 
 Prints and writes: p_at_1 (retrieval among 100 by the frozen retriever: target + 99 random images, fixed seed)
 and p_at_1_hardK (K of the 99 replaced by the target's nearest images, `--hard-distractors`); with references
@@ -34,6 +34,7 @@ from raycap.progress import quiet_library_progress
 from raycap.commands import prog
 
 MIN_IMAGES = 100  # P@1 candidates per target (raycap.metrics.retrieval.candidate_sets)
+MAX_CAPTION_CHARS = 2000  # a --captions caption longer than this is refused (COCO's references: under 300)
 
 
 def open_dataset(spec: str, world_dir: Path, on_bad_image: str, image_root: Path | None = None):
@@ -76,6 +77,10 @@ def read_results(path: Path) -> dict[str, str]:
         key = str(item["image_id"])
         if key in out:
             raise UserError(f"--captions {path}: image_id {item['image_id']!r} appears twice (entry {k})")
+        if len(item["caption"]) > MAX_CAPTION_CHARS:
+            raise UserError(f"--captions {path}: the caption of image_id {item['image_id']!r} has "
+                            f"{len(item['caption']):,} characters, over the limit of {MAX_CAPTION_CHARS:,} "
+                            f"(entry {k})")
         out[key] = item["caption"]
     return out
 
@@ -89,8 +94,9 @@ def evaluate_dataset(args) -> dict:
 
     source, skipped = open_dataset(args.dataset, args.world_dir, "ignore" if args.text_only else args.on_bad_image,
                                    args.image_root)
+    known = {str(i) for i in source.ids} | {str(s["id"]) for s in skipped}  # the dataset's ids, every one
     if args.text_only:
-        return evaluate_text(args, source) | {"skipped_images": len(skipped)}
+        return evaluate_text(args, source, known) | {"skipped_images": len(skipped)}
     n = min(args.images or len(source), len(source))
     if n < MIN_IMAGES:
         raise UserError(f"--dataset {args.dataset}: {n} images; P@1 ranks each among {MIN_IMAGES}, so at least "
@@ -104,11 +110,12 @@ def evaluate_dataset(args) -> dict:
     with local_ray_for([source], RuntimeConfig()):  # image files: Ray Data embeds them, on a local loopback Ray
         cached = image_embeddings(retriever, source, on_bad_image=args.on_bad_image, log=print)
     skipped = skipped + cached.skipped
+    known |= {str(s["id"]) for s in cached.skipped}
     if len(cached.kept) < len(source):
         source = source.subset(cached.kept.tolist())
     image_emb = cached.embeddings
     if args.captions:
-        captions = given_captions(args, source)
+        captions = given_captions(args, source, known)
         decoding = "given"
     else:
         from raycap.inputs import check_compatible, load_captioner
@@ -140,7 +147,7 @@ def evaluate_dataset(args) -> dict:
     examples = result.pop("examples")
     unavailable = {"spice": SPICE_UNAVAILABLE}
     if refs is not None:
-        ngram = ngram_metrics(captions, refs)
+        ngram = ngram_metrics(captions, refs, ids=source.ids)
         unavailable |= ngram.pop("unavailable", {})
         result |= ngram
     else:
@@ -174,17 +181,24 @@ def evaluate_dataset(args) -> dict:
 IMAGE_METRICS = ("p_at_1", "p_at_1_hard", "clipscore", "refclipscore", "refcompare")
 
 
-def given_captions(args, source) -> list[str]:
-    """The `--captions` file's caption of every image of the source, in its order (one line if any is missing)."""
+def given_captions(args, source, known: set[str] | None = None) -> list[str]:
+    """The `--captions` file's caption of every image of the source, in its order (one line if any is missing).
+    `known`: every image id of the dataset (the source may be its first --images, or lack images left out); the
+    file's image_ids that the dataset lacks are ignored with a one-line warning saying how many."""
     results = read_results(args.captions)
     missing = [i for i in source.ids if i not in results]
     if missing:
         raise UserError(f"--captions {args.captions}: no caption for image_id {missing[0]!r} of {args.dataset}"
                         f" ({len(missing)} of {len(source)} images have none)")
+    known = set(source.ids) if known is None else known
+    extra = [i for i in results if i not in known]
+    if extra:
+        print(f"warning: --captions {args.captions}: {len(extra)} of its {len(results)} image_ids are not in "
+              f"{args.dataset} (e.g. {extra[0]!r}) and are ignored", file=sys.stderr)
     return [results[i] for i in source.ids]
 
 
-def evaluate_text(args, source) -> dict:
+def evaluate_text(args, source, known: set[str] | None = None) -> dict:
     """`--text-only`: captions against references with no image read (nothing downloaded but the annotations):
     the n-gram metrics, diversity, CHAIR with `--instances`, the world's checks on the world; the image metrics
     are listed as unavailable."""
@@ -193,7 +207,7 @@ def evaluate_text(args, source) -> dict:
 
     if args.images:
         source = source.subset(range(min(args.images, len(source))))
-    captions = given_captions(args, source)
+    captions = given_captions(args, source, known)
     reason = "--text-only: no image is read"
     unavailable = {m: reason for m in IMAGE_METRICS} | {"spice": SPICE_UNAVAILABLE}
     result = {}
@@ -201,7 +215,7 @@ def evaluate_text(args, source) -> dict:
     if refs is None:
         raise UserError(f"--dataset {args.dataset}: --text-only scores captions against references, and this "
                         "dataset has none")
-    ngram = ngram_metrics(captions, refs)
+    ngram = ngram_metrics(captions, refs, ids=source.ids)
     unavailable |= ngram.pop("unavailable", {})
     result |= ngram
     scenes = source.scenes
@@ -308,6 +322,8 @@ def check_arguments(args) -> None:
         raise UserError(f"--captioner {args.captioner}: no such directory")
     if args.captions is not None and not args.captions.is_file():
         raise UserError(f"--captions {args.captions}: no such file")
+    if args.captions is not None:
+        read_results(args.captions)  # its entries (and their lengths) checked before any model loads
     check_retriever_arguments(args)
     spec = parse_dataset_spec(args.dataset)
     world_json = args.world_dir / "world.json"

@@ -39,9 +39,18 @@ class SplitImages:
 
 
 def load_retriever(cfg: RetrieverConfig):
-    from raycap.models.clip import Retriever
+    from raycap.models.clip import LOCAL_DIR, Retriever
+    from raycap.models.torch_io import refusing_pickles
 
-    return Retriever.load(name=cfg.name, pretrained=cfg.pretrained, path=cfg.path).freeze()
+    # open_clip reads a checkpoint file (`pretrained`, or the *.bin / *.pth of a model directory) with torch.load
+    # (weights_only=True): a pickled one is refused in one line naming it
+    where = cfg.pretrained if cfg.pretrained and Path(cfg.pretrained).is_file() else cfg.path or (
+        cfg.name[len(LOCAL_DIR):] if cfg.name and cfg.name.startswith(LOCAL_DIR) else cfg.name)
+    if where and Path(where).is_dir():
+        pickled = sorted(p for ext in ("*.bin", "*.pth", "*.pt") for p in Path(where).glob(ext))
+        where = pickled[0] if len(pickled) == 1 else where
+    with refusing_pickles(where):
+        return Retriever.load(name=cfg.name, pretrained=cfg.pretrained, path=cfg.path).freeze()
 
 
 def load_captioner(path: str | Path):
@@ -195,12 +204,57 @@ def open_source(data: DataConfig, role: str) -> tuple[ImageSource, list[dict]]:
                        captions=data.captions, on_bad_image=data.on_bad_image)
 
 
-def open_splits(cfg: RunConfig, retriever, log=print, captioner=None) -> dict[str, SplitImages]:
+EVAL_CANDIDATES = 100  # P@1 ranks each evaluated image among 100 (raycap.metrics.retrieval.candidate_sets)
+
+
+def check_data_sizes(cfg: RunConfig, sizes: dict[str, int]) -> None:
+    """Before anything runs: the settings that take images from a split fit its size (`sizes`: images per split
+    role). One line naming the setting and the split's size: an rl batch or a reward's candidates larger than the
+    training split would fail at the first update, an evaluation split under 100 images at the first evaluation."""
+    train = sizes.get("train")
+    if train is not None:
+        where = f"data.splits.train ({cfg.data.splits['train']}" + (
+            f", first data.train_images={cfg.data.train_images}" if cfg.data.train_images else "") + ")"
+        if cfg.rl.batch_size > train:
+            raise UserError(f"rl.batch_size {cfg.rl.batch_size}: more than the {train} training images of {where}; "
+                            f"an update takes rl.batch_size distinct images, so at most {train}")
+        if cfg.rl.reward.num_candidates > train:
+            raise UserError(f"rl.reward.num_candidates {cfg.rl.reward.num_candidates}: more than the {train} "
+                            f"training images of {where} it draws candidates from; at most {train}")
+    for role in ("val", "test"):
+        n = sizes.get(role)
+        if n is not None and n < EVAL_CANDIDATES:
+            raise UserError(f"data.splits.{role} ({cfg.data.splits[role]}): {n} images; an evaluation ranks each "
+                            f"among {EVAL_CANDIDATES} (P@1), so at least {EVAL_CANDIDATES} are needed")
+
+
+def world_split_sizes(cfg: RunConfig) -> dict[str, int]:
+    """The images of each split role of a world run, from its world.json alone (nothing built or read else);
+    {} for other data kinds, or when the world.json is not readable yet (`open_splits` says why)."""
+    if cfg.data.kind != "world":
+        return {}
+    path = Path(cfg.data.path) if cfg.data.path else ASSETS_DIR / "world"
+    file = path / "world.json" if path.is_dir() else path
+    try:
+        world = WorldConfig.parse(json.loads(file.read_text()), str(file))
+    except (OSError, ValueError):
+        return {}
+    sizes = {}
+    for role, split in cfg.data.splits.items():
+        if isinstance(split, str) and split in ("train", "labelled", "val", "test"):
+            sizes[role] = world.split_size(split)
+    if "train" in sizes and cfg.data.train_images:
+        sizes["train"] = min(sizes["train"], cfg.data.train_images)
+    return sizes
+
+
+def open_splits(cfg: RunConfig, retriever, log=print, captioner=None, for_run: bool = True) -> dict[str, SplitImages]:
     """train, val and test images with their embeddings (train: the first `data.train_images` if set). Image
     files are embedded with Ray Data, on a local Ray started here (and stopped after) when none is running.
     Images the reader or the cache left out (`data.on_bad_image: skip`) are reported and listed in `skipped`.
     With the run's `captioner`, its cached vision features that would not fit are refused before anything is
-    embedded (`vision_feature_mode`)."""
+    embedded (`vision_feature_mode`). `for_run`: the run's settings are checked against the splits' sizes
+    (`check_data_sizes`) before anything is embedded, and again once images were left out."""
     from raycap.data.cache import retriever_fingerprint
 
     opened = {}
@@ -209,12 +263,17 @@ def open_splits(cfg: RunConfig, retriever, log=print, captioner=None) -> dict[st
         if role == "train" and cfg.data.train_images:
             source = source.subset(range(min(cfg.data.train_images, len(source))))
         opened[role] = (source, skipped)
+    if for_run:
+        check_data_sizes(cfg, {role: len(source) for role, (source, _) in opened.items()})  # before any embedding
     if captioner is not None:
         vision_feature_mode(captioner, sum(len(s) for s, _ in opened.values()), cfg.captioner.vision_features)
     fingerprint = retriever_fingerprint(retriever)  # once for the three splits' cache keys
     with local_ray_for([source for source, _ in opened.values()], cfg.runtime):
-        return {role: _embed(cfg, retriever, fingerprint, role, source, skipped, log)
-                for role, (source, skipped) in opened.items()}
+        splits = {role: _embed(cfg, retriever, fingerprint, role, source, skipped, log)
+                  for role, (source, skipped) in opened.items()}
+    if for_run:
+        check_data_sizes(cfg, {role: len(s.source) for role, s in splits.items()})  # images left out (on_bad_image)
+    return splits
 
 
 def open_split(cfg: RunConfig, retriever, role: str, log=print) -> SplitImages:

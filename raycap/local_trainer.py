@@ -17,10 +17,11 @@ from raycap.models import lora
 from raycap.models.decode import rollout_decoder
 from raycap.models.devices import resolve_device
 from raycap.models.loading import load_captioner_model
+from raycap.models.torch_io import load_tensors
 from raycap.roles import build_role_models, optimizer, train_scorer
 from raycap.rl import algorithm
 from raycap.rl.selection import Selection
-from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
+from raycap.runlog import CHECKPOINT_MARKERS, check_run_dir, last_checkpoint, record_run_dir, run_updates
 from raycap.supervised.captioner import evaluate_images
 
 STATE_FILE = CHECKPOINT_MARKERS["local"]  # "trainer_state.pt"
@@ -31,7 +32,7 @@ class LocalTrainer:
         """`splits`: the run's images already opened (`raycap.inputs.open_splits` for this config's data and
         retriever), as a search hands them to its trials; by default they are opened here."""
         self.cfg, self.out, self.log = config, Path(out), log
-        prepare_run_dir(self.out, config, "local", allow_new_config)  # before anything loads or is written
+        run_dir = check_run_dir(self.out, config, "local", allow_new_config)  # before anything loads
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
@@ -49,13 +50,14 @@ class LocalTrainer:
         self.advantages = algorithm.Advantages(config)
         self.step = 0
         self._resume()
+        record_run_dir(run_dir)  # written only now that every input has been checked and loaded
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _resume(self):
         last = last_checkpoint(self.out, STATE_FILE)
         if last is None:
             return
-        state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_tensors(last / STATE_FILE)
         if "adapted" in state:  # a LoRA run: the saved captioner is merged, its trainable weights are here
             lora.load_trainable(self.policy, state["adapted"])
         else:

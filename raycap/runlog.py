@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from raycap.config import dotted_fields
@@ -113,8 +114,20 @@ def _recorded_runtime(out: Path) -> str | None:
     return None
 
 
-def prepare_run_dir(out: Path, config, runtime: str, allow_new_config: bool = False) -> None:
-    """Check a run dir before anything loads or writes, then record the run's config and runtime in it.
+@dataclass
+class RunDirPlan:
+    """What `check_run_dir` found: the run dir, the run's config and runtime, the config changes to log (a resume
+    with a new config or more steps), and the metrics records to keep when a torn last line is to be dropped."""
+    out: Path
+    config: object
+    runtime: str
+    changes: dict
+    records: list | None = None
+
+
+def check_run_dir(out: Path, config, runtime: str, allow_new_config: bool = False) -> RunDirPlan:
+    """Check a run dir before anything loads, writing nothing (`record_run_dir` writes, once every other check
+    has passed: a refused run leaves the dir as it was, so the corrected retry of the same --out is a fresh start).
 
     A run dir that already holds a run (metrics or checkpoints) is resumed only by the runtime that made it
     and with the config it was made with: anything else is a one-line UserError naming the differences, unless
@@ -124,7 +137,7 @@ def prepare_run_dir(out: Path, config, runtime: str, allow_new_config: bool = Fa
     out = Path(out)
     check_loggers(config.runtime)  # a tracker's missing package or unusable store, before anything starts
     started = (out / "metrics.jsonl").is_file() or any((out / "checkpoints").glob("step-*"))
-    changes: dict = {}
+    plan = RunDirPlan(out, config, runtime, {})
     if started:
         recorded = _recorded_runtime(out)
         if recorded is not None and recorded != runtime:
@@ -135,6 +148,7 @@ def prepare_run_dir(out: Path, config, runtime: str, allow_new_config: bool = Fa
         if config.rl.steps < done:
             raise UserError(f"{out}: rl.steps={config.rl.steps} but its checkpoint {last.name} already holds {done} "
                             f"updates; pass rl.steps >= {done} or use a new --out")
+        changes: dict = {}
         if (out / "config.json").is_file():
             try:
                 old = json.loads((out / "config.json").read_text())
@@ -146,20 +160,35 @@ def prepare_run_dir(out: Path, config, runtime: str, allow_new_config: bool = Fa
             listed = ", ".join(f"{k}: {a} -> {b}" for k, a, b in ((k, *v) for k, v in changes.items()))
             raise UserError(f"{out}: this run dir was made with a different config ({listed}); pass "
                             "--resume-with-new-config to continue with the new one")
+        plan.changes = changes
         metrics = out / "metrics.jsonl"
         if done and metrics.is_file():  # read now, before anything loads: a torn middle line is refused here and
             records = read_records(metrics)  # a torn last line dropped (with a warning) once
             if len(records) < sum(1 for line in metrics.read_text().splitlines() if line.strip()):
-                metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+                plan.records = records
+    return plan
+
+
+def record_run_dir(plan: RunDirPlan) -> None:
+    """After every check: the run dir made, a dropped torn metrics line removed, a config change logged, the run's
+    config and runtime recorded (config.json, run.json)."""
+    out, config, runtime = plan.out, plan.config, plan.runtime
     out.mkdir(parents=True, exist_ok=True)
-    if changes:
+    if plan.records is not None:
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plan.records))
+    if plan.changes:
         import time
 
         with (out / CHANGES_FILE).open("a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "runtime": runtime,
-                                "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+                                "changes": {k: list(v) for k, v in plan.changes.items()}}) + "\n")
     (out / "config.json").write_text(config.model_dump_json(indent=2))
     (out / RUN_FILE).write_text(json.dumps({"runtime": runtime}) + "\n")
+
+
+def prepare_run_dir(out: Path, config, runtime: str, allow_new_config: bool = False) -> None:
+    """`check_run_dir`, then `record_run_dir` at once (for callers with nothing else to check in between)."""
+    record_run_dir(check_run_dir(out, config, runtime, allow_new_config))
 
 
 def run_updates(cfg, out: Path, start: int, update, evaluate, checkpoint, log=print, on_record=None,

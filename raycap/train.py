@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 from raycap.config import load_config, named_configs
@@ -67,9 +69,25 @@ def main(argv=None) -> dict | None:
             raise UserError("--out: a run directory is required")
         check_output_dir(args.out, "--out")  # before the config, Ray and the models load
         config = load_config(args.config, args.set)
-        final = execute(config, args.out, args.runtime, args.resume_with_new_config)
+        try:
+            final = execute(config, args.out, args.runtime, args.resume_with_new_config)
+        except KeyboardInterrupt:
+            print(interrupted_line(args.out, argv if argv is not None else sys.argv[1:]), file=sys.stderr)
+            raise SystemExit(130) from None
     print(f"run dir: {args.out}  (final captioner: {args.out / 'final'}, metrics: {args.out / 'metrics.jsonl'})")
     return final
+
+
+def interrupted_line(out: Path, argv: list[str]) -> str:
+    """What Ctrl-C prints: the last update the run logged, its last complete checkpoint, the command that resumes."""
+    from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, read_records
+
+    steps = [r["step"] for r in read_records(out / "metrics.jsonl")] if (out / "metrics.jsonl").is_file() else []
+    kept = [c for c in (last_checkpoint(out, m) for m in CHECKPOINT_MARKERS.values()) if c is not None]
+    checkpoint = max((int(c.name.split("-")[1]) for c in kept), default=None)
+    saved = f"last checkpoint at step {checkpoint}" if checkpoint is not None else "no checkpoint yet"
+    return (f"stopped at step {max(steps, default=0)} (Ctrl-C); {saved}; resume with: raycap train "
+            f"{shlex.join(argv)}")
 
 
 def execute(config, out: Path, runtime: str = "ray", allow_new_config: bool = False) -> dict:
@@ -77,10 +95,14 @@ def execute(config, out: Path, runtime: str = "ray", allow_new_config: bool = Fa
     (test) metrics. What `main` and the Python API (`raycap.api.train`) share."""
     check_inputs_exist(config)
     quiet_library_progress()
+    if "tensorboard" in config.runtime.loggers:
+        print(f"curves: tensorboard --logdir {out / 'tensorboard'}")
     run = run_local if runtime == "local" else run_ray
     final = run(config, out, allow_new_config=allow_new_config)
-    summary = {k: v for k, v in final.items() if k != "examples"}
-    print(json.dumps(summary, indent=2))
+    from raycap.runlog import metrics_line
+
+    print(f"test ({final.get('n_images', '?')} images): {metrics_line(final)}  (all metrics: "
+          f"{out / 'final_metrics.json'})")
     comparison = None
     if config.eval.test_table or config.eval.report:
         comparison = compare_final(config, out)
@@ -133,6 +155,9 @@ def check_inputs_exist(config) -> None:
             hint = f"; this config needs: {config.setup}" if config.setup else ""
             kind = "file or directory" if field == "data.path" else "directory"
             raise UserError(f"{field} {path}: no such {kind}{hint}")
+    from raycap.inputs import check_data_sizes, world_split_sizes
+
+    check_data_sizes(config, world_split_sizes(config))  # a world's split sizes are known before anything loads
 
 
 def write_report(out: Path, gallery: int, comparison=None) -> None:

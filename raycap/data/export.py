@@ -10,7 +10,10 @@ DIR/README.txt                                what this is and the command that 
 
 So a real-data code path (a Karpathy-format reader, open_clip, an image folder) can be run on the world and its
 numbers compared with the in-memory world's. Re-running into the same DIR resumes: images already there (a PNG
-of the right size) are kept; the JSON, the retriever and README are rewritten.
+of the right size) are kept; the JSON, the retriever and README are rewritten. DIR must be new, empty, or an
+export of the same world (DIR/.raycap-export.json, written before anything else; an export from before that
+file is recognised by its dataset_world.json): any other directory is refused, so no file of the user's is
+overwritten or deleted.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from raycap.errors import UserError
 
 EXPORT_SPLITS = ("train", "val", "test")
 DATASET_FILE, README_FILE, RETRIEVER_DIR = "dataset_world.json", "README.txt", "retriever"
+MARKER_FILE = ".raycap-export.json"  # written first into a new export: {"world": its config}; what makes a resume
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # open_clip's first choice in a local-dir: directory
 HF_TOKENIZER_NAME = "raycap-world"
 SHIPPED_WORLD = Path(__file__).resolve().parent.parent / "assets" / "world"
@@ -202,6 +206,42 @@ def load_world_config(world_dir: Path) -> WorldConfig:
     return WorldConfig.parse(data, str(path))
 
 
+def _previous_export_world(out: Path) -> dict | None:
+    """The world config of the export in `out`: from its marker file, or from the dataset_world.json of an export
+    written before the marker (Karpathy JSON with "dataset": "world" and the world's config); None if `out` holds
+    no export."""
+    for path, legacy in ((out / MARKER_FILE, False), (out / DATASET_FILE, True)):
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("world"), dict) and (
+                not legacy or (data.get("dataset") == "world" and isinstance(data.get("images"), list))):
+            return data["world"]
+    return None
+
+
+def check_export_dir(out: Path, config: WorldConfig) -> None:
+    """`out` may be written: absent, empty, or an export of this world (resumed). A directory holding anything
+    else is refused, naming what is there: the export would overwrite its README.txt and dataset_world.json and
+    delete the weights in its retriever/."""
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    old = _previous_export_world(out)
+    if old is None:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise UserError(f"--out {out}: not empty ({shown}) and not a previous export-world output; an export "
+                        f"writes {README_FILE}, {DATASET_FILE}, images/ and {RETRIEVER_DIR}/ there, so give a new "
+                        "or empty directory")
+    if old != json.loads(json.dumps(config.model_dump())):  # as written to JSON (tuples as lists)
+        raise UserError(f"{out}: holds an export of a different world; use a new --out")
+
+
 def export_world(out: str | Path, world_dir: str | Path = SHIPPED_WORLD, splits: Sequence[str] = EXPORT_SPLITS,
                  max_train: int | None = None, workers: int | None = None, command: str | None = None,
                  show_progress: bool = True) -> dict:
@@ -220,20 +260,16 @@ def export_world(out: str | Path, world_dir: str | Path = SHIPPED_WORLD, splits:
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers {workers}: must be >= 1")
-    previous = out / DATASET_FILE
-    if previous.is_file():
-        try:
-            old = json.loads(previous.read_text()).get("world")
-        except (OSError, ValueError, AttributeError):
-            old = None
-        if old is not None and old != config.model_dump():
-            raise UserError(f"{previous}: {out} holds an export of a different world; use a new --out")
+    check_export_dir(out, config)
     retriever = Retriever.from_pretrained(world_dir / "retriever")
     world = World(config)
     counts = {s: config.split_size(s) for s in splits}
     if "train" in counts and max_train is not None:
         counts["train"] = min(counts["train"], max_train)
     out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER_FILE  # first: an interrupted export is resumed as one
+    if not marker.is_file():
+        marker.write_text(json.dumps({"world": config.model_dump()}) + "\n")
     written = write_images(world, out, counts, workers, show_progress)
     export_retriever(retriever, out / RETRIEVER_DIR)
     tmp = out / f".{DATASET_FILE}.tmp"

@@ -17,10 +17,142 @@ SPICE_UNAVAILABLE = "SPICE needs Stanford CoreNLP 3.6.0 jars, which pycocoevalca
 JAVA_UNAVAILABLE = "pycocoevalcap's PTB tokenizer and METEOR run on Java, and no `java` is on the PATH"
 
 
-def ngram_metrics(captions: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = True) -> dict:
+METEOR_TIMEOUT_S = 120.0  # the longest wait for one answer of the METEOR process (its start loads paraphrase tables)
+
+
+class MeteorError(RuntimeError):
+    """The METEOR process failed or gave no answer in time: one line naming the caption it was scoring."""
+
+
+class _MeteorProcess:
+    """pycocoevalcap's METEOR 1.5 jar, spoken to as `pycocoevalcap.meteor.meteor.Meteor` does (the same command
+    and lines, so the same scores), with every answer awaited at most `timeout` seconds: a process that dies or
+    stays silent is killed and a `MeteorError` names the caption. (pycocoevalcap's wrapper reads without a
+    bound, and when the process returns nothing its ValueError leaves its lock held, on which its `__del__`
+    then waits forever.)"""
+
+    COMMAND = ("java", "-jar", "-Xmx2G", "{jar}", "-", "-", "-stdio", "-l", "en", "-norm")  # pycocoevalcap's
+
+    def __init__(self, timeout: float = METEOR_TIMEOUT_S):
+        import os
+        import queue
+        import subprocess
+        import tempfile
+        import threading
+
+        from pycocoevalcap.meteor import meteor as pycoco_meteor
+
+        self.timeout = timeout
+        self.stderr = tempfile.TemporaryFile()  # read for the error message (a pipe nobody reads can fill up)
+        self.proc = subprocess.Popen([part.format(jar=pycoco_meteor.METEOR_JAR) for part in self.COMMAND],
+                                     cwd=os.path.dirname(os.path.abspath(pycoco_meteor.__file__)),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+        self.answers: queue.Queue = queue.Queue()
+        self.requests: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._write, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.answers.put(line)
+        self.answers.put(None)  # end of output: the process ended
+
+    def _write(self) -> None:  # a write can block (a full pipe): here, so an answer's timeout bounds it too
+        while (text := self.requests.get()) is not None:
+            try:
+                self.proc.stdin.write(text.encode())
+                self.proc.stdin.flush()
+            except (OSError, ValueError):
+                return
+
+    def answer(self, what: str) -> str:
+        import queue
+
+        try:
+            line = self.answers.get(timeout=self.timeout)
+        except queue.Empty:
+            raise MeteorError(f"meteor: no answer from the METEOR process within {self.timeout:g} s while scoring "
+                              f"{what}; it was stopped") from None
+        if line is None:
+            import subprocess
+
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            self.stderr.seek(0)
+            said = [x for x in self.stderr.read().decode(errors="replace").splitlines() if x.strip()]
+            raise MeteorError(f"meteor: the METEOR process ended (exit code {self.proc.returncode}) while scoring "
+                              f"{what}" + (f": {said[-1].strip()[:200]}" if said else ""))
+        return line.decode(errors="replace").strip()
+
+    def ask(self, line: str, what: str) -> str:
+        self.requests.put(line + "\n")
+        return self.answer(what)
+
+    def close(self) -> None:
+        """Stop the process (killed first: a writer blocked on its full pipe then fails and lets go of it)."""
+        self.requests.put(None)
+        self.proc.kill()
+        self.proc.wait()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.stderr.close()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def meteor_score(gts: dict, res: dict, names: Sequence[str] | None = None,
+                 timeout: float = METEOR_TIMEOUT_S) -> tuple[float, list[float]]:
+    """METEOR as `pycocoevalcap.meteor.meteor.Meteor().compute_score(gts, res)` computes it (gts: {key:
+    [tokenized references]}, res: {key: [tokenized caption]}), the process bounded (`_MeteorProcess`).
+    `names[i]`: how the i-th caption is named in an error (default: `caption i`). Raises MeteorError."""
+    keys = list(gts.keys())
+    if set(keys) != set(res.keys()):
+        raise ValueError("gts and res must score the same keys")
+    label = [f"caption {i}" if names is None else str(names[i]) for i in range(len(keys))]
+    proc = _MeteorProcess(timeout)
+    try:
+        stats = []
+        for i, key in enumerate(keys):
+            if len(res[key]) != 1:
+                raise ValueError(f"{label[i]}: one caption per key, got {len(res[key])}")
+            hypothesis = res[key][0].replace("|||", "").replace("  ", " ")
+            stat = proc.ask(" ||| ".join(("SCORE", " ||| ".join(gts[key]), hypothesis)), label[i])
+            if not stat or not all(_is_number(x) for x in stat.split()):
+                raise MeteorError(f"meteor: the METEOR process answered {stat[:80]!r}, not the statistics of "
+                                  f"{label[i]}")
+            stats.append(stat)
+        proc.requests.put("EVAL" + "".join(f" ||| {stat}" for stat in stats) + "\n")
+        scores = []
+        for i in range(len(keys) + 1):
+            what = label[i] if i < len(keys) else "the corpus score"
+            text = proc.answer(f"{what} (EVAL)")
+            try:
+                scores.append(float(text))
+            except ValueError:
+                raise MeteorError(f"meteor: the METEOR process answered {text[:80]!r}, not a score, for "
+                                  f"{what}") from None
+        return scores[-1], scores[:-1]
+    finally:
+        proc.close()
+
+
+def ngram_metrics(captions: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = True,
+                  ids: Sequence[str] | None = None) -> dict:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr of captions against their references, exactly as pycocoevalcap's
     `COCOEvalCap` computes them: its Stanford PTB tokenizer (Java) on both sides, then its scorers. Without Java
-    the metrics are listed in `unavailable` with the reason, never reported as 0."""
+    the metrics are listed in `unavailable` with the reason, never reported as 0. METEOR runs bounded
+    (`meteor_score`): when its process fails, METEOR is listed in `unavailable` with the caption it was scoring
+    (`ids`: the images' ids, to name it) and a warning, and the other metrics are kept."""
     if not shutil.which("java"):
         names = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"] + (["meteor"] if meteor else [])
         return {"unavailable": {name: JAVA_UNAVAILABLE for name in names}}
@@ -37,11 +169,14 @@ def ngram_metrics(captions: Sequence[str], references: Sequence[Sequence[str]], 
     out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     out["cider"] = float(Cider().compute_score(gts, res)[0])
     if meteor:
-        from pycocoevalcap.meteor.meteor import Meteor
+        names = None if ids is None else [f"the caption of image_id {i!r}" for i in ids]
+        try:
+            out["meteor"] = float(meteor_score(gts, res, names)[0])
+        except MeteorError as e:
+            import sys
 
-        m = Meteor()
-        out["meteor"] = float(m.compute_score(gts, res)[0])
-        del m  # its __del__ stops the METEOR Java process
+            print(f"warning: {e}", file=sys.stderr)
+            out["unavailable"] = {"meteor": str(e)}
     return out
 
 

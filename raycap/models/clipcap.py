@@ -319,7 +319,9 @@ class ClipCap(Decoding, nn.Module):
         (transformer mapper, converted onto nn.TransformerEncoder), plus `gpt.*` (a GPT2LMHeadModel state dict).
         The LM architecture comes from `config.lm` (only its config is read; weights come from the file).
         """
-        sd = torch.load(pt_path, map_location="cpu", weights_only=True)
+        from raycap.models.torch_io import load_tensors
+
+        sd = load_tensors(pt_path)  # tensors only: a pickled object is refused in one line
         if not isinstance(sd, dict):
             raise UserError(f"{pt_path} is not an original ClipCap state dict (got {type(sd).__name__})")
         mapper_sd = {k[len("clip_project."):]: v for k, v in sd.items() if k.startswith("clip_project.")}

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -28,12 +29,13 @@ from raycap.inputs import (
     open_splits,
     skipped_counts,
 )
+from raycap.models.torch_io import load_tensors
 from raycap.rl import algorithm
-from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, prepare_run_dir, run_updates
+from raycap.runlog import CHECKPOINT_MARKERS, check_run_dir, last_checkpoint, record_run_dir, run_updates
 from raycap.runtime import resources
 from raycap.runtime.learner import Learner
 from raycap.runtime.metrics import DashboardMetrics
-from raycap.runtime.reward import RewardService
+from raycap.runtime.reward import RewardService, SplitsHolder
 from raycap.runtime.rollout import RolloutWorker, StaleWeights
 
 CONTROLLER_STATE = CHECKPOINT_MARKERS["ray"]  # "controller.pt", written last
@@ -73,15 +75,15 @@ class Controller:
         rt = config.runtime
         if not (rt.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
             resources.check_local_gpus(rt)  # before a local Ray starts: its roles' GPUs must exist here
-        prepare_run_dir(self.out, config, "ray", allow_new_config)  # before anything loads or is written
+        run_dir = check_run_dir(self.out, config, "ray", allow_new_config)  # before anything loads
         captioner = load_captioner(config.captioner.path)[0]  # bad dirs and mismatches fail here, not in actors
         retriever = load_retriever(config.retriever)
         check_run_compatible(captioner, retriever, config)
         self.pad_id = captioner.config.pad_token_id
         self.owns_ray, self.dashboard_url = resources.start_ray(rt)
         if self.dashboard_url:
-            log(f"Ray dashboard: http://{self.dashboard_url}  (actors under Cluster/Actors; raycap_* metrics on "
-                "its Prometheus endpoint and Metrics tab)")
+            for line in dashboard_lines(self.dashboard_url):
+                log(line)
         # the images and their embeddings (the cache's Ray Data build has the cluster before the actors hold it);
         # the reward service gets them through the object store
         self.splits = splits if splits is not None else open_splits(config, retriever, log, captioner)
@@ -94,15 +96,17 @@ class Controller:
         cfg_json = config.model_dump_json()
         threads = config.threads  # None: each actor gets its CPU share (resources.actor_threads)
         opts = {"max_restarts": rt.max_restarts, "max_task_retries": rt.max_restarts}
-        # The splits reach the reward service as a reference inside its (small, inline) constructor arguments,
-        # which it resolves itself: this controller owns the object and holds it for the run, so a reward service
-        # that Ray restarts gets the same splits. (A top-level reference argument would be a creation-task
-        # dependency in the object store, which Ray does not keep for a restart: ray-project/ray#53727.)
+        # The splits reach the reward service through a named holder actor it reads when it starts and restarts:
+        # this controller owns the object and holds it for the run (no reference among the constructor's
+        # arguments, which Ray does not keep for a restart: ray-project/ray#53727)
         self.splits_ref = ray.put(self.splits)
+        holder_name = f"raycap-splits-{uuid.uuid4().hex}"
+        self.splits_holder = ray.remote(SplitsHolder).options(name=holder_name, num_cpus=0).remote()
+        ray.get(self.splits_holder.hold.remote([self.splits_ref]))
         self.reward = ray.remote(RewardService).options(
             **resources.in_bundle(self.pg, first + roles.learner + roles.rollout, rt.cpus_per_reward,
                                  rt.gpus_per_reward, threads),
-            **opts).remote(cfg_json, [self.splits_ref])
+            **opts).remote(cfg_json, holder_name)
         images = self.reward.image_embeddings.remote() if config.rl.method == "gumbel" else None
         self.learners = [ray.remote(Learner).options(
             **resources.in_bundle(self.pg, first + i, rt.cpus_per_learner, rt.gpus_per_learner, threads)
@@ -124,6 +128,7 @@ class Controller:
         self._next_batch: dict[int, ray.ObjectRef] = {}
         self._submitted: dict[ray.ObjectRef, tuple] = {}  # each rollout ref's (worker, step, shard, greedy)
         self._resume()
+        record_run_dir(run_dir)  # written only now that every input, and the cluster's resources, have been checked
 
     # -- weights ----------------------------------------------------------------------------------------
     def _join_broadcast(self):
@@ -302,7 +307,7 @@ class Controller:
         if last is None:
             return
         ray.get([lr.load.remote(last.name, rank_files(last, rank)) for rank, lr in enumerate(self.learners)])
-        state = torch.load(last / CONTROLLER_STATE, map_location="cpu", weights_only=True)
+        state = load_tensors(last / CONTROLLER_STATE)
         self.step, self.version, self.restarts = int(state["step"]), int(state["version"]), int(state["restarts"])
         self.advantages.load_state_dict(state["baseline"])
         self.publish()
@@ -327,12 +332,19 @@ class Controller:
         return final
 
     def shutdown(self) -> None:
-        for a in [*self.rollouts, *self.learners, self.reward]:
+        for a in [*self.rollouts, *self.learners, self.reward, self.splits_holder]:
             ray.kill(a)
         if self.owns_pg:  # a trial's group belongs to Tune
             ray.util.remove_placement_group(self.pg)
         if self.owns_ray:
             ray.shutdown()
+
+
+def dashboard_lines(url: str) -> list[str]:
+    """How to open the dashboard of the Ray this run started, and what its Metrics tab needs."""
+    return [f"Ray dashboard: http://{url}  (actors under Cluster > Actors; it asks for this cluster's token: "
+            "`ray get-auth-token` prints it)",
+            "  its Metrics tab (raycap_* metrics) needs Prometheus and Grafana: `ray metrics launch-prometheus`"]
 
 
 def write_files(directory: Path, files: dict[str, bytes]) -> None:

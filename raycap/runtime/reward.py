@@ -21,10 +21,27 @@ from raycap.runtime.weights import load_flat_weights
 from raycap.supervised.captioner import evaluate_images
 
 
+class SplitsHolder:
+    """Holds [the reference to] the run's splits for the reward service, which fetches them by this actor's name
+    when it starts and again when Ray restarts it. (A reference among an actor's constructor arguments, even nested,
+    is a creation-task dependency Ray does not keep for a restart: ray-project/ray#53727, and Ray logs an error
+    for every such actor with restarts.)"""
+
+    def __init__(self):
+        self.refs: list | None = None
+
+    def hold(self, refs: list) -> None:
+        self.refs = refs
+
+    def get(self) -> list:
+        return self.refs
+
+
 class RewardService:
-    def __init__(self, config_json: str, splits_ref: list):
-        """`splits_ref`: [a reference to] the train/val/test images and embeddings the controller opened
-        (`raycap.inputs.SplitImages` by split), fetched here, and again on a restart."""
+    def __init__(self, config_json: str, splits_holder: str):
+        """`splits_holder`: the name of the `SplitsHolder` actor that holds [a reference to] the train/val/test
+        images and embeddings the controller opened (`raycap.inputs.SplitImages` by split), fetched here, and
+        again on a restart."""
         import ray
 
         self.cfg = RunConfig.model_validate_json(config_json)
@@ -34,7 +51,8 @@ class RewardService:
         self.models = build_role_models(self.cfg, resources.role_device(self.cfg.runtime.device), retriever=True)
         self.retriever, self.captioner, self.tokenizer = self.models.retriever, self.models.policy, self.models.tokenizer
         self.device = self.models.device
-        self.splits: dict[str, SplitImages] = ray.get(splits_ref[0])  # on the CPU, as the controller opened them
+        refs = ray.get(ray.get_actor(splits_holder).get.remote())
+        self.splits: dict[str, SplitImages] = ray.get(refs[0])  # on the CPU, as the controller opened them
         self.scorer = train_scorer(self.models, self.splits["train"], self.cfg)
 
     def pid(self) -> int:

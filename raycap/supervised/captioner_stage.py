@@ -161,6 +161,9 @@ def run_captioner_stage(cfg: CaptionerStageConfig, out: Path, log=print) -> dict
         if not splits[role].source.labelled:
             raise UserError(f"data.splits.{role}: the supervised stage needs references, and "
                             f"{splits[role].source.name} has none")
+    if len(splits["test"].source) < 100:  # the final evaluation's P@1, after the training: refused before it
+        raise UserError(f"data.splits.test ({cfg.data.splits['test']}): {len(splits['test'].source)} images; the "
+                        "final evaluation ranks each among 100 (P@1), so at least 100 are needed")
     torch.manual_seed(cfg.seed)
     token_shape = retriever.token_shape if cfg.model.image_input == "tokens" else None  # a ViT's, or one line
     captioner, tokenizer = build_captioner(cfg.model, retriever.embed_dim, cfg.training.max_new_tokens, token_shape)
