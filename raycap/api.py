@@ -146,7 +146,7 @@ def load_captioner(path: str | Path, retriever=None, retriever_name: str | None 
     or `retriever_name` + `pretrained` (open_clip); `device`: auto, cpu, cuda, cuda:N."""
     from argparse import Namespace
 
-    from raycap.config import ASSETS_DIR, RetrieverConfig
+    from raycap.config import WORLD_DIR, RetrieverConfig
     from raycap.errors import UserError
     from raycap.inputs import captioner_on_device, check_retriever_arguments, load_retriever, retriever_from_arguments
 
@@ -159,6 +159,6 @@ def load_captioner(path: str | Path, retriever=None, retriever_name: str | None 
         args = Namespace(retriever=None if retriever is None else Path(retriever), retriever_name=retriever_name,
                          pretrained=pretrained)
         check_retriever_arguments(args)
-        model, label = retriever_from_arguments(args, ASSETS_DIR / "world" / "retriever")
+        model, label = retriever_from_arguments(args, WORLD_DIR / "retriever")
     captioner, tokenizer, model, where = captioner_on_device(path, model, f"captioner {path}", label, device)
     return Captioner(path, captioner, tokenizer, model, where)

@@ -16,20 +16,20 @@ from pathlib import Path
 
 import torch
 
-from raycap.config import ASSETS_DIR
+from raycap.config import WORLD_DIR
 from raycap.errors import UserError, exit_on_user_error
 from raycap.inputs import add_retriever_arguments, check_retriever_arguments
 from raycap.progress import quiet_library_progress
 from raycap.commands import prog
 
-WORLD_RETRIEVER = ASSETS_DIR / "world" / "retriever"
+WORLD_RETRIEVER = WORLD_DIR / "retriever"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("raycap.caption"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    p.add_argument("--captioner", type=Path, default=ASSETS_DIR / "world" / "captioner",
+    p.add_argument("--captioner", type=Path, default=WORLD_DIR / "captioner",
                    help="captioner dir (default: the shipped supervised world captioner)")
     add_retriever_arguments(p, WORLD_RETRIEVER)
     p.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")

@@ -12,6 +12,7 @@ from raycap.errors import UserError, format_validation_error
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).parent / "assets"
+WORLD_DIR = ASSETS_DIR / "world"  # the shipped world: its world.json, retriever/ and supervised captioner/
 
 
 def is_loopback(host: str) -> bool:
@@ -205,7 +206,7 @@ class RetrieverConfig(BaseModel):
         if self.pretrained and not self.name:
             raise ValueError("retriever.pretrained needs retriever.name (the open_clip model it belongs to)")
         if not self.name and not self.path:
-            self.path = str(ASSETS_DIR / "world" / "retriever")
+            self.path = str(WORLD_DIR / "retriever")
         return self
 
 
@@ -226,7 +227,7 @@ class CaptionerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    path: str = Field(str(ASSETS_DIR / "world" / "captioner"), description="a raycap captioner dir")
+    path: str = Field(str(WORLD_DIR / "captioner"), description="a raycap captioner dir")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters on the LM (with the mapper) instead "
                                       "of the whole LM; the run's captioners save merged")
     vision_features: Literal["auto", "cached", "per_batch"] = Field(
@@ -578,8 +579,9 @@ class UniqueKeyLoader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             seen = {}
             for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
+                if key_node.tag == "tag:yaml.org,2002:merge" or not (
+                        node.start_mark.index <= key_node.start_mark.index < node.end_mark.index):
+                    continue  # a merge, or a key merged in from an anchor elsewhere (flattened into this node)
                 key = self.construct_object(key_node, deep=True)
                 try:
                     first = seen.setdefault(key, key_node.start_mark)
@@ -672,14 +674,16 @@ def _error_key(err: dict) -> tuple:
     return tuple(err.get("loc", ())), err.get("msg")
 
 
-def _fails_without(err: dict, key: str, base: dict, applied: list[tuple[str, object]]) -> bool:
-    """Whether the config still fails with `err` when the `--set` of `key` is left out (the others applied)."""
+def _fails_without(err: dict, key: str | set, base: dict, applied: list[tuple[str, object]]) -> bool:
+    """Whether the config still fails with `err` when the `--set` of `key` (or of each key of a set) is left out
+    (the others applied)."""
     import copy
 
+    left_out = key if isinstance(key, set) else {key}
     data = copy.deepcopy(base)
     try:
         for k, value in applied:
-            if k != key:
+            if k not in left_out:
                 set_dotted(data, k, value)
         RunConfig.model_validate(data)
     except ValidationError as e:
@@ -696,7 +700,8 @@ def overrides_behind(errors: list[dict], given: dict[str, str], base: dict | Non
     the config file itself. Of the overrides that could feed a check, those involved are named: the ones whose
     field the error names (relative to the checked section, as the checks name them) and the ones without which
     the check passes (`--set rl.batch_size=8 --set rl.steps=5` breaking the candidates' check blames
-    rl.batch_size alone); all of them when none is found so."""
+    rl.batch_size alone); all of them when none is found so and the check passes without them all, none (the
+    file) when it fails without them all."""
     import re
 
     blamed = set()
@@ -709,5 +714,7 @@ def overrides_behind(errors: list[dict], given: dict[str, str], base: dict | Non
         named = {k for k in mine if re.search(r"(?<![\w.])" + re.escape(k[len(loc) + 1:] if loc else k) + r"(?!\w)",
                                               msg)}
         reverted = {k for k in mine - named if base is not None and not _fails_without(err, k, base, list(applied))}
+        if not named | reverted and base is not None and _fails_without(err, mine, base, list(applied)):
+            return []  # it fails without any of them: the config file's fault
         blamed |= (named | reverted) or mine
     return [given[k] for k in sorted(blamed)]

@@ -26,7 +26,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from raycap.config import ASSETS_DIR
+from raycap.config import WORLD_DIR
 from raycap.metrics.results import coco_results
 from raycap.errors import UserError, exit_on_user_error
 from raycap.paths import check_output_file
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "nocaps:FILE[:IMAGES], cc:TSV[:IMAGES], folder:DIR[:CAPTIONS.jsonl] (default: world:test)")
     p.add_argument("--image-root", type=Path, help="where the dataset's image paths start (default: beside its "
                    "annotation file; for coco/nocaps/cc, instead of the spec's IMAGE_ROOT)")
-    p.add_argument("--world-dir", type=Path, default=ASSETS_DIR / "world",
+    p.add_argument("--world-dir", type=Path, default=WORLD_DIR,
                    help="pretrained world dir with world.json and retriever/ (default: the shipped one)")
     add_retriever_arguments(p, Path("WORLD_DIR/retriever"))
     p.add_argument("--decoding", choices=["greedy", "beam", "select"], default="greedy",

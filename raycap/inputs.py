@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from raycap.config import ASSETS_DIR, DataConfig, RetrieverConfig, RunConfig, RuntimeConfig
+from raycap.config import WORLD_DIR, DataConfig, RetrieverConfig, RunConfig, RuntimeConfig
 from raycap.data.sources import FileSource, ImageSource, WorldSource
 from raycap.data.world import World, WorldConfig
 from raycap.errors import UserError
@@ -131,7 +131,7 @@ def retriever_from_arguments(args, default: Path):
 
 def load_world(path: str | Path | None) -> World:
     """The world of a pretrained world dir (or its world.json); the shipped world by default."""
-    path = Path(path) if path else ASSETS_DIR / "world"
+    path = Path(path) if path else WORLD_DIR
     file = path / "world.json" if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"data.path {path}: no world.json there (a world dir comes from "
@@ -233,7 +233,7 @@ def world_split_sizes(cfg: RunConfig) -> dict[str, int]:
     {} for other data kinds, or when the world.json is not readable yet (`open_splits` says why)."""
     if cfg.data.kind != "world":
         return {}
-    path = Path(cfg.data.path) if cfg.data.path else ASSETS_DIR / "world"
+    path = Path(cfg.data.path) if cfg.data.path else WORLD_DIR
     file = path / "world.json" if path.is_dir() else path
     try:
         world = WorldConfig.parse(json.loads(file.read_text()), str(file))

@@ -72,22 +72,27 @@ def main(argv=None) -> dict | None:
         try:
             final = execute(config, args.out, args.runtime, args.resume_with_new_config)
         except KeyboardInterrupt:
-            print(interrupted_line(args.out, argv if argv is not None else sys.argv[1:]), file=sys.stderr)
+            print(interrupted_line(args.out, argv if argv is not None else sys.argv[1:], config.rl.steps),
+                  file=sys.stderr)
             raise SystemExit(130) from None
     print(f"run dir: {args.out}  (final captioner: {args.out / 'final'}, metrics: {args.out / 'metrics.jsonl'})")
     return final
 
 
-def interrupted_line(out: Path, argv: list[str]) -> str:
-    """What Ctrl-C prints: the last update the run logged, its last complete checkpoint, the command that resumes."""
+def interrupted_line(out: Path, argv: list[str], steps_planned: int | None = None) -> str:
+    """What Ctrl-C prints: the last update the run logged, its last complete checkpoint, the command that resumes
+    (or, when training had finished, that the same command redoes the test table and the report)."""
     from raycap.runlog import CHECKPOINT_MARKERS, last_checkpoint, read_records
 
     steps = [r["step"] for r in read_records(out / "metrics.jsonl")] if (out / "metrics.jsonl").is_file() else []
     kept = [c for c in (last_checkpoint(out, m) for m in CHECKPOINT_MARKERS.values()) if c is not None]
     checkpoint = max((int(c.name.split("-")[1]) for c in kept), default=None)
+    command = f"{prog('raycap.train')} {shlex.join(argv)}"
+    if steps_planned is not None and checkpoint == steps_planned and (out / "final_metrics.json").is_file():
+        return (f"stopped after training (Ctrl-C): all {steps_planned} updates and the test metrics are saved; "
+                f"the same command redoes the test table and the report: {command}")
     saved = f"last checkpoint at step {checkpoint}" if checkpoint is not None else "no checkpoint yet"
-    return (f"stopped at step {max(steps, default=0)} (Ctrl-C); {saved}; resume with: raycap train "
-            f"{shlex.join(argv)}")
+    return f"stopped at step {max(steps, default=0)} (Ctrl-C); {saved}; resume with: {command}"
 
 
 def execute(config, out: Path, runtime: str = "ray", allow_new_config: bool = False) -> dict:

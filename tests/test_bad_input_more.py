@@ -8,9 +8,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 import torch
 
-from raycap.config import load_config
+from raycap.config import WORLD_DIR, load_config
 from raycap.errors import UserError
 
 from world_runs import world_args
@@ -202,7 +203,7 @@ def test_convert_refuses_a_pickled_clipcap_checkpoint(tmp_path, capsys):
 
     proof = tmp_path / "ran"
     pt = planted_checkpoint(tmp_path / "coco_weights.pt", proof)
-    tokenizer = Path(__file__).resolve().parent.parent / "raycap" / "assets" / "world" / "captioner" / "tokenizer"
+    tokenizer = WORLD_DIR / "captioner" / "tokenizer"
     msg = exits_2(main, ["clipcap", str(pt), "--out", str(tmp_path / "out"), "--tokenizer", str(tokenizer)], capsys)
     plain_line(msg, pt)
     assert not proof.exists() and not (tmp_path / "out").exists()
@@ -304,6 +305,10 @@ def test_a_duplicate_yaml_key_is_refused_with_its_line(tmp_path):
     cfg.write_text("base: &b {steps: 10}\nrl:\n  <<: *b\n  steps: 12\n")  # a merge key may be overridden
     from raycap.config import read_yaml_mapping
     assert read_yaml_mapping(cfg)["rl"] == {"steps": 12}
+    # an anchor that merges and overrides, merged again further down: PyYAML flattens the anchored mapping in
+    # place before constructing it, and the merged-in key is no duplicate of the override
+    cfg.write_text("base: &b {k: 1}\na: {inner: &i {<<: *b, k: 2}}\nc: {<<: *i}\n")
+    assert read_yaml_mapping(cfg) == yaml.safe_load(cfg.read_text())
 
 
 def test_extra_image_ids_in_a_results_file_are_counted_in_a_warning(tmp_path, capsys):
@@ -332,3 +337,11 @@ def test_a_consistency_error_blames_only_the_sets_involved():
     with pytest.raises(UserError) as e:  # both together break it: both named
         load_config("world-demo", ["rl.steps=5", "rl.batch_size=30", "rl.reward.num_candidates=40"])
     assert str(e.value).startswith("--set rl.batch_size=30 rl.reward.num_candidates=40: rl: ")
+
+
+def test_a_fault_in_the_config_file_is_not_blamed_on_an_unrelated_set(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("rl:\n  sampling: {num_samples: 1}\n  algorithm: {baseline: loo}\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(cfg), ["rl.steps=5"])
+    assert not str(e.value).startswith("--set") and "rl.steps" not in str(e.value), str(e.value)

@@ -36,9 +36,9 @@ def test_captions_files_of_any_size_and_mode_and_reports_bad_ones(tmp_path, caps
     from raycap.inputs import load_captioner
     from raycap.models.clip import Retriever
     from raycap.models.tokenizers import decode
-    from raycap.config import ASSETS_DIR
+    from raycap.config import WORLD_DIR
 
-    captioner, tok = load_captioner(ASSETS_DIR / "world" / "captioner")
-    emb = world_image_embeddings(Retriever.load(path=str(ASSETS_DIR / "world" / "retriever")), world, "test", 1)
+    captioner, tok = load_captioner(WORLD_DIR / "captioner")
+    emb = world_image_embeddings(Retriever.load(path=str(WORLD_DIR / "retriever")), world, "test", 1)
     g = captioner.eval().generate(emb, mode="greedy")
     assert results[0]["caption"] == decode(tok, g.tokens, g.lengths, captioner.stop_ids)[0]

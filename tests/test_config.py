@@ -5,7 +5,7 @@ import re
 import pytest
 import yaml
 
-from raycap.config import ASSETS_DIR, RunConfig, load_config, named_configs
+from raycap.config import WORLD_DIR, RunConfig, load_config, named_configs
 from raycap.errors import UserError
 
 
@@ -13,7 +13,7 @@ def test_named_configs_load_with_their_sections():
     assert {"world-demo", "world-files", "world-gpu"} <= set(named_configs())
     demo = load_config("world-demo")
     assert demo.data.kind == "world" and demo.data.splits == {"train": "train", "val": "val", "test": "test"}
-    assert demo.retriever.path == str(ASSETS_DIR / "world" / "retriever")
+    assert demo.retriever.path == str(WORLD_DIR / "retriever")
     assert demo.rl.reward.kind == "pool" and demo.eval.decoding == "select"
     files = load_config("world-files")
     assert files.data.kind == "karpathy" and files.retriever.path == "world-files/retriever"

@@ -4,7 +4,7 @@ evaluation never holds more than `batch_size` sequences."""
 import pytest
 import torch
 
-from raycap.config import ASSETS_DIR, load_config
+from raycap.config import WORLD_DIR, load_config
 from raycap.models.loading import load_world_dir
 from raycap.rl.selection import Selection
 from raycap.supervised.captioner import caption_embeddings, decode_images
@@ -13,7 +13,7 @@ from raycap.supervised.captioner import caption_embeddings, decode_images
 @pytest.fixture(scope="module")
 def shipped():
     torch.set_num_threads(2)
-    pw = load_world_dir(ASSETS_DIR / "world")
+    pw = load_world_dir(WORLD_DIR)
     emb = pw.retriever.encode_pixels(pw.world.images("val", range(20)))
     pool = pw.retriever.encode_pixels(pw.world.images("train", range(500)))
     return pw, emb, pool

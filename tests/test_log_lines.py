@@ -54,12 +54,12 @@ def test_the_captioner_stage_reports_within_an_epoch(tmp_path, capsys, monkeypat
     import torch
 
     import raycap.progress
-    from raycap.config import ASSETS_DIR
+    from raycap.config import WORLD_DIR
     from raycap.models.loading import load_captioner
     from raycap.supervised.captioner import CaptionerTraining, train_on_references
 
     monkeypatch.setattr(raycap.progress, "LINE_EVERY_S", 0.0)  # every step's line (log files get one per 30 s)
-    model, tokenizer = load_captioner(ASSETS_DIR / "world" / "captioner")
+    model, tokenizer = load_captioner(WORLD_DIR / "captioner")
     d = model.config.clip_dim
     emb = torch.nn.functional.normalize(torch.randn(6, d, generator=torch.Generator().manual_seed(0)), dim=-1)
     refs = [["a small red circle", "a red shape"]] * 6  # 12 references: 3 steps of 4 per epoch

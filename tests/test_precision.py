@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from raycap.config import ASSETS_DIR
+from raycap.config import WORLD_DIR
 from raycap.models.loading import load_world_dir
 from raycap.models.precision import autocast
 from raycap.supervised.captioner import caption_embeddings
@@ -12,7 +12,7 @@ from world_runs import records, run
 
 
 def test_bf16_greedy_captions_agree_with_fp32_on_most_images():
-    w = load_world_dir(ASSETS_DIR / "world")
+    w = load_world_dir(WORLD_DIR)
     emb = w.retriever.encode_pixels(w.world.images("val", range(300)))
     fp32 = caption_embeddings(w.captioner, w.tokenizer, emb)
     with autocast(torch.device("cpu"), torch.bfloat16):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raycap.config import ASSETS_DIR, load_config
+from raycap.config import WORLD_DIR, load_config
 from raycap.data.grammar import caption_checks
 from raycap.models.loading import load_world_dir
 from raycap.models.tokenizers import decode
@@ -34,7 +34,7 @@ def test_selection_score_against_a_hand_computation():
 @pytest.fixture(scope="module")
 def shipped():
     torch.set_num_threads(2)
-    pw = load_world_dir(ASSETS_DIR / "world")
+    pw = load_world_dir(WORLD_DIR)
     n = 200
     emb = pw.retriever.encode_pixels(pw.world.images("val", range(n)))
     pool = pw.retriever.encode_pixels(pw.world.images("train", range(5000)))

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from raycap.config import ASSETS_DIR
+from raycap.config import WORLD_DIR
 from raycap.models.loading import load_world_dir
 from raycap.supervised.captioner import evaluate_captioner
 from raycap.supervised.retriever import evaluate_retriever
 
-WORLD_DIR = ASSETS_DIR / "world"
+WORLD_DIR = WORLD_DIR
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from raycap.config import WORLD_DIR
 from raycap.data.world import World, WorldConfig
 from raycap.errors import UserError
 
@@ -36,7 +37,7 @@ DATASET_FILE, README_FILE, RETRIEVER_DIR = "dataset_world.json", "README.txt", "
 MARKER_FILE = ".raycap-export.json"  # written first into a new export: {"world": its config}; what makes a resume
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # open_clip's first choice in a local-dir: directory
 HF_TOKENIZER_NAME = "raycap-world"
-SHIPPED_WORLD = Path(__file__).resolve().parent.parent / "assets" / "world"
+SHIPPED_WORLD = WORLD_DIR.resolve()
 
 
 def default_workers() -> int:

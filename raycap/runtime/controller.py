@@ -19,6 +19,7 @@ from pathlib import Path
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raycap.config import RunConfig
 from raycap.inputs import (
@@ -101,7 +102,9 @@ class Controller:
         # arguments, which Ray does not keep for a restart: ray-project/ray#53727)
         self.splits_ref = ray.put(self.splits)
         holder_name = f"raycap-splits-{uuid.uuid4().hex}"
-        self.splits_holder = ray.remote(SplitsHolder).options(name=holder_name, num_cpus=0).remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.splits_holder = ray.remote(SplitsHolder).options(  # beside the splits' primary copy (ray.put)
+            name=holder_name, num_cpus=0, scheduling_strategy=here).remote()
         ray.get(self.splits_holder.hold.remote([self.splits_ref]))
         self.reward = ray.remote(RewardService).options(
             **resources.in_bundle(self.pg, first + roles.learner + roles.rollout, rt.cpus_per_reward,

@@ -51,7 +51,12 @@ class RewardService:
         self.models = build_role_models(self.cfg, resources.role_device(self.cfg.runtime.device), retriever=True)
         self.retriever, self.captioner, self.tokenizer = self.models.retriever, self.models.policy, self.models.tokenizer
         self.device = self.models.device
-        refs = ray.get(ray.get_actor(splits_holder).get.remote())
+        try:
+            holder = ray.get_actor(splits_holder)
+        except ValueError:
+            raise RuntimeError(f"the reward service cannot find {splits_holder!r}, the actor holding the run's "
+                               "splits (it lives beside the run's driver, which has stopped or lost its node)") from None
+        refs = ray.get(holder.get.remote())
         self.splits: dict[str, SplitImages] = ray.get(refs[0])  # on the CPU, as the controller opened them
         self.scorer = train_scorer(self.models, self.splits["train"], self.cfg)
 
