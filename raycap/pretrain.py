@@ -7,7 +7,8 @@ and its tokenizer, on any dataset's references: raycap.supervised.captioner_stag
 (1) trains the tiny CLIP retriever (InfoNCE with attribute-swapped hard negatives), (2) trains the tiny
 ClipCap captioner with cross-entropy on the labelled split's vague references, and writes
 DIR/world.json, DIR/retriever/, DIR/captioner/ and DIR/metrics.json (test split: P@1 among 100, the retriever's
-card: raycap.metrics.card). `--set version=2` trains the retriever with CLIP's loss (world v2).
+card: raycap.metrics.card). `--set version=2` trains world v2's retriever (CLIP's loss, wider
+towers, each text's one-attribute-less versions as its image's negatives: raycap.supervised.retriever.recipe).
 Re-running with the same DIR resumes: finished stages are kept, an interrupted retriever run continues
 from its last checkpoint.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from raycap.config import check_override_key, parse_overrides, yaml_error
+from raycap.config import check_override_key, load_yaml, parse_overrides, yaml_error
 from raycap.data.world import World, WorldConfig
 from raycap.errors import UserError, exit_on_user_error
 from raycap.paths import check_output_dir
@@ -35,7 +36,7 @@ def load_world_config(path: str | None, overrides: dict, out: Path) -> WorldConf
     data = {}
     if path:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = load_yaml(Path(path).read_text()) or {}
         except OSError as e:
             raise UserError(f"{path}: cannot read world config: {e.strerror or e}") from None
         except yaml.YAMLError as e:
@@ -168,16 +169,16 @@ def run(args) -> dict:
         metrics_file.write_text(json.dumps(metrics, indent=2))
         print("retriever (test):", json.dumps(metrics["retriever"]))
     if "retriever" in stages and not (out / "retriever" / "raycap_retriever.json").exists():
-        from raycap.supervised.retriever import RetrieverTraining, train_retriever
+        from raycap.supervised.retriever import recipe, train_retriever
 
-        cfg = RetrieverTraining(steps=args.retriever_steps, batch_size=args.retriever_batch,
-                                hard_negatives=args.hard_negatives, lr=args.retriever_lr, seed=args.seed,
-                                mask_true_texts=world_config.version == 1)
+        cfg = recipe(world_config.version, steps=args.retriever_steps, batch_size=args.retriever_batch,
+                     hard_negatives=args.hard_negatives, lr=args.retriever_lr, seed=args.seed)
         t0 = time.time()
         if args.retriever_init is not None:
             retriever = load_world_retriever(args.retriever_init, world_config, "--retriever-init")
         else:
-            retriever = Retriever.for_world(world_tokenizer(world_config.vocabulary()), world_config.image_size)
+            retriever = Retriever.for_world(world_tokenizer(world_config.vocabulary()), world_config.image_size,
+                                            version=world_config.version)
         train_retriever(retriever, world, cfg, out / "work" / "retriever")
         retriever.save_pretrained(out / "retriever")
         metrics["retriever"] = {**evaluate_retriever(retriever, world, "test", n_eval),

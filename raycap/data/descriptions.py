@@ -39,6 +39,17 @@ def partial(scene: Scene, rng: np.random.Generator, p_drop: float = 0.35, p_drop
     return tuple(out)
 
 
+def dropped(desc: Description) -> list[Description]:
+    """The description with one stated attribute of one mention left out, each way: true wherever `desc` is, and
+    less specific."""
+    out = []
+    for i, m in enumerate(desc):
+        for a in ATTRIBUTES:
+            if getattr(m, a) is not None:
+                out.append(tuple(Mention(**{**m.__dict__, a: None}) if k == i else o for k, o in enumerate(desc)))
+    return out
+
+
 def is_true(desc: Description, scene: Scene) -> bool:
     return analyse(render(desc), scene).faithful
 

@@ -34,14 +34,7 @@ def one_attribute_texts(scene) -> list[str]:
 
 def one_dropped(scene) -> list[str]:
     """The true partial descriptions that leave out exactly one attribute of one object."""
-    full = D.full(scene)
-    out = []
-    for i, m in enumerate(full):
-        for a in ATTRIBUTES:
-            if getattr(m, a) is not None:
-                out.append(D.render(tuple(Mention(**{**m.__dict__, a: None}) if k == i else o
-                                          for k, o in enumerate(full))))
-    return out
+    return [D.render(d) for d in D.dropped(D.full(scene))]
 
 
 def _cosines(retriever, image_emb: torch.Tensor, texts_per_image: list[list[str]]) -> list[torch.Tensor]:

@@ -34,12 +34,20 @@ META_FILE, WEIGHTS_FILE = "raycap_retriever.json", "model.safetensors"
 OPEN_CLIP_CONFIG, LOCAL_DIR = "open_clip_config.json", "local-dir:"  # an open_clip model directory
 
 
-def world_clip_config(vocab_size: int, image_size: int = 48, context_length: int = 48) -> dict:
-    """open_clip model config of the tiny world retriever."""
+WORLD_TOWERS = {  # world version -> (embed_dim, vision width, text width)
+    1: (64, 96, 64),
+    2: (128, 128, 96),  # a wider joint space: room for every object's colour+shape of a 3-object scene
+}
+
+
+def world_clip_config(vocab_size: int, image_size: int = 48, context_length: int = 48, version: int = 1) -> dict:
+    """open_clip model config of the tiny world retriever of a world version."""
+    embed_dim, vision_width, text_width = WORLD_TOWERS[version]
     return {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": image_size, "patch_size": 8, "width": 96, "layers": 4, "head_width": 32},
-        "text_cfg": {"context_length": context_length, "vocab_size": vocab_size, "width": 64, "heads": 4,
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "patch_size": 8, "width": vision_width, "layers": 4,
+                       "head_width": 32},
+        "text_cfg": {"context_length": context_length, "vocab_size": vocab_size, "width": text_width, "heads": 4,
                      "layers": 3},
     }
 
@@ -60,8 +68,8 @@ class Retriever(nn.Module):
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def for_world(cls, tokenizer, image_size: int = 48, context_length: int = 48) -> "Retriever":
-        cfg = world_clip_config(len(tokenizer), image_size, context_length)
+    def for_world(cls, tokenizer, image_size: int = 48, context_length: int = 48, version: int = 1) -> "Retriever":
+        cfg = world_clip_config(len(tokenizer), image_size, context_length, version)
         return cls(open_clip.CLIP(**cfg), tokenizer, {"source": "config", "model_cfg": cfg})
 
     @classmethod

@@ -10,13 +10,17 @@ images): `mask_true_texts` (world v1) masks them out instead of pushing them awa
 ("a shape") is never pushed from any and scores level with a full description; without it (world v2, as CLIP
 trains: every other pair of the batch is a negative) the optimum scores a pair by how much more likely the text
 is for this image than for any (a pointwise mutual information), so a more specific true text scores higher and
-a text true of every image scores low, which is what both methods lean on in a real CLIP.
+a text true of every image scores low, which is what both methods lean on in a real CLIP. World v2 also gives
+each positive `less_specific` of its one-attribute-less versions (true, vaguer texts) as negatives of its own
+image, so a true text scores above the same text with an attribute left out, the order CLIP shows between a
+detailed caption and a vaguer one.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from raycap.data import descriptions as D
 from raycap.data.world import World
 from raycap.metrics.retrieval import binding_accuracy, candidate_sets, p_at_1
 from raycap.models.clip import Retriever
+from raycap.models.torch_io import load_tensors
 from raycap.progress import progress
 
 
@@ -44,9 +49,16 @@ class RetrieverTraining:
     eval_every: int = 500
     eval_images: int = 500
     checkpoint_every: int = 100
-    bf16: bool = True  # CPU autocast; the loss stays fp32
+    bf16: bool = True  # CPU autocast (the loss stays fp32); v2's wider towers run faster in fp32 on CPUs without bf16 units
     seed: int = 0
     mask_true_texts: bool = True  # world v1's recipe (other true texts masked, not pushed away); v2: False
+    less_specific: int = 0  # per positive, this many of its one-attribute-less versions as its image's negatives
+
+
+def recipe(version: int, **settings) -> RetrieverTraining:
+    """The retriever's training recipe of a world version (`settings` override it)."""
+    base = {1: {}, 2: {"mask_true_texts": False, "less_specific": 2, "bf16": False}}[version]
+    return RetrieverTraining(**{**base, **settings})
 
 
 def lr_at(step: int, cfg: RetrieverTraining) -> float:
@@ -87,14 +99,16 @@ class BatchMaker:
         cfg, wc = self.cfg, self.world.config
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.choice(len(self.scenes), size=cfg.batch_size, replace=False)
-        positives, negatives, neg_owner = [], [], []
+        positives, negatives = [], []
         for b, i in enumerate(idx):
             scene = self.scenes[i]
             pos = D.full(scene) if rng.random() < cfg.p_full else D.partial(scene, rng)
             positives.append(pos)
-            for neg in D.negatives(pos, scene, wc, rng, cfg.hard_negatives):
-                negatives.append(neg)
-                neg_owner.append(b)
+            negatives += D.negatives(pos, scene, wc, rng, cfg.hard_negatives)
+            if cfg.less_specific:
+                vaguer = D.dropped(pos)
+                picks = rng.choice(len(vaguer), size=min(cfg.less_specific, len(vaguer)), replace=False)
+                negatives += [vaguer[k] for k in sorted(picks.tolist())]
         descs = positives + negatives
         truth = torch.from_numpy(self.truth(descs, self.scene_ids[idx]))  # (texts, images)
         return idx, [D.render(d) for d in descs], truth
@@ -124,7 +138,7 @@ def train_retriever(retriever: Retriever, world: World, cfg: RetrieverTraining, 
     opt = torch.optim.AdamW(retriever.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if state_file.exists():
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        state = load_tensors(state_file)
         retriever.model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -135,8 +149,12 @@ def train_retriever(retriever: Retriever, world: World, cfg: RetrieverTraining, 
     make_batch = BatchMaker(world, cfg)
     retriever.train()
     bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="retriever")
+    prefetch = ThreadPoolExecutor(1)  # step t+1's batch is built while step t computes (same batches: seeded by t)
+    upcoming = prefetch.submit(make_batch, start)
     for step in bar:
-        idx, texts, truth = make_batch(step)
+        idx, texts, truth = upcoming.result()
+        if step + 1 < cfg.steps:
+            upcoming = prefetch.submit(make_batch, step + 1)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -159,5 +177,6 @@ def train_retriever(retriever: Retriever, world: World, cfg: RetrieverTraining, 
                 f.write(json.dumps(record) + "\n")
             torch.save({"model": retriever.model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
                         "config": asdict(cfg)}, state_file)
+    prefetch.shutdown()
     retriever.eval()
     return retriever
