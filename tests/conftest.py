@@ -20,6 +20,24 @@ def tiny_world_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def printed_ray_run(tmp_path_factory):
+    """`raycap train` on Ray as a user runs it (the console command, in a process of its own): 4 updates on the
+    shipped world (200 train images) that end with the test table and the report. (run dir, what it printed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from world_runs import SHORT
+
+    out = tmp_path_factory.mktemp("printed") / "run"
+    args = [str(Path(sys.executable).parent / "raycap"), "train", "--config", "world-demo", "--out", str(out), *SHORT,
+            "--set", "data.train_images=200", "--set", "rl.steps=4", "--set", "eval.every=2",
+            "--set", "eval.report_gallery=6", "--set", "runtime.num_cpus=4"]
+    env = dict(os.environ, RAYCAP_CACHE=str(tmp_path_factory.getbasetemp() / "cache"))
+    return out, subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RAYCAP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -15,11 +15,8 @@ from world_runs import SHORT, world_args
 RAYCAP = str(Path(sys.executable).parent / "raycap")
 
 
-def test_a_ray_run_prints_no_ray_error_and_ends_with_the_test_table(tiny_world_dir, tmp_path):
-    out = tmp_path / "run"
-    args = [RAYCAP, "train", "--config", "world-demo", "--out", str(out), *world_args(tiny_world_dir), *SHORT,
-            "--set", "rl.steps=2", "--set", "eval.report=false", "--set", "runtime.num_cpus=4"]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+def test_a_ray_run_prints_no_ray_error_and_ends_with_the_test_table(printed_ray_run):
+    out, done = printed_ray_run
     printed = done.stdout + done.stderr
     assert done.returncode == 0, printed[-3000:]
     # the reward service's splits are no creation-task dependency: Ray's error line for that is gone
@@ -30,13 +27,14 @@ def test_a_ray_run_prints_no_ray_error_and_ends_with_the_test_table(tiny_world_d
     assert "`ray get-auth-token`" in lines[dashboard]
     assert "`ray metrics launch-prometheus`" in lines[dashboard + 1]
     assert f"curves: tensorboard --logdir {out / 'tensorboard'}" in lines
-    # the end: one line of test metrics naming the JSON, the test table, the run dir; no JSON dump
+    # the end: one line of test metrics naming the JSON, the test table, the report, the run dir; no JSON dump
     assert '"p_at_1":' not in done.stdout
     final = json.loads((out / "final_metrics.json").read_text())
     test_line = next(i for i, line in enumerate(lines) if line.startswith("test (100 images): P@1 "))
     assert f"P@1 {final['p_at_1']:.3f}" in lines[test_line] and str(out / "final_metrics.json") in lines[test_line]
-    table = lines[test_line + 1:-1]
-    assert table[0].lstrip().startswith("test") and any("fine-tuned" in row for row in table), table
+    assert lines[-2] == f"report: {out / 'report' / 'index.html'}  (open it in a browser)", lines[-3:]
+    table = lines[test_line + 1:-2]
+    assert table[0].startswith("test, the first 100 images") and any("fine-tuned" in row for row in table), table
     assert lines[-1].startswith(f"run dir: {out}")
 
 

@@ -19,14 +19,11 @@ CURVES = ("curve_reward.png", "curve_train_p_at_1.png", "curve_kl.png", "curve_v
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A 4-update reference-loop run on the shipped world (its trained captioner writes real captions; 200 train
-    images) whose report is written by the training command itself."""
-    from raycap.train import main as train_main
-
-    out = tmp_path_factory.mktemp("report") / "run"
-    train_main(["--config", "world-demo", "--out", str(out), "--runtime", "local", *SHORT, "--set", "data.train_images=200",
-                "--set", "rl.steps=4", "--set", "eval.every=2", "--set", "eval.report_gallery=6"])
+def finished_run(printed_ray_run):
+    """A 4-update Ray run on the shipped world (its trained captioner writes real captions; 200 train images)
+    whose report is written by the training command itself (conftest.printed_ray_run)."""
+    out, done = printed_ray_run
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return out
 
 
