@@ -44,6 +44,9 @@ def run(args) -> dict:
         raise UserError(f"--images {args.images}: P@1 ranks each target among 100 candidates, give at least 100")
     if args.probe_images < 0:
         raise UserError(f"--probe-images: must be >= 0 (0: no probe), got {args.probe_images}")
+    from raycap.progress import quiet_library_progress
+
+    quiet_library_progress()  # no weight-loading bars around the card
     if args.world_dir is not None:
         from raycap.metrics.card import retriever_card
         from raycap.models.loading import load_world_dir
