@@ -20,6 +20,14 @@ def tiny_world_dir(tmp_path_factory):
     return out
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def printed_ray_run(tmp_path_factory):
     """`raycap train` on Ray as a user runs it (the console command, in a process of its own): 4 updates on the
@@ -33,7 +41,8 @@ def printed_ray_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("printed") / "run"
     args = [str(Path(sys.executable).parent / "raycap"), "train", "--config", "world-demo", "--out", str(out), *SHORT,
             "--set", "data.train_images=200", "--set", "rl.steps=4", "--set", "eval.every=2",
-            "--set", "eval.report_gallery=6", "--set", "runtime.num_cpus=4"]
+            "--set", "eval.report_gallery=6", "--set", "runtime.num_cpus=4",
+            "--set", f"runtime.dashboard_port={free_port()}"]  # a Ray another test left running may hold 8265
     env = dict(os.environ, RAYCAP_CACHE=str(tmp_path_factory.getbasetemp() / "cache"))
     return out, subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
 

@@ -2,6 +2,8 @@
 reference loop and of the Ray runtime's rollout worker and reward service, with every model and the scorer's pool
 on the second device while batches, indices and generators live on the CPU, as on a GPU. An op that would mix
 devices on a GPU fails here."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -73,8 +75,10 @@ def test_one_step_of_the_ray_roles_on_a_second_device(tiny_world_dir, monkeypatc
     splits = open_splits(cfg, load_retriever(cfg.retriever), lambda *a: None, load_captioner(cfg.captioner.path)[0])
     monkeypatch.setattr(resources, "role_device", lambda device: SECOND)
     monkeypatch.setattr(ray, "get", lambda ref: ref)  # the "object refs" below are the objects themselves
+    holder = SimpleNamespace(get=SimpleNamespace(remote=lambda: [splits]))  # the named SplitsHolder actor
+    monkeypatch.setattr(ray, "get_actor", lambda name: holder if name == "splits-holder" else None)
     with SecondDevice() as guard:
-        reward = RewardService(cfg.model_dump_json(), [splits])
+        reward = RewardService(cfg.model_dump_json(), "splits-holder")
         worker = RolloutWorker(cfg.model_dump_json(), 0)
         assert reward.scorer.images.device == worker.policy.device == SECOND
         _, img, cands = reward.batch(0)

@@ -33,7 +33,8 @@ def world(tiny_world_dir):
 def test_files_and_karpathy_json(exported, world):
     out, summary = exported
     c = world.config
-    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "dataset_world.json", "images", "retriever"]
+    assert sorted(p.name for p in out.iterdir()) == [".raycap-export.json", "README.txt", "dataset_world.json", "images",
+                                                     "retriever"]
     assert summary["images"] == {"train": c.n_train, "val": c.n_val, "test": c.n_test}
     assert summary["written"] == c.n_train + c.n_val + c.n_test
     for split, n in summary["images"].items():
