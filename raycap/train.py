@@ -128,8 +128,6 @@ def compare_final(config, out: Path):
     its gallery images into RUN/report when the report is wanted; the fine-tuned captioner's row with
     `eval.decoding` is the run's own test captions, RUN/final_captions.json), or None with a warning if it fails:
     the run is complete whatever happens here."""
-    import sys
-
     from raycap.report.gallery import compare_on_test
 
     gallery = config.eval.report_gallery if config.eval.report else 0
@@ -168,8 +166,6 @@ def check_inputs_exist(config) -> None:
 def write_report(out: Path, gallery: int, comparison=None) -> None:
     """The run's HTML report (`comparison`: its test comparison, when computed already). The run is complete
     whatever happens here, so a failure is a warning that says how to retry, not an error."""
-    import sys
-
     from raycap.report import build_report
 
     try:

@@ -47,6 +47,18 @@ def printed_ray_run(tmp_path_factory):
     return out, subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
 
 
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    """Training and evaluation refused: a test using it shows its input was checked before any work began."""
+    import raycap.evaluate
+    import raycap.train
+
+    def boom(*a, **k):
+        raise AssertionError("heavy work started before the input was checked")
+    for mod, name in ((raycap.train, "run_local"), (raycap.train, "run_ray"), (raycap.evaluate, "evaluate_dataset")):
+        monkeypatch.setattr(mod, name, boom)
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RAYCAP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

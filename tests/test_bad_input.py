@@ -16,22 +16,14 @@ from raycap.models.clip import Retriever
 from raycap.models.clipcap import ClipCap, ClipCapConfig
 from raycap.runlog import RunLog, prepare_run_dir
 
+from cli_checks import exits_2
+
 LM = dict(vocab_size=30, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=2)
 
 
 def truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-
-
-def exits_2(main, argv, capsys) -> str:
-    """Run a CLI main, expect exit code 2, return its one-line `error: ...` message."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: "), err
-    return err[-1]
 
 
 # -- 1. truncated / unsafe weights ------------------------------------------------------------------------------
@@ -128,17 +120,6 @@ def test_prepare_run_dir_checks_the_metrics_before_anything_loads(tmp_path, caps
 
 
 # -- 3. paths and arguments checked first --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def no_heavy_work(monkeypatch):
-    import raycap.evaluate
-    import raycap.train
-
-    def boom(*a, **k):
-        raise AssertionError("heavy work started before the arguments were checked")
-    for mod, name in ((raycap.train, "run_local"), (raycap.train, "run_ray"), (raycap.evaluate, "evaluate_dataset")):
-        monkeypatch.setattr(mod, name, boom)
 
 
 def test_train_out_that_is_a_file_or_unwritable(tmp_path, capsys, no_heavy_work):

@@ -14,29 +14,8 @@ import torch
 from raycap.config import WORLD_DIR, load_config
 from raycap.errors import UserError
 
+from cli_checks import exits_2
 from world_runs import world_args
-
-
-def exits_2(main, argv, capsys) -> str:
-    """Run a CLI main, expect exit code 2, return its one-line `error: ...` message."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: "), err
-    assert "Traceback" not in "\n".join(err)
-    return err[-1]
-
-
-@pytest.fixture
-def no_heavy_work(monkeypatch):
-    import raycap.evaluate
-    import raycap.train
-
-    def boom(*a, **k):
-        raise AssertionError("heavy work started before the input was checked")
-    for mod, name in ((raycap.train, "run_local"), (raycap.train, "run_ray"), (raycap.evaluate, "evaluate_dataset")):
-        monkeypatch.setattr(mod, name, boom)
 
 
 def tree(root: Path) -> dict:
