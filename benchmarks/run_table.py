@@ -2,11 +2,13 @@
 
     python benchmarks/run_table.py runs/demo-s0 runs/demo-s1 runs/demo-s2 [--mean]
     python benchmarks/run_table.py runs/demo-s0 runs/demo-s1 runs/demo-s2 --test-table
+    python benchmarks/run_table.py runs/a runs/b --val          # validation only: candidates before a choice
 
 `--mean` adds a row with the mean and the range (min-max) of every column over the given runs (seeds); the error
 cut is relative to the supervised captioner's greedy P@1 in the run's own test table. `--test-table` prints the
 runs' test tables (each captioner greedy and with the run's decoding: final_metrics.json's `test_table`) as one
-table, each cell the mean and range over the runs.
+table, each cell the mean and range over the runs. `--val` prints each run's greedy validation evaluations (the
+step-0 one is the supervised captioner) and reads nothing of the test split.
 """
 from __future__ import annotations
 
@@ -38,6 +40,19 @@ def spread(values: list[float], percent: bool = False) -> str:
     return f(mean) if len(values) == 1 else f"{f(mean)} ({f(min(values))}-{f(max(values))})"
 
 
+def val_table(runs: list[Path]) -> None:
+    """Each run's last validation evaluation beside its step-0 one (the supervised captioner), and the best P@1."""
+    print("| run | updates | val P@1 | P@1 error cut | wellformed | faithful | supervised P@1 / faithful |")
+    print("| --- " * 7 + "|")
+    for run in runs:
+        evals = [(r["step"], r["eval"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                 if "eval" in r]
+        (_, start), (step, last) = evals[0], evals[-1]
+        cut = (last["p_at_1"] - start["p_at_1"]) / (1 - start["p_at_1"])
+        print(f"| {run} | {step} | {last['p_at_1']:.3f} | {100 * cut:.1f}% | {last['wellformed']:.3f} | "
+              f"{last['faithful']:.3f} | {start['p_at_1']:.3f} / {start['faithful']:.3f} |")
+
+
 def test_table(runs: list[Path]) -> None:
     """The runs' test tables as one: a row per captioner and decoding, mean (range) over the runs."""
     tables = [json.loads((r / "final_metrics.json").read_text())["test_table"] for r in runs]
@@ -56,7 +71,11 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--mean", action="store_true", help="add the mean and range over the runs")
     p.add_argument("--test-table", action="store_true", help="the runs' four-row test tables, mean and range")
+    p.add_argument("--val", action="store_true", help="validation only: each run's last greedy evaluation")
     args = p.parse_args()
+    if args.val:
+        val_table(args.runs)
+        return
     if args.test_table:
         test_table(args.runs)
         return

@@ -1,6 +1,6 @@
 """`python -m raycap.card`: a retriever's card, the properties of a real CLIP both methods lean on (JSON).
 
-    raycap card --world-dir raycap/assets/world            # the world's retriever: retrieval, binding,
+    raycap card --world-dir raycap/assets/world-v2         # the world's retriever: retrieval, binding,
                                                             # specificity, generic gap, the captioner-input probe
     raycap card --config coco-clipcap --set data.path=...   # any open_clip retriever on your own labelled data:
                                                             # P@1 with references and the generic gap

@@ -12,7 +12,8 @@ from raycap.errors import UserError, format_validation_error
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).parent / "assets"
-WORLD_DIR = ASSETS_DIR / "world"  # the shipped world: its world.json, retriever/ and supervised captioner/
+WORLD_DIR = ASSETS_DIR / "world-v2"  # the shipped world: its world.json, retriever/ and supervised captioner/
+WORLD_V1_DIR = ASSETS_DIR / "world"  # world v1, kept for run dirs that name it (their config.json holds its path)
 
 
 def is_loopback(host: str) -> bool:

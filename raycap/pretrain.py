@@ -7,8 +7,9 @@ and its tokenizer, on any dataset's references: raycap.supervised.captioner_stag
 (1) trains the tiny CLIP retriever (InfoNCE with attribute-swapped hard negatives), (2) trains the tiny
 ClipCap captioner with cross-entropy on the labelled split's vague references, and writes
 DIR/world.json, DIR/retriever/, DIR/captioner/ and DIR/metrics.json (test split: P@1 among 100, the retriever's
-card: raycap.metrics.card). `--set version=2` trains world v2's retriever (CLIP's loss, wider
-towers, each text's one-attribute-less versions as its image's negatives: raycap.supervised.retriever.recipe).
+card: raycap.metrics.card). A new world is built with the shipped world's recipe, version 2 (CLIP's loss,
+wider towers, each text's one-attribute-less versions as its image's negatives: raycap.supervised.retriever.recipe);
+`--set version=1` builds the first world's (raycap/assets/world).
 Re-running with the same DIR resumes: finished stages are kept, an interrupted retriever run continues
 from its last checkpoint.
 """
@@ -30,6 +31,7 @@ from raycap.progress import quiet_library_progress
 from raycap.commands import prog
 
 STAGES = ("retriever", "captioner")
+SHIPPED_VERSION = 2  # the recipe of raycap/assets/world-v2, what a new world is built with unless told otherwise
 
 
 def load_world_config(path: str | None, overrides: dict, out: Path) -> WorldConfig:
@@ -47,8 +49,10 @@ def load_world_config(path: str | None, overrides: dict, out: Path) -> WorldConf
     for key in overrides:
         check_override_key(key, WorldConfig)
     data.update(overrides)
-    config = WorldConfig.parse(data, source=path or "world")
     saved = out / "world.json"
+    if "version" not in data:  # a new world gets the shipped recipe; a resumed one keeps its own
+        data["version"] = json.loads(saved.read_text()).get("version", 1) if saved.exists() else SHIPPED_VERSION
+    config = WorldConfig.parse(data, source=path or "world")
     if saved.exists():
         previous = WorldConfig.parse(json.loads(saved.read_text()), source=str(saved))
         if previous != config:
@@ -92,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run (default: all)")
     p.add_argument("--retriever", type=Path, default=None,
                    help="use this trained retriever directory instead of training one (e.g. the shipped "
-                        "raycap/assets/world/retriever)")
+                        "raycap/assets/world-v2/retriever)")
     p.add_argument("--retriever-init", type=Path, default=None,
                    help="start the retriever stage from this trained retriever's weights (e.g. the shipped one) "
                         "instead of random ones: --retriever-steps more steps on a fresh schedule")

@@ -6,7 +6,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
-TINY = ["--set", "n_train=400", "--set", "n_val=120", "--set", "n_test=120", "--set", "labelled_fraction=0.05",
+TINY = ["--set", "version=1", "--set", "n_train=400", "--set", "n_val=120", "--set", "n_test=120", "--set", "labelled_fraction=0.05",
         "--retriever-steps", "4", "--retriever-batch", "32", "--captioner-epochs", "1", "--threads", "2"]
 
 

@@ -122,7 +122,8 @@ def test_gumbel_with_blip_is_one_line(tiny_world_dir, blip, blip_dir, tmp_path, 
     sets = [a for s in world_sets(tiny_world_dir) if not s.startswith("captioner.path") for a in ("--set", s)]
     with pytest.raises(SystemExit) as e:
         train_main(["--config", "world-demo", "--out", str(tmp_path / "g"), "--runtime", "local", *sets,
-                    "--set", f"captioner.path={tmp_path / 'c'}", "--set", "rl.method=gumbel"])
+                    "--set", f"captioner.path={tmp_path / 'c'}", "--set", "rl.method=gumbel",
+                    "--set", "rl.self_check.gate=false"])
     assert e.value.code == 2 and "use rl.method=discritune for BLIP" in capsys.readouterr().err
 
 

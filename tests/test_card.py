@@ -87,6 +87,15 @@ def test_the_world_version_chooses_the_retrievers_recipe(tmp_path, monkeypatch):
             pass
     assert seen == [True, False]
     assert json.loads((tmp_path / "v2" / "world.json").read_text())["version"] == 2
+    small = ["--set", "n_train=50", "--set", "n_val=10", "--set", "n_test=10"]
+    for out in ("new", "v1"):  # no --set version: a new world is the shipped recipe (2), a resumed one keeps its own
+        try:
+            pretrain.main(["world", "--out", str(tmp_path / out), "--stages", "retriever", *small])
+        except SystemExit:
+            pass
+    assert seen[2:] == [False, True]
+    assert json.loads((tmp_path / "new" / "world.json").read_text())["version"] == 2
+    assert json.loads((tmp_path / "v1" / "world.json").read_text())["version"] == 1
 
 
 def test_world_v2s_recipe_ranks_specific_true_texts_above_vaguer_ones_where_v1s_does_not(tmp_path):
@@ -133,3 +142,32 @@ def test_v2_batches_give_each_positive_vaguer_true_versions_of_itself_as_negativ
         assert own or not vaguer
         assert all(analyse(t, scenes[idx[b]]).faithful for t in own)
     assert truth.shape == (len(texts), 16)
+
+
+def test_the_token_probe_reads_a_set_wherever_its_members_sit_and_the_card_uses_it_for_patch_tokens(tiny_world_dir):
+    """Each present pair is one token at a random slot among noise tokens: the set probe recovers the exact set of
+    two- and three-member sets; the same inputs flattened into the MLP probe do far worse (position scrambles them)."""
+    from raycap.metrics.card import probe_exact_sets, retriever_card
+    from raycap.models.loading import load_world_dir
+
+    gen = torch.Generator().manual_seed(0)
+    pairs, slots, width = 8, 16, 16
+    codes = torch.nn.functional.normalize(torch.randn(pairs, width, generator=gen), dim=-1) * 3
+
+    def sets(n):
+        x, y = torch.randn(n, slots, width, generator=gen) * 0.3, torch.zeros(n, pairs)
+        for i in range(n):
+            members = torch.randperm(pairs, generator=gen)[:1 + i % 3]
+            where = torch.randperm(slots, generator=gen)[:len(members)]
+            x[i, where] += codes[members]
+            y[i, members] = 1.0
+        return x, y
+
+    (train_x, train_y), (test_x, test_y) = sets(3000), sets(300)
+    multi = test_y.sum(1) > 1
+    as_set = probe_exact_sets(train_x, train_y, test_x, test_y, epochs=30)[multi].float().mean()
+    flattened = probe_exact_sets(train_x.flatten(1), train_y, test_x.flatten(1), test_y)[multi].float().mean()
+    assert as_set >= 0.9 and as_set >= flattened + 0.3, (as_set, flattened)
+    pw = load_world_dir(tiny_world_dir)
+    card = retriever_card(pw.retriever, pw.world, 100, probe_images=200, image_tokens=True)
+    assert card["probe_input"] == "image_tokens" and 0.0 <= card["probe_exact_2_objects"] <= 1.0

@@ -74,14 +74,14 @@ def test_cross_section_checks_name_both_fields():
 
 
 def test_a_captioner_for_another_embedding_width_is_one_line(tmp_path, capsys):
-    """ViT-B-32 (random weights, nothing downloaded) gives 512-d embeddings; the world captioner reads 64-d."""
+    """ViT-B-32 (random weights, nothing downloaded) gives 512-d embeddings; the world captioner reads 128-d."""
     from raycap.train import main
 
     with pytest.raises(SystemExit) as e:
         main(["--config", "world-demo", "--runtime", "local", "--out", str(tmp_path / "r"),
               "--set", "retriever.name=ViT-B-32"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "reads 64-d image embeddings but the retriever ViT-B-32 (None) gives 512-d" in err
+    assert e.value.code == 2 and "reads 128-d image embeddings but the retriever ViT-B-32 (None) gives 512-d" in err
 
 
 @pytest.mark.parametrize("overrides, words", [

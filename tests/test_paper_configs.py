@@ -27,7 +27,7 @@ def test_paper_settings(name):
 def test_a_learner_on_a_gpu_gives_the_reward_service_one_and_one_gpu_configs_fit_one():
     """Scoring and the evaluations (5,000 images, beam 5 in the paper configs) run in the reward service: a config
     that gives its learner a GPU gives the reward service one too, and a config built for one GPU fits on one
-    (Ray's fractional GPUs). world-gpu, a 4-GPU cluster layout whose reward service scores the world's 64-d
+    (Ray's fractional GPUs). world-gpu, a 4-GPU cluster layout whose reward service scores the world's
     embeddings, keeps it on the CPU: a GPU of its own would need a fifth (benchmarks/gpu_check.sh runs it on 4 or 1)."""
     from raycap.config import CONFIG_DIR, named_configs
     from raycap.runtime.resources import Roles, check_local_gpus

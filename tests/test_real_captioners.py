@@ -97,7 +97,7 @@ def test_rl_on_a_bpe_captioner_with_the_word_level_retriever(tiny_world_dir, loc
                         "--set", "eval.images=100", "--set", "rl.sampling.max_new_tokens=12", "--set", "eval.every=2",
                         "--set", "threads=2", "--set", "eval.report=false", "--set", "eval.test_table=false",
                         "--set", "rl.batch_size=24",
-                        "--set", "rl.reward.num_candidates=24", "--set", f"rl.method={method}"])
+                        "--set", "rl.reward.num_candidates=24", "--set", f"rl.method={method}", "--set", f"rl.self_check.gate={method == 'discritune'}"])
     assert final["updates"] == 2 and 0 <= final["p_at_1"] <= 1
     records = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert records[2]["kl"] > 0

@@ -192,9 +192,10 @@ def test_substitution_check_needs_classes():
     with pytest.raises(UserError, match="substitution_classes"):
         load_config("world-demo", ["rl.self_check.kind=substitute", "rl.self_check.substitution_classes=[]"])
     with pytest.raises(UserError, match="eval.decoding select .* needs rl.self_check.substitution_classes"):
-        load_config("world-demo", ["rl.self_check.kind=swap", "rl.self_check.substitution_classes=[]"])
+        load_config("world-demo", ["rl.self_check.kind=swap", "rl.self_check.substitution_classes=[]",
+                                   "rl.self_check.gate=false"])
     assert load_config("world-demo", ["rl.self_check.substitution_classes=[]", "rl.self_check.kind=swap",
-                                      "eval.select_check=0"]).eval.decoding == "select"
+                                      "eval.select_check=0", "rl.self_check.gate=false"]).eval.decoding == "select"
     cfg = load_config("world-demo", ["rl.self_check.kind=substitute",
                                      "rl.self_check.substitution_classes=[[red, green]]"])
     assert cfg.rl.self_check.substitution_classes == [["red", "green"]]
@@ -343,7 +344,7 @@ def test_micro_batch_settings_are_checked_when_the_config_loads():
     with pytest.raises(UserError, match=r"rl.optimiser.micro_batch \(7\) must divide the images of a learner rank"):
         load_config("world-demo", ["rl.optimiser.micro_batch=7"])
     with pytest.raises(UserError, match="rl.optimiser.micro_batch splits DiscriTune"):
-        load_config("world-demo", ["rl.optimiser.micro_batch=8", "rl.method=gumbel"])
+        load_config("world-demo", ["rl.optimiser.micro_batch=8", "rl.method=gumbel", "rl.self_check.gate=false"])
 
 
 def test_the_gate_verifies_each_content_word_by_hand():
@@ -399,7 +400,7 @@ def test_best_of_verified_and_the_gate_on_other_baselines():
     assert adv.tolist() == [-0.25, -1.5, -0.5, -0.25, -0.25, -2.5]
     for key in ("gate_margin", "gate_penalty"):
         with pytest.raises(UserError, match=f"self_check.{key} applies only with self_check.gate: true"):
-            load_config("world-demo", [f"rl.self_check.{key}=0.5"])
+            load_config("world-demo", ["rl.self_check.gate=false", f"rl.self_check.{key}=0.5"])
     with pytest.raises(UserError, match="method gumbel has no advantages to gate"):
         load_config("world-demo", ["rl.self_check.gate=true", "rl.method=gumbel", "rl.algorithm.baseline=mean",
                                    "rl.sampling.num_samples=1"])

@@ -1,22 +1,26 @@
-"""The world checkpoints shipped in raycap/assets/world are real: they load through the normal code and
-reproduce the numbers their metrics.json claims."""
+"""The world checkpoints shipped in raycap/assets/world-v2 (and world v1's, kept in raycap/assets/world for the run
+dirs that name it) are real: they load through the normal code and reproduce the numbers their metrics.json claims."""
 import json
 
 import pytest
 import torch
 
-from raycap.config import WORLD_DIR
+from raycap.config import WORLD_DIR, WORLD_V1_DIR
 from raycap.models.loading import load_world_dir
 from raycap.supervised.captioner import evaluate_captioner
 from raycap.supervised.retriever import evaluate_retriever
 
-WORLD_DIR = WORLD_DIR
 
 
-@pytest.fixture(scope="module")
-def shipped():
+@pytest.fixture(scope="module", params=[WORLD_DIR, WORLD_V1_DIR], ids=["v2", "v1"])
+def shipped(request):
     torch.set_num_threads(2)
-    return load_world_dir(WORLD_DIR), json.loads((WORLD_DIR / "metrics.json").read_text())
+    return load_world_dir(request.param), json.loads((request.param / "metrics.json").read_text())
+
+
+def test_the_shipped_world_is_v2_and_v1_still_loads_as_v1():
+    assert load_world_dir(WORLD_DIR).world.config.version == 2
+    assert load_world_dir(WORLD_V1_DIR).world.config.version == 1
 
 
 def test_shipped_retriever_meets_its_targets_and_reproduces_its_metrics(shipped):
@@ -42,7 +46,8 @@ def test_shipped_captioner_is_the_supervised_one_it_claims(shipped):
 
 PREVIOUS_DEMO = ["rl.reward.kind=discriminative", "rl.algorithm.baseline=mean", "rl.sampling.num_samples=1",
                  "rl.batch_size=100",
-                 "rl.reward.num_candidates=100", "rl.reward.cosine_coef=0.2"]  # world-demo before issue 20
+                 "rl.reward.num_candidates=100", "rl.reward.cosine_coef=0.2",
+                 "rl.self_check.gate=false", "rl.algorithm.kl_coef=0.1"]  # world-demo before issue 20
 
 
 def short_run(tmp_path, name, *overrides, steps=40):
@@ -59,7 +64,7 @@ def short_run(tmp_path, name, *overrides, steps=40):
 
 
 def test_a_short_seeded_run_raises_reward_and_faithfulness_over_the_previous_demo(tmp_path):
-    """40 updates each: world-demo (best of 8 under the pool reward) raises its reward and stays in the grammar,
+    """40 updates each: world-demo (best of 8 under the pool reward, gated) raises its reward and stays in the grammar,
     and its captions are more faithful than those of the same number of updates of the previous demo (in-batch
     discriminative reward, running-mean baseline), which buys its P@1 with guessed second objects."""
     rewards, now = short_run(tmp_path, "demo")
@@ -71,6 +76,6 @@ def test_a_short_seeded_run_raises_reward_and_faithfulness_over_the_previous_dem
     assert now["precision"] > before["precision"], (before["precision"], now["precision"])
 
 
-MARGIN = 0.8  # nats of pool reward
+MARGIN = 0.3  # nats of pool reward over 40 updates (world v2's pool reward rises less than v1's did)
 WELLFORMED = 0.9
 FAITHFUL_GAIN = 0.05

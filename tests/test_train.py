@@ -34,7 +34,7 @@ def test_named_config_loads_and_bad_values_name_the_field(tmp_path):
      "rl.reward.num_candidates=50"],
     ["--set", "rl.algorithm.baseline=none", "--set", "rl.reward.kind=cosine", "--set",
      "rl.algorithm.kl_estimator=sampled", "--set", "rl.reward.hard_distractors=5"],
-    ["--set", "rl.method=gumbel", "--set", "rl.algorithm.gumbel_loss=discriminative"],
+    ["--set", "rl.method=gumbel", "--set", "rl.self_check.gate=false", "--set", "rl.algorithm.gumbel_loss=discriminative"],
 ])
 def test_train_runs_each_mode_and_writes_the_run_dir(tiny_world_dir, tmp_path, extra):
     out = tmp_path / "run"

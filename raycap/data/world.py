@@ -44,9 +44,10 @@ class WorldConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float finite
 
-    version: Literal[1, 2] = Field(1, description="the world's recipe: 1 (the shipped world: the retriever's loss "
-                                   "masks other texts true of an image), 2 (CLIP's loss: every other pair of a batch "
-                                   "is a negative, so specific true texts score above vague ones)")
+    version: Literal[1, 2] = Field(1, description="the world's recipe: 1 (the first shipped world, raycap/assets/world: "
+                                   "the retriever's loss masks other texts true of an image), 2 (the shipped world, "
+                                   "raycap/assets/world-v2: CLIP's loss, every other pair of a batch a negative, so "
+                                   "specific true texts score above vague ones). A world.json without it is 1")
     seed: int = 0
     image_size: int = Field(48, ge=16, le=512)
     grid: Literal[2, 3] = 3

@@ -6,9 +6,9 @@
   attribute (a more specific true text scores higher, as in CLIP);
 - generic gap: generic texts ("a shape", the world's generic references, each true one-attribute description of the
   image) below the mean of the image's references (a text true of every image is no caption);
-- what the captioner can read: a small probe (2-layer MLP), trained on train images' true scenes, recovers the exact
-  set of colour+shape pairs from the captioner's input (the retriever's embedding, or its patch tokens) per
-  object count. The probe reads scenes: a measurement, never a training signal.
+- what the captioner can read: a small probe, trained on train images' true scenes, recovers the exact set of
+  colour+shape pairs from the captioner's input per object count: a 2-layer MLP on the retriever's embedding, or
+  an attention-pooling probe on its patch tokens. The probe reads scenes: a measurement, never a training signal.
 """
 from __future__ import annotations
 
@@ -58,24 +58,55 @@ def colour_shape_labels(scenes, world: World) -> torch.Tensor:
     return y
 
 
+class TokenSetProbe(torch.nn.Module):
+    """A small probe over a set of tokens: one learned query per colour+shape pair attends over the (normalised,
+    projected) tokens, and a 2-layer MLP turns what it read into that pair's logit."""
+
+    def __init__(self, width: int, pairs: int, hidden: int = 128, heads: int = 4):
+        super().__init__()
+        self.norm, self.proj = torch.nn.LayerNorm(width), torch.nn.Linear(width, hidden)
+        self.queries = torch.nn.Parameter(torch.randn(pairs, hidden) * 0.02)
+        self.attn = torch.nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.head = torch.nn.Sequential(torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+                                        torch.nn.Linear(hidden, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T, width) -> (B, pairs)
+        kv = self.proj(self.norm(tokens))
+        read, _ = self.attn(self.queries.expand(len(tokens), -1, -1), kv, kv, need_weights=False)
+        return self.head(read).squeeze(-1)
+
+
 def probe_exact_sets(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                     hidden: int = 256, epochs: int = 30, seed: int = 0) -> torch.Tensor:
-    """Bool (n_test,): a 2-layer MLP probe trained on (train_x, train_y) gets each test scene's exact pair set."""
+                     hidden: int = 256, epochs: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Bool (n_test,): a probe trained on (train_x, train_y) gets each test scene's exact pair set. Vectors (n, d):
+    a 2-layer MLP (30 epochs); token sets (n, T, width): a `TokenSetProbe` (10 epochs, one-cycle learning rate),
+    which reads the tokens as a set rather than flattened."""
     torch.manual_seed(seed)
-    train_x, test_x = train_x.flatten(1).float(), test_x.flatten(1).float()
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    probe = torch.nn.Sequential(torch.nn.Linear(train_x.shape[1], hidden), torch.nn.ReLU(),
-                                torch.nn.Linear(hidden, train_y.shape[1]))
+    tokens = train_x.dim() == 3
+    train_x, test_x = train_x.float(), test_x.float()
+    if tokens:
+        probe, epochs = TokenSetProbe(train_x.shape[-1], train_y.shape[1]), epochs or 10
+        x, tx = train_x, test_x
+    else:
+        epochs = epochs or 30
+        mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+        probe = torch.nn.Sequential(torch.nn.Linear(train_x.shape[1], hidden), torch.nn.ReLU(),
+                                    torch.nn.Linear(hidden, train_y.shape[1]))
+        x, tx = (train_x - mean) / std, (test_x - mean) / std
     opt = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=1e-4)
-    x, gen = (train_x - mean) / std, torch.Generator().manual_seed(seed)
+    batches = torch.arange(len(x)).split(256)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * len(batches)) if tokens else None
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(256):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(x[idx]), train_y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
     with torch.no_grad():
-        pred = probe((test_x - mean) / std) > 0
+        pred = torch.cat([probe(tx[k:k + 1024]) for k in range(0, len(tx), 1024)]) > 0
     return (pred == test_y.bool()).all(1)
 
 
