@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from contextlib import contextmanager
 
 from raycap.config import RuntimeConfig, is_loopback
+from raycap.errors import UserError
 from raycap.progress import quiet_logger
 
 
@@ -51,6 +53,31 @@ def _loopback_node():
             os.environ[LOOPBACK_ONLY_ENV] = saved_env
 
 
+def _port_free(host: str, port: int) -> bool:
+    """Nothing listens on host:port (a port left in TIME_WAIT by a Ray that stopped counts as free, as for Ray)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def dashboard_port(rt: RuntimeConfig) -> int:
+    """The port a local Ray's dashboard takes: `rt.dashboard_port` when free; when it is the default and in use (another
+    Ray or raycap run on this machine), a free one, which the printed dashboard address shows; a port the config set
+    that is in use is a one-line UserError."""
+    if _port_free(rt.dashboard_host, rt.dashboard_port):
+        return rt.dashboard_port
+    if "dashboard_port" in rt.model_fields_set:
+        raise UserError(f"runtime.dashboard_port {rt.dashboard_port}: {rt.dashboard_host}:{rt.dashboard_port} is in "
+                        "use (another Ray or raycap run?); give a free port, or leave it unset to take one")
+    with socket.socket(socket.AF_INET6 if ":" in rt.dashboard_host else socket.AF_INET) as s:
+        s.bind((rt.dashboard_host, 0))
+        return s.getsockname()[1]
+
+
 def start_ray(rt: RuntimeConfig) -> tuple[bool, str | None]:
     """Join `rt.address` (or the cluster of a Ray job: RAY_ADDRESS) or start a local Ray bound to loopback
     (dashboard on `rt.dashboard_host`, which the config accepts off loopback only with `allow_public_dashboard`).
@@ -64,9 +91,10 @@ def start_ray(rt: RuntimeConfig) -> tuple[bool, str | None]:
     if address:
         ctx = ray.init(address=address, runtime_env=JOB_RUNTIME_ENV)
     else:
+        port = dashboard_port(rt)
         if not is_loopback(rt.dashboard_host):
             print(f"warning: runtime.dashboard_host={rt.dashboard_host}: Ray's dashboard and its Jobs API listen "
-                  f"on port {rt.dashboard_port} of that interface, and anyone who can reach that port can submit "
+                  f"on port {port} of that interface, and anyone who can reach that port can submit "
                   "jobs, that is run code on this machine, unless they lack the cluster's token (Ray token "
                   "authentication); keep it to trusted networks (runtime.allow_public_dashboard is true)",
                   file=sys.stderr)
@@ -74,7 +102,7 @@ def start_ray(rt: RuntimeConfig) -> tuple[bool, str | None]:
         # at WARNING on every start: that is the secure default working, not a problem, so it is not shown
         with _loopback_node(), quiet_logger("ray._private.authentication.authentication_token_setup"):
             ctx = ray.init(num_cpus=rt.num_cpus or os.cpu_count(), num_gpus=rt.num_gpus, include_dashboard=True,
-                           dashboard_host=rt.dashboard_host, dashboard_port=rt.dashboard_port,
+                           dashboard_host=rt.dashboard_host, dashboard_port=port,
                            runtime_env=JOB_RUNTIME_ENV)
         node_ip = ctx.address_info.get("node_ip_address")
         if node_ip and not is_loopback(node_ip):

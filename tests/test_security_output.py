@@ -261,3 +261,36 @@ def test_ray_run_output_has_no_harmless_library_notices(tiny_world_dir, tmp_path
     assert "\r" not in text
     found = [n for n in NOTICES if n in text]
     assert not found, [x for x in text.splitlines() if any(n in x for n in found)]
+
+
+def test_a_second_local_ray_takes_a_free_dashboard_port_when_the_default_is_in_use():
+    """What a user saw when another Ray (or raycap run) held port 8265: Ray's traceback ("Failed to bind to
+    127.0.0.1:8265 because it's already occupied"). Now a real second start takes a free port (the dashboard address
+    the run prints is Ray's own); a port the config set that is in use is one line."""
+    proc = run_python("""
+        import json, socket
+        import ray
+        from raycap.config import RuntimeConfig
+        from raycap.errors import UserError
+        from raycap.runtime.resources import start_ray
+
+        holder = socket.socket(); holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            holder.bind(("127.0.0.1", 8265)); holder.listen()
+        except OSError:
+            pass  # something else holds 8265 already: the case under test either way
+        taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()
+        try:
+            start_ray(RuntimeConfig(num_cpus=1, dashboard_port=taken.getsockname()[1]))
+            refused = None
+        except UserError as e:
+            refused = str(e)
+        owns, url = start_ray(RuntimeConfig(num_cpus=1))
+        ray.shutdown()
+        print(json.dumps({"owns": owns, "url": url, "refused": refused, "explicit": taken.getsockname()[1]}))
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["owns"] and got["url"].startswith("127.0.0.1:") and not got["url"].endswith(":8265"), got
+    assert got["refused"] == (f"runtime.dashboard_port {got['explicit']}: 127.0.0.1:{got['explicit']} is in use "
+                              "(another Ray or raycap run?); give a free port, or leave it unset to take one")
