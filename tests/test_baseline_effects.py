@@ -15,7 +15,8 @@ def one_update(world, tmp_path, monkeypatch, *overrides):
     cfg = load_config("world-demo", [*world_sets(world), "rl.batch_size=12", "rl.reward.num_candidates=12",
                                      "rl.sampling.max_new_tokens=8", "eval.images=100", "threads=2",
                                      "rl.sampling.num_samples=1",
-                                     "rl.reward.kind=discriminative", "rl.reward.cosine_coef=0.2", *overrides])
+                                     "rl.reward.kind=discriminative", "rl.reward.cosine_coef=0.2",
+                                     "rl.self_check.gate=false", *overrides])  # each baseline's own advantages
     trainer = LocalTrainer(cfg, tmp_path)
     seen = {"scores": []}
     score, loss = algorithm.Scorer.score, algorithm.reinforce_loss
