@@ -4,6 +4,7 @@ used by the single-process loop too) all start Ray here; Ray itself is imported 
 importing this module (and what imports it) does not load Ray."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -59,18 +60,18 @@ def _port_free(host: str, port: int) -> bool:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return False
+        except OSError as e:  # only "in use" counts: any other error is Ray's to report as it does
+            return e.errno != errno.EADDRINUSE
     return True
 
 
 def dashboard_port(rt: RuntimeConfig) -> int:
-    """The port a local Ray's dashboard takes: `rt.dashboard_port` when free; when it is the default and in use (another
-    Ray or raycap run on this machine), a free one, which the printed dashboard address shows; a port the config set
-    that is in use is a one-line UserError."""
+    """The port a local Ray's dashboard takes: `rt.dashboard_port` when free; when that is the default (8265) and in
+    use (another Ray or raycap run on this machine), a free one, which the printed dashboard address shows; another
+    port in use is a one-line UserError."""
     if _port_free(rt.dashboard_host, rt.dashboard_port):
         return rt.dashboard_port
-    if "dashboard_port" in rt.model_fields_set:
+    if rt.dashboard_port != RuntimeConfig.model_fields["dashboard_port"].default:  # a port chosen, not the default
         raise UserError(f"runtime.dashboard_port {rt.dashboard_port}: {rt.dashboard_host}:{rt.dashboard_port} is in "
                         "use (another Ray or raycap run?); give a free port, or leave it unset to take one")
     with socket.socket(socket.AF_INET6 if ":" in rt.dashboard_host else socket.AF_INET) as s:
