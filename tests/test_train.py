@@ -81,7 +81,10 @@ def test_evaluate_selects_among_samples_against_another_pool(tiny_world_dir, tmp
     evaluate_main(["--captioner", str(tiny_world_dir / "captioner"), "--world-dir", str(tiny_world_dir),
                    "--images", "100", "--decoding", "select", "--pool", "world:train", "--json", str(out)])
     result = json.loads(out.read_text())
-    assert result["decoding"] == "select16" and 0 <= result["faithful"] <= 1
+    from raycap.config import load_config
+
+    samples = load_config("world-demo").eval.select_samples  # --select-config's default
+    assert result["decoding"] == f"select{samples}" and 0 <= result["faithful"] <= 1
     with pytest.raises(SystemExit) as e:
         evaluate_main(["--captioner", str(tiny_world_dir / "captioner"), "--world-dir", str(tiny_world_dir),
                        "--dataset", "world:val", "--decoding", "select", "--pool", "world:val"])
