@@ -188,7 +188,7 @@ def local_ray_for(sources, runtime: RuntimeConfig):
 
     started = False
     if any(getattr(s, "paths", None) is not None for s in sources) and not ray.is_initialized():
-        from raycap.ray_start import start_ray
+        from raycap.ray_start import free_port, start_ray
 
         started, _ = start_ray(runtime.model_copy(update={"dashboard_port": free_port()}))
     try:
@@ -427,14 +427,6 @@ def attach_captioner_inputs(captioner, splits: dict[str, SplitImages], retriever
         inputs = captioner_inputs(captioner, s.source, s.embeddings, log=log, retriever=retriever,
                                   vision_features="cached" if mode == "cached" else "per_batch")
         s.inputs = None if inputs is s.embeddings else inputs
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def skipped_counts(splits: dict[str, SplitImages]) -> dict[str, int]:

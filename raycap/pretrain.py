@@ -50,14 +50,13 @@ def load_world_config(path: str | None, overrides: dict, out: Path) -> WorldConf
         check_override_key(key, WorldConfig)
     data.update(overrides)
     saved = out / "world.json"
+    previous = WorldConfig.parse(json.loads(saved.read_text()), source=str(saved)) if saved.exists() else None
     if "version" not in data:  # a new world gets the shipped recipe; a resumed one keeps its own
-        data["version"] = json.loads(saved.read_text()).get("version", 1) if saved.exists() else SHIPPED_VERSION
+        data["version"] = previous.version if previous is not None else SHIPPED_VERSION
     config = WorldConfig.parse(data, source=path or "world")
-    if saved.exists():
-        previous = WorldConfig.parse(json.loads(saved.read_text()), source=str(saved))
-        if previous != config:
-            raise UserError(f"{saved}: the run directory was built for a different world config; "
-                            "use a new --out or the same settings")
+    if previous is not None and previous != config:
+        raise UserError(f"{saved}: the run directory was built for a different world config; "
+                        "use a new --out or the same settings")
     return config
 
 

@@ -54,9 +54,20 @@ def _loopback_node():
             os.environ[LOOPBACK_ONLY_ENV] = saved_env
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host`, chosen by the OS."""
+    with socket.socket(_family(host)) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def _port_free(host: str, port: int) -> bool:
     """Nothing listens on host:port (a port left in TIME_WAIT by a Ray that stopped counts as free, as for Ray)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    with socket.socket(_family(host)) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
@@ -74,9 +85,7 @@ def dashboard_port(rt: RuntimeConfig) -> int:
     if rt.dashboard_port != RuntimeConfig.model_fields["dashboard_port"].default:  # a port chosen, not the default
         raise UserError(f"runtime.dashboard_port {rt.dashboard_port}: {rt.dashboard_host}:{rt.dashboard_port} is in "
                         "use (another Ray or raycap run?); give a free port, or leave it unset to take one")
-    with socket.socket(socket.AF_INET6 if ":" in rt.dashboard_host else socket.AF_INET) as s:
-        s.bind((rt.dashboard_host, 0))
-        return s.getsockname()[1]
+    return free_port(rt.dashboard_host)
 
 
 def start_ray(rt: RuntimeConfig) -> tuple[bool, str | None]:

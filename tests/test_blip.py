@@ -87,7 +87,7 @@ def test_supervised_stage_then_discritune(tiny_world_dir, blip_dir, tmp_path, ru
     on each role's device)."""
     from transformers import BlipForConditionalGeneration
 
-    from raycap.inputs import free_port
+    from raycap.ray_start import free_port
     from raycap.pretrain import main as pretrain_main
     from raycap.train import main as train_main
 
