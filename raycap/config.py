@@ -260,6 +260,9 @@ class EvalConfig(BaseModel):
     test_table: bool = Field(True, description="when the run ends, score the supervised and the fine-tuned "
                              "captioner on test with greedy decoding and with `decoding`, into final_metrics.json "
                              "(test_table) and the report, so RL's effect and the decoding's are seen apart")
+    test_table_references: bool = Field(False, description="score each test-table row against the test split's "
+                                        "references too: BLEU-4 and CIDEr (pycocoevalcap, needs Java), CLIPScore "
+                                        "and RefCompare (the second method's claims are in these)")
     report_gallery: int = Field(24, ge=0, description="test images in the report's gallery")
 
 

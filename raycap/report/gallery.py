@@ -37,6 +37,7 @@ class GalleryItem:
 
 
 HEADLINE_KEYS = ("p_at_1", "wellformed", "faithful", "precision")  # the columns of the test table
+REFERENCE_KEYS = ("bleu4", "cider", "clipscore", "refcompare")  # with eval.test_table_references
 
 
 @dataclass
@@ -60,9 +61,20 @@ class TestComparison:
         the cut of P@1's error of each fine-tuned row relative to the supervised captioner's greedy error."""
         base = self.before.get("p_at_1")
         rows = [{"captioner": r.captioner, "decoding": r.decoding}
-                | {k: r.metrics[k] for k in HEADLINE_KEYS if k in r.metrics} for r in self.rows]
+                | {k: r.metrics[k] for k in HEADLINE_KEYS + REFERENCE_KEYS if k in r.metrics} for r in self.rows]
         cut = {r.decoding: error_cut(base, r.metrics.get("p_at_1")) for r in self.rows if r.captioner == "fine-tuned"}
         return {"n_images": self.n_images, "rows": rows, "error_cut_vs_supervised_greedy": cut}
+
+
+def reference_metrics(retriever, source, image_emb: torch.Tensor, captions: list[str]) -> dict:
+    """BLEU-4 and CIDEr (pycocoevalcap, PTB tokenizer; absent without Java) and CLIPScore and RefCompare (the frozen
+    retriever) of captions of the first len(captions) images of a labelled source, against its references."""
+    from raycap.metrics.captions import clip_metrics, ngram_metrics
+
+    refs = [source.references(i) for i in range(len(captions))]
+    ngram = ngram_metrics(captions, refs, meteor=False)
+    clip = clip_metrics(retriever, captions, image_emb[:len(captions)], refs)
+    return {k: v for k, v in (ngram | clip).items() if k in REFERENCE_KEYS}
 
 
 def error_cut(before: float | None, after: float | None) -> float | None:
@@ -75,7 +87,7 @@ def error_cut(before: float | None, after: float | None) -> float | None:
 def format_test_table(table: dict) -> str:
     """`TestComparison.headline()` as aligned text: one line per captioner and decoding, the error cut (relative
     to the supervised captioner's greedy error) on the fine-tuned lines."""
-    keys = [k for k in HEADLINE_KEYS if all(k in r for r in table["rows"])]
+    keys = [k for k in HEADLINE_KEYS + REFERENCE_KEYS if all(k in r for r in table["rows"])]
     cut = table["error_cut_vs_supervised_greedy"]
     labels = [f"{r['captioner']}, {r['decoding']}" for r in table["rows"]]
     width = max(map(len, labels))
@@ -133,6 +145,8 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
                                          selection, pool, cfg.eval.batch_size)
             metrics = evaluate_images(model, tokenizer, retriever, split.source, emb, n, examples=0, captions=captions)
             metrics.pop("examples", None)
+            if cfg.eval.test_table_references and split.source.labelled:
+                metrics |= reference_metrics(retriever, split.source, emb, captions)
             rows.append(TestRow(name, mode, metrics))
             texts[(name, mode)] = captions
     shown = {f"{c}, {d}": (c, d) for c, d in [("supervised", "greedy")] + [("fine-tuned", d) for d in decodings]}

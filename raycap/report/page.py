@@ -12,6 +12,10 @@ TABLE_ROWS = [
     ("faithful", "faithful: every claim true", "{:.3f}", True),
     ("precision", "precision of claims", "{:.3f}", True),
     ("recall", "recall of the scene's attributes", "{:.3f}", True),
+    ("bleu4", "BLEU-4 against the references", "{:.3f}", True),
+    ("cider", "CIDEr against the references", "{:.3f}", True),
+    ("clipscore", "CLIPScore", "{:.3f}", True),
+    ("refcompare", "RefCompare: share of references below", "{:.3f}", True),
     ("multi_object", "names two or more objects", "{:.3f}", None),
     ("repetition", "repeats an object or trigram", "{:.3f}", False),
     ("mean_length", "mean length (words)", "{:.2f}", None),
@@ -104,10 +108,10 @@ def metrics_table(before: dict, after: dict) -> str:
 def decodings_table(comparison) -> str:
     """The test table: each captioner with each decoding compared (`gallery.TestComparison.rows`), its headline
     metrics, and the fine-tuned rows' cut of P@1's error relative to the supervised captioner's greedy error."""
-    from raycap.report.gallery import HEADLINE_KEYS, error_cut
+    from raycap.report.gallery import HEADLINE_KEYS, REFERENCE_KEYS, error_cut
 
     labels = {key: label for key, label, _, _ in TABLE_ROWS}
-    keys = [k for k in HEADLINE_KEYS if all(isinstance(r.metrics.get(k), (int, float)) for r in comparison.rows)]
+    keys = [k for k in HEADLINE_KEYS + REFERENCE_KEYS if all(isinstance(r.metrics.get(k), (int, float)) for r in comparison.rows)]
     head = "".join(f"<th>{escape(labels[k])}</th>" for k in keys)
     rows = []
     for r in comparison.rows:
