@@ -70,3 +70,24 @@ def test_the_captioner_stage_reports_within_an_epoch(tmp_path, capsys, monkeypat
     assert "epoch=1/2 loss=" in lines[0] and "val=" not in lines[0]
     assert "epoch=1/2" in lines[2] and "val=" in lines[2] and "epoch=2/2" in lines[5]
     assert [json.loads(x)["epoch"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_many_short_epochs_validate_every_few_and_after_the_last(tmp_path, monkeypatch):
+    """Few labels mean many short epochs: the validation pass runs at most MAX_VALIDATIONS times (3 here), after
+    the last epoch always, so its cost does not grow with the epochs."""
+    import json
+
+    import torch
+
+    import raycap.supervised.captioner as stage
+    from raycap.config import WORLD_DIR
+    from raycap.models.loading import load_captioner
+
+    monkeypatch.setattr(stage, "MAX_VALIDATIONS", 3)
+    model, tokenizer = load_captioner(WORLD_DIR / "captioner")
+    emb = torch.nn.functional.normalize(torch.randn(2, model.config.clip_dim, generator=torch.Generator().manual_seed(0)),
+                                        dim=-1)
+    refs = [["a small red circle"]] * 2  # one step per epoch
+    stage.train_on_references(model, tokenizer, emb, refs, emb[:1], refs[:1],
+                              stage.CaptionerTraining(epochs=7, batch_size=4, warmup_steps=1), tmp_path)
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [3, 6, 7]

@@ -74,11 +74,15 @@ def train_captioner(retriever: Retriever, world: World, cfg: CaptionerTraining, 
     return train_on_references(model, retriever.tokenizer, emb_lab, refs, emb_val, val_refs, cfg, work_dir, log)
 
 
+MAX_VALIDATIONS = 20  # validation passes of one supervised training, the last epoch's always among them
+
+
 def train_on_references(model: ClipCap, tokenizer, train_emb: torch.Tensor, train_refs: list[list[str]],
                         val_emb: torch.Tensor, val_refs: list[list[str]], cfg: CaptionerTraining, work_dir: Path,
                         log=print) -> ClipCap:
     """Cross-entropy on every (image embedding, reference) pair, AdamW with warmup and cosine decay, gradient
-    clipping at 1; the validation loss per epoch goes to `work_dir/log.jsonl`. Any captioner, any tokenizer.
+    clipping at 1; the validation loss after every epoch (every few epochs when there are more than
+MAX_VALIDATIONS; always after the last) goes to `work_dir/log.jsonl`. Any captioner, any tokenizer.
     The caller seeds torch (before building the model) and this draws dropout from that stream."""
     work_dir.mkdir(parents=True, exist_ok=True)
     owner = torch.from_numpy(np.repeat(np.arange(len(train_refs)), [len(r) for r in train_refs]))
@@ -103,6 +107,7 @@ def train_on_references(model: ClipCap, tokenizer, train_emb: torch.Tensor, trai
                 yield epoch, perm[k:k + cfg.batch_size], k + cfg.batch_size >= len(caps)
 
     bar = progress(batches(), total=total, desc="captioner")  # a line (or bar) per step, not per epoch
+    val_every = math.ceil(cfg.epochs / MAX_VALIDATIONS)  # many short epochs (few labels): not a pass after each
     val_loss = None
     for i, (epoch, b, epoch_ends) in enumerate(bar):
         model.train()
@@ -116,7 +121,7 @@ def train_on_references(model: ClipCap, tokenizer, train_emb: torch.Tensor, trai
         if i % 10 == 0 and not epoch_ends:  # the loss's value is a device sync: not every step
             bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}",
                             **({} if val_loss is None else {"val": f"{val_loss:.3f}"}))
-        if not epoch_ends:
+        if not epoch_ends or ((epoch + 1) % val_every and epoch + 1 < cfg.epochs):
             continue
         model.eval()
         with torch.no_grad():  # the validation references, cfg.batch_size at a time
