@@ -18,6 +18,7 @@ from pathlib import Path
 
 TEST = ("p_at_1", "wellformed", "faithful", "precision", "recall", "multi_object")
 TABLE = ("p_at_1", "wellformed", "faithful", "precision")
+REFERENCE = ("bleu4", "cider", "clipscore", "refcompare")  # in runs with eval.test_table_references
 
 
 def row(run: Path) -> dict:
@@ -57,10 +58,11 @@ def test_table(runs: list[Path]) -> None:
     """The runs' test tables as one: a row per captioner and decoding, mean (range) over the runs."""
     tables = [json.loads((r / "final_metrics.json").read_text())["test_table"] for r in runs]
     keys = [(r["captioner"], r["decoding"]) for r in tables[0]["rows"]]
-    print(f"| test, first {tables[0]['n_images']} images | " + " | ".join(TABLE) + " | P@1 error cut |")
-    print("| --- " * (len(TABLE) + 2) + "|")
+    columns = [*TABLE, *(k for k in REFERENCE if all(k in r for t in tables for r in t["rows"]))]
+    print(f"| test, first {tables[0]['n_images']} images | " + " | ".join(columns) + " | P@1 error cut |")
+    print("| --- " * (len(columns) + 2) + "|")
     for i, (captioner, decoding) in enumerate(keys):
-        cells = [spread([t["rows"][i][k] for t in tables]) for k in TABLE]
+        cells = [spread([t["rows"][i][k] for t in tables]) for k in columns]
         cut = "-" if captioner == "supervised" else spread(
             [t["error_cut_vs_supervised_greedy"][decoding] for t in tables], percent=True)
         print(f"| {captioner}, {decoding} | " + " | ".join(cells) + f" | {cut} |")

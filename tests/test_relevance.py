@@ -13,7 +13,7 @@ from world_runs import SHORT, world_args
 
 
 def test_world_relevance_trains_the_captioner_and_scores_its_test_table_against_the_references(
-        tiny_world_dir, tmp_path, capsys):
+        tiny_world_dir, tmp_path, capfd):
     out = tmp_path / "run"
     final = train_main(["--config", "world-relevance", "--out", str(out), "--runtime", "local",
                         *world_args(tiny_world_dir), *SHORT, "--set", "rl.steps=2", "--set", "eval.report=false"])
@@ -22,8 +22,10 @@ def test_world_relevance_trains_the_captioner_and_scores_its_test_table_against_
     assert [(r["captioner"], r["decoding"]) for r in rows] == [("supervised", "greedy"), ("fine-tuned", "greedy")]
     for r in rows:
         assert all(isinstance(r[k], float) for k in REFERENCE_KEYS), r
-    header = next(line for line in capsys.readouterr().out.splitlines() if "p_at_1" in line and "bleu4" in line)
+    printed = capfd.readouterr()
+    header = next(line for line in printed.out.splitlines() if "p_at_1" in line and "bleu4" in line)
     assert all(k in header for k in REFERENCE_KEYS)
+    assert "PTBTokenizer" not in printed.out + printed.err  # the tokenizer's Java notice per call is dropped
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("clip_cos" in r for r in records if "loss" in r)  # the Gumbel relevance loss, not REINFORCE
     tuned, _ = load_captioner(out / "final")
@@ -35,3 +37,16 @@ def test_world_relevance_trains_the_captioner_and_scores_its_test_table_against_
     cfg.eval.test_table_references = False
     plain = compare_final(cfg, out).headline()
     assert not any(k in r for r in plain["rows"] for k in REFERENCE_KEYS)
+
+
+def test_the_ptb_tokenizers_notices_are_dropped_and_other_stderr_lines_kept(capfd):
+    import os
+
+    from raycap.metrics.captions import ngram_metrics, ptb_notices_dropped
+
+    scores = ngram_metrics(["a red circle"], [["a red circle", "a shape"]], meteor=False)
+    assert scores["bleu1"] > 0.9
+    with ptb_notices_dropped():
+        os.write(2, b"PTBTokenizer tokenized 3 tokens at 10.0 tokens per second.\nsomething else went wrong\n")
+    err = capfd.readouterr().err
+    assert "PTBTokenizer" not in err and "something else went wrong" in err

@@ -4,7 +4,11 @@ vocabulary statistics. SPICE needs Stanford CoreNLP, which cannot be
 downloaded here: it is reported as unavailable with the reason, never as 0."""
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import sys
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -146,6 +150,32 @@ def meteor_score(gts: dict, res: dict, names: Sequence[str] | None = None,
         proc.close()
 
 
+PTB_NOTICE = "PTBTokenizer tokenized "  # the line the tokenizer's Java prints to stderr on every call
+
+
+@contextlib.contextmanager
+def ptb_notices_dropped():
+    """Around pycocoevalcap's PTB tokenizer, whose Java child writes a "PTBTokenizer tokenized N tokens at ..." line
+    per call to the inherited stderr: fd 2 goes to a temporary file, and every other line written meanwhile (an
+    error of the tokenizer, anything else) is written back to stderr afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith(PTB_NOTICE)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def ngram_metrics(captions: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = True,
                   ids: Sequence[str] | None = None) -> dict:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr of captions against their references, exactly as pycocoevalcap's
@@ -162,8 +192,9 @@ def ngram_metrics(captions: Sequence[str], references: Sequence[Sequence[str]], 
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
-    res = tokenizer.tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+    with ptb_notices_dropped():
+        gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
+        res = tokenizer.tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
     bleu = Bleu(4).compute_score(gts, res, verbose=0)[0]
     out = {f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}
     out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])

@@ -1,0 +1,40 @@
+"""The reproduction scripts (reproduce/): their tables and figures come from the run directories' results."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "reproduce" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_label_curve_tables_and_plots_what_the_evaluations_wrote(tmp_path, capsys):
+    curve = script("relevance_label_curve")
+    assert [curve.epochs_for(n) for n in (100, 400, 800, 4000, 40000)] == [160, 40, 20, 4, 1]
+    for n, base in ((100, 0.3), (800, 0.6)):
+        for arm, gain in (("sup", 0.0), ("rel", 0.05)):
+            (tmp_path / f"{arm}-{n}-test.json").write_text(json.dumps({"bleu4": base + gain, "refcompare": 0.5}))
+    (tmp_path / "sup-4000-test.json").write_text("{}")  # its self-supervised arm not evaluated yet: left out
+    curve.main(["--out", str(tmp_path), "--table-only"])
+    table = (tmp_path / "label_curve.md").read_text().splitlines()
+    assert [line.split(" | ")[:2] for line in table[2:]] == [["| 100", "supervised"], ["| 100", "+ CLIP relevance"],
+                                                             ["| 800", "supervised"], ["| 800", "+ CLIP relevance"]]
+    assert table[3].split(" | ")[2] == "0.350" and table[2].split(" | ")[3] == "-"  # BLEU-4; CIDEr absent
+    assert (tmp_path / "label_curve.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="--sizes: 0 is not between 1 and the world's 40000"):
+        curve.main(["--out", str(tmp_path / "new"), "--sizes", "0"])
+
+
+def test_the_evaluation_table_has_a_row_per_result_file(tmp_path, capsys):
+    table = script("eval_table")
+    (tmp_path / "a-val.json").write_text(json.dumps({"p_at_1": 0.4, "bleu4": 0.6}))
+    table.main([str(tmp_path / "a-val.json")])
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith("| a-val | 0.400 | 0.600 | - |")
