@@ -4,7 +4,7 @@ size, the supervised captioner trained on that many labelled images, then the se
 
     python reproduce/relevance_label_curve.py --out runs/label-curve [--sizes 100 400 800 4000 40000] [--seed 0]
 
-Writes OUT/sup-N/ (`raycap pretrain world --retriever SHIPPED`: the shipped retriever, a captioner on the first N
+Writes OUT/settings.json (the seed and config; another pair is refused), OUT/sup-N/ (`raycap pretrain world --retriever SHIPPED`: the shipped retriever, a captioner on the first N
 training images' references), OUT/rel-N/ (`raycap train --config world-relevance`), OUT/{sup,rel}-N-test.json,
 then OUT/label_curve.md (the table) and OUT/label_curve.png (BLEU-4 and RefCompare against N, both arms). Every
 step is skipped when its output exists: re-running the command resumes. `--table-only` rebuilds the table and the
@@ -43,15 +43,23 @@ def sh(*args: str, log: Path) -> None:
         sys.exit(f"{' '.join(args[:2])} failed (exit {rc}); see {log}")
 
 
+def stage_done(path: Path, key: str) -> bool:
+    """A stage wrote its metrics file last, with `key` in it: its model is complete (a killed save is redone)."""
+    try:
+        return key in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def run_size(out: Path, n: int, seed: int, config: str, n_train: int, supervised_only: bool = False) -> None:
     sup, rel = out / f"sup-{n}", out / f"rel-{n}"
-    if not (sup / "captioner" / "raycap_clipcap.json").exists():
+    if not stage_done(sup / "metrics.json", "captioner"):
         sh("pretrain", "world", "--out", str(sup), "--retriever", str(WORLD_DIR / "retriever"),
            "--set", f"labelled_fraction={n / n_train}", "--captioner-epochs", str(epochs_for(n)),
            "--probe-images", "0", "--seed", str(seed), log=out / f"sup-{n}.log")
     if supervised_only:
         return
-    if not (rel / "final" / "raycap_clipcap.json").exists():
+    if not stage_done(rel / "final_metrics.json", "p_at_1"):
         sh("train", "--config", config, "--runtime", "local", "--out", str(rel),
            "--set", f"captioner.path={sup / 'captioner'}", "--set", f"seed={seed}",
            "--set", "eval.test_table=false", "--set", "eval.report=false", log=out / f"rel-{n}.log")
@@ -106,6 +114,16 @@ def figure(found: dict[int, dict[str, dict]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def check_same_settings(out: Path, settings: dict) -> None:
+    """OUT/settings.json records the seed and config the outputs were made with: another pair is refused (its
+    outputs would be skipped as done)."""
+    saved = out / "settings.json"
+    if saved.exists() and json.loads(saved.read_text()) != settings:
+        sys.exit(f"{saved}: {out} was made with {json.loads(saved.read_text())}, not {settings}; use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -115,12 +133,12 @@ def main(argv=None) -> None:
     p.add_argument("--table-only", action="store_true", help="rebuild the table and figure from --out")
     p.add_argument("--supervised-only", action="store_true", help="train the supervised captioners only")
     args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         n_train = json.loads((WORLD_DIR / "world.json").read_text())["n_train"]
         bad = [n for n in args.sizes if not 1 <= n <= n_train]
         if bad:
             sys.exit(f"--sizes: {bad[0]} is not between 1 and the world's {n_train} training images")
+        check_same_settings(args.out, {"seed": args.seed, "config": args.config})
         for n in args.sizes:
             run_size(args.out, n, args.seed, args.config, n_train, args.supervised_only)
         if args.supervised_only:

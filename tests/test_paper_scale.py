@@ -82,8 +82,8 @@ def test_coco_clipcap_end_to_end_at_paper_size(paper_inputs, tmp_path, capsys):
     captioner = tmp_path / "pre" / "captioner"
 
     cfg = load_config("coco-clipcap")
-    assert (cfg.rl.batch_size, cfg.rl.reward.num_candidates, cfg.rl.sampling.max_new_tokens,
-            cfg.eval.num_beams) == (100, 100, 40, 5)
+    assert (cfg.rl.batch_size, cfg.rl.reward.num_candidates, cfg.rl.sampling.max_new_tokens, cfg.eval.decoding,
+            cfg.eval.num_beams) == (100, 100, 40, "beam", 5)  # the local run's test evaluation: beam 5
     common = ["--config", "coco-clipcap", "--set", f"data.path={subset}", "--set", f"data.image_root={image_root}",
               "--set", f"retriever.pretrained={vit}", "--set", f"captioner.path={captioner}",
               "--set", "rl.steps=2", "--set", "checkpoint_every=2", "--set", "eval.images=100", "--set", "threads=2",

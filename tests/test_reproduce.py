@@ -29,7 +29,35 @@ def test_the_label_curve_tables_and_plots_what_the_evaluations_wrote(tmp_path, c
     assert table[3].split(" | ")[2] == "0.350" and table[2].split(" | ")[3] == "-"  # BLEU-4; CIDEr absent
     assert (tmp_path / "label_curve.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="--sizes: 0 is not between 1 and the world's 40000"):
-        curve.main(["--out", str(tmp_path / "new"), "--sizes", "0"])
+        curve.main(["--out", str(tmp_path / "new"), "--sizes", "100", "0"])
+    assert not (tmp_path / "new").exists()  # refused before anything is written
+
+
+def test_the_label_curve_resumes_only_what_finished_and_refuses_other_settings(tmp_path, monkeypatch):
+    """A stage counts as done when its metrics file (written last) says so: a model dir whose save was cut short
+    is trained again; the same --out with another seed is refused."""
+    curve = script("relevance_label_curve")
+    calls = []
+
+    def fake_sh(*args, log):
+        calls.append(args[0] if args[0] != "evaluate" else f"evaluate {Path(args[2]).parent.name}")
+        if args[0] == "evaluate":
+            Path(args[args.index("--json") + 1]).write_text(json.dumps({"bleu4": 0.5}))
+
+    monkeypatch.setattr(curve, "sh", fake_sh)
+    sup, rel = tmp_path / "sup-100", tmp_path / "rel-100"
+    (sup / "captioner").mkdir(parents=True)
+    (sup / "captioner" / "raycap_clipcap.json").write_text("{}")  # the save was killed after its first file
+    (sup / "metrics.json").write_text(json.dumps({"retriever": {}}))
+    rel.mkdir()
+    (rel / "final_metrics.json").write_text(json.dumps({"p_at_1": 0.4}))  # the self-supervised run finished
+    curve.main(["--out", str(tmp_path), "--sizes", "100"])
+    assert calls == ["pretrain", "evaluate sup-100", "evaluate rel-100"]
+    calls.clear()
+    curve.main(["--out", str(tmp_path), "--sizes", "100"])
+    assert calls == ["pretrain"]  # the fake pretrain wrote no metrics; both evaluations are kept
+    with pytest.raises(SystemExit, match="made with {'seed': 0, 'config': 'world-relevance'}"):
+        curve.main(["--out", str(tmp_path), "--sizes", "100", "--seed", "1"])
 
 
 def test_the_evaluation_table_has_a_row_per_result_file(tmp_path, capsys):

@@ -158,22 +158,29 @@ def ptb_notices_dropped():
     """Around pycocoevalcap's PTB tokenizer, whose Java child writes a "PTBTokenizer tokenized N tokens at ..." line
     per call to the inherited stderr: fd 2 goes to a temporary file, and every other line written meanwhile (an
     error of the tokenizer, anything else) is written back to stderr afterwards."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
-                    if not line.startswith(PTB_NOTICE)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+    stderr = sys.stderr or sys.__stderr__
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (a detached process): nothing is printed anyway
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as held:
+            if stderr is not None:
+                stderr.flush()
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                held.seek(0)
+                kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                        if not line.startswith(PTB_NOTICE)]
+                if kept and stderr is not None:
+                    stderr.write("".join(kept))
+                    stderr.flush()
+    finally:
+        os.close(saved)
 
 
 def ngram_metrics(captions: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = True,

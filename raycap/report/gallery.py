@@ -73,6 +73,11 @@ def reference_metrics(retriever, source, image_emb: torch.Tensor, captions: list
 
     refs = [source.references(i) for i in range(len(captions))]
     ngram = ngram_metrics(captions, refs, meteor=False)
+    if "unavailable" in ngram:
+        import sys
+
+        print(f"warning: eval.test_table_references: no BLEU-4 or CIDEr in the test table: "
+              f"{next(iter(ngram['unavailable'].values()))}", file=sys.stderr)
     clip = clip_metrics(retriever, captions, image_emb[:len(captions)], refs)
     return {k: v for k, v in (ngram | clip).items() if k in REFERENCE_KEYS}
 
@@ -133,6 +138,11 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
     decodings = compared_decodings(cfg.eval.decoding)
     pool = open_split(cfg, retriever, "train", log).embeddings if "select" in decodings else None
     selection, known = Selection.from_config(cfg), known or {}
+    if cfg.eval.test_table_references and not split.source.labelled:
+        import sys
+
+        print(f"warning: eval.test_table_references: the test split ({split.source.name}) has no references; the "
+              "test table is scored without them", file=sys.stderr)
     rows, texts = [], {}
     for name, (model, tokenizer) in models.items():
         model.config.max_new_tokens = cfg.rl.sampling.max_new_tokens
