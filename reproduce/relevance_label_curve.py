@@ -4,8 +4,8 @@ size, the supervised captioner trained on that many labelled images, then the se
 
     python reproduce/relevance_label_curve.py --out runs/label-curve [--sizes 100 400 800 4000 40000] [--seed 0]
 
-Writes OUT/settings.json (the seed and config; another pair is refused), OUT/sup-N/ (`raycap pretrain world --retriever SHIPPED`: the shipped retriever, a captioner on the first N
-training images' references), OUT/rel-N/ (`raycap train --config world-relevance`), OUT/{sup,rel}-N-test.json,
+Writes OUT/settings.json (the seed and config; another pair is refused), OUT/sup-N/ (`raycap pretrain world
+--retriever SHIPPED`: the shipped retriever, a captioner on the first N training images' references), OUT/rel-N/ (`raycap train --config world-relevance`), OUT/{sup,rel}-N-test.json,
 then OUT/label_curve.md (the table) and OUT/label_curve.png (BLEU-4 and RefCompare against N, both arms). Every
 step is skipped when its output exists: re-running the command resumes. `--table-only` rebuilds the table and the
 figure from OUT.

@@ -85,8 +85,8 @@ def test_many_short_epochs_validate_every_few_and_after_the_last(tmp_path, monke
 
     monkeypatch.setattr(stage, "MAX_VALIDATIONS", 3)
     model, tokenizer = load_captioner(WORLD_DIR / "captioner")
-    emb = torch.nn.functional.normalize(torch.randn(2, model.config.clip_dim, generator=torch.Generator().manual_seed(0)),
-                                        dim=-1)
+    noise = torch.randn(2, model.config.clip_dim, generator=torch.Generator().manual_seed(0))
+    emb = torch.nn.functional.normalize(noise, dim=-1)
     refs = [["a small red circle"]] * 2  # one step per epoch
     stage.train_on_references(model, tokenizer, emb, refs, emb[:1], refs[:1],
                               stage.CaptionerTraining(epochs=7, batch_size=4, warmup_steps=1), tmp_path)

@@ -111,7 +111,8 @@ def decodings_table(comparison) -> str:
     from raycap.report.gallery import HEADLINE_KEYS, REFERENCE_KEYS, error_cut
 
     labels = {key: label for key, label, _, _ in TABLE_ROWS}
-    keys = [k for k in HEADLINE_KEYS + REFERENCE_KEYS if all(isinstance(r.metrics.get(k), (int, float)) for r in comparison.rows)]
+    keys = [k for k in HEADLINE_KEYS + REFERENCE_KEYS
+            if all(isinstance(r.metrics.get(k), (int, float)) for r in comparison.rows)]
     head = "".join(f"<th>{escape(labels[k])}</th>" for k in keys)
     rows = []
     for r in comparison.rows:
