@@ -4,6 +4,7 @@ decoding's are seen apart), and a gallery of test images, each with its referenc
 retrieval rank among the same 100 candidates as P@1, and (on the world) its words judged by the grammar."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,8 +75,6 @@ def reference_metrics(retriever, source, image_emb: torch.Tensor, captions: list
     refs = [source.references(i) for i in range(len(captions))]
     ngram = ngram_metrics(captions, refs, meteor=False)
     if "unavailable" in ngram:
-        import sys
-
         print(f"warning: eval.test_table_references: no BLEU-4 or CIDEr in the test table: "
               f"{next(iter(ngram['unavailable'].values()))}", file=sys.stderr)
     clip = clip_metrics(retriever, captions, image_emb[:len(captions)], refs)
@@ -138,9 +137,8 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
     decodings = compared_decodings(cfg.eval.decoding)
     pool = open_split(cfg, retriever, "train", log).embeddings if "select" in decodings else None
     selection, known = Selection.from_config(cfg), known or {}
-    if cfg.eval.test_table_references and not split.source.labelled:
-        import sys
-
+    with_references = cfg.eval.test_table_references and split.source.labelled
+    if cfg.eval.test_table_references and not with_references:
         print(f"warning: eval.test_table_references: the test split ({split.source.name}) has no references; the "
               "test table is scored without them", file=sys.stderr)
     rows, texts = [], {}
@@ -155,7 +153,7 @@ def compare_on_test(cfg: RunConfig, final_dir: Path, out: Path, n_gallery: int, 
                                          selection, pool, cfg.eval.batch_size)
             metrics = evaluate_images(model, tokenizer, retriever, split.source, emb, n, examples=0, captions=captions)
             metrics.pop("examples", None)
-            if cfg.eval.test_table_references and split.source.labelled:
+            if with_references:
                 metrics |= reference_metrics(retriever, split.source, emb, captions)
             rows.append(TestRow(name, mode, metrics))
             texts[(name, mode)] = captions

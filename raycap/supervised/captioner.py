@@ -82,7 +82,7 @@ def train_on_references(model: ClipCap, tokenizer, train_emb: torch.Tensor, trai
                         log=print) -> ClipCap:
     """Cross-entropy on every (image embedding, reference) pair, AdamW with warmup and cosine decay, gradient
     clipping at 1; the validation loss after every epoch (every few epochs when there are more than
-MAX_VALIDATIONS; always after the last) goes to `work_dir/log.jsonl`. Any captioner, any tokenizer.
+    MAX_VALIDATIONS; always after the last) goes to `work_dir/log.jsonl`. Any captioner, any tokenizer.
     The caller seeds torch (before building the model) and this draws dropout from that stream."""
     work_dir.mkdir(parents=True, exist_ok=True)
     owner = torch.from_numpy(np.repeat(np.arange(len(train_refs)), [len(r) for r in train_refs]))
