@@ -271,6 +271,18 @@ def has_substitutes(classes: list[list[str]]) -> bool:
     return any(len(set(c)) >= 2 for c in classes)
 
 
+class DistractorStage(BaseModel):
+    """One stage of a distractor curriculum: for `updates` updates, `hard_distractors` of each target's candidates
+    are its nearest training images past the `skip_nearest` nearest (random: 0 of them; medium: skip some; hard:
+    skip none); the rest are random images of the batch."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    updates: int = Field(ge=1, description="updates this stage lasts (the last stage lasts to the run's end)")
+    hard_distractors: int = Field(0, ge=0)
+    skip_nearest: int = Field(0, ge=0, description="nearest images passed over before the hard distractors")
+
+
 class RewardConfig(BaseModel):
     """What a rollout's caption is scored by (`raycap.rl.rewards`) and the candidates it is scored against."""
 
@@ -290,6 +302,20 @@ class RewardConfig(BaseModel):
     phrase_coef: float = Field(0.0, ge=0, description="adds phrase_coef * the weakest phrase's discriminative "
                                "reward (each phrase of the caption, split at ' and ', scored alone against the same "
                                "candidates: rl/rewards.py phrase_grounding)")
+    curriculum: list[DistractorStage] = Field(
+        default_factory=list, description="distractor stages in order, e.g. No Detail Left Behind's bags of random, "
+        "then medium, then hard distractors (instead of hard_distractors throughout): a list of {updates, "
+        "hard_distractors, skip_nearest}")
+
+    def distractors_at(self, step: int) -> tuple[int, int]:
+        """(hard distractors, nearest images skipped) for update `step` (0-based)."""
+        end = 0
+        for stage in self.curriculum:
+            end += stage.updates
+            if step < end:
+                return stage.hard_distractors, stage.skip_nearest
+        last = self.curriculum[-1] if self.curriculum else None
+        return (last.hard_distractors, last.skip_nearest) if last else (self.hard_distractors, 0)
 
 
 class SamplingConfig(BaseModel):
@@ -426,11 +452,18 @@ class RLConfig(BaseModel):
             raise ValueError(f"algorithm.baseline '{baseline}' with sampling.rollout 'greedy': an image's greedy "
                              "captions are all the same caption, so every advantage is 0; use sampling.rollout: "
                              "sample (or algorithm.baseline: mean)")
-        if reward.num_candidates > self.batch_size + reward.hard_distractors:
-            raise ValueError(f"reward.num_candidates ({reward.num_candidates}) exceeds batch_size + "
-                             "reward.hard_distractors")
-        if reward.hard_distractors >= reward.num_candidates:
-            raise ValueError("reward.hard_distractors must be < reward.num_candidates")
+        if reward.curriculum and reward.hard_distractors:
+            raise ValueError("reward.curriculum sets the hard distractors of each stage: leave reward.hard_distractors "
+                             "at 0")
+        stages = [("reward.hard_distractors", reward.hard_distractors)] + [
+            (f"reward.curriculum[{i}].hard_distractors", stage.hard_distractors)
+            for i, stage in enumerate(reward.curriculum)]
+        for name, k in stages:
+            if reward.num_candidates > self.batch_size + k:
+                raise ValueError(f"reward.num_candidates ({reward.num_candidates}) exceeds batch_size + {name} "
+                                 f"({self.batch_size} + {k})")
+            if k >= reward.num_candidates:
+                raise ValueError(f"{name} ({k}) must be < reward.num_candidates ({reward.num_candidates})")
         check = self.self_check
         if check.gate and self.method == "gumbel":
             raise ValueError("self_check.gate decides which captions DiscriTune may push up; method gumbel has no "

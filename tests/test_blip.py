@@ -104,7 +104,7 @@ def test_supervised_stage_then_discritune(tiny_world_dir, blip_dir, tmp_path, ru
                         "--set", f"captioner.path={tmp_path / 'sup' / 'captioner'}", "--set", "rl.steps=2",
                         "--set", "eval.images=100", "--set", "rl.sampling.max_new_tokens=8", "--set", "eval.every=2",
                         "--set", "threads=1", "--set", "eval.report=false", "--set", "eval.test_table=false",
-                        "--set", "rl.batch_size=24",
+                        "--set", "rl.batch_size=24", "--set", "eval.select_samples=4",
                         "--set", "rl.reward.num_candidates=24", "--set", f"runtime.dashboard_port={free_port()}",
                         "--set", f"captioner.vision_features={features}"])
     assert final["updates"] == 2

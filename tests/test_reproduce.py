@@ -66,3 +66,53 @@ def test_the_evaluation_table_has_a_row_per_result_file(tmp_path, capsys):
     table.main([str(tmp_path / "a-val.json")])
     row = capsys.readouterr().out.splitlines()[2]
     assert row.startswith("| a-val | 0.400 | 0.600 | - |")
+
+
+def test_the_transfer_table_compares_the_captioners_on_each_shifted_world(tmp_path, monkeypatch, capsys):
+    """The shifted worlds are valid world dirs (the standard world's retriever beside each); every evaluation runs
+    once (a re-run resumes); the table has the supervised value, the fine-tuned runs' mean (range) and the change."""
+    transfer = script("discritune_transfer")
+    base = tmp_path / "base"
+    (base / "retriever").mkdir(parents=True)
+    (base / "retriever" / "weights.bin").write_text("w")
+    (base / "world.json").write_text(json.dumps({"version": 2, "max_objects": 3}))
+    runs = []
+    for name in ("ft-a", "ft-b", "sup"):
+        (tmp_path / name / "final").mkdir(parents=True)
+        runs.append(str(tmp_path / name))
+    runs.pop()  # sup/final is the supervised captioner
+    calls = []
+
+    def fake_sh(*args, log):
+        world, captioner = Path(args[args.index("--world-dir") + 1]), Path(args[args.index("--captioner") + 1])
+        calls.append((world.name, captioner.parent.name))
+        assert (world / "retriever" / "weights.bin").exists()
+        shifted = json.loads((world / "world.json").read_text())
+        tuned = captioner.parent.name.startswith("ft")
+        cider = {"ft-a": 1.0, "ft-b": 1.2}.get(captioner.parent.name, 1.0) + (0.5 if world.name == "more-objects" else 0)
+        Path(args[args.index("--json") + 1]).write_text(json.dumps(
+            {"p_at_1": 0.6 if tuned else 0.4, "cider": cider, "max_objects": shifted["max_objects"]}))
+
+    monkeypatch.setattr(transfer, "sh", fake_sh)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--runs", *runs, "--supervised", str(tmp_path / "sup" / "final"),
+            "--world-dir", str(base), "--shifts", "in-domain", "more-objects"]
+    transfer.main(argv)
+    assert len(calls) == 6 and {c[0] for c in calls} == {"in-domain", "more-objects"}
+    assert json.loads((out / "worlds" / "more-objects" / "world.json").read_text())["max_objects"] == 4
+    lines = (out / "transfer.md").read_text().splitlines()
+    assert lines[2] == "| in-domain | the standard world | P@1 | 0.400 | 0.600 (0.600-0.600) | +0.200 |"
+    assert lines[3] == "|  |  | CIDEr | 1.000 | 1.100 (1.000-1.200) | +0.100 |"
+    assert lines[4].startswith("| more-objects | 2-4 objects")
+    assert (out / "transfer.png").stat().st_size > 10_000
+    calls.clear()
+    transfer.main(argv)
+    assert calls == []  # every evaluation exists: resumed, nothing re-run
+    with pytest.raises(SystemExit, match="made with"):
+        transfer.main([*argv, "--decoding", "beam"])
+    monkeypatch.setitem(transfer.SHIFTS, "more-objects", ("2-5 objects", {"max_objects": 5}))
+    with pytest.raises(SystemExit, match="not the more-objects shift of today's script; delete"):
+        transfer.main(argv)
+    with pytest.raises(SystemExit, match="no captioner there"):
+        transfer.main(["--out", str(tmp_path / "new"), "--runs", str(tmp_path / "missing")])
+    assert not (tmp_path / "new").exists()

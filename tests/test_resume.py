@@ -102,8 +102,10 @@ def interrupt(src, dst):
 LORA = ("--set", "captioner.lora.r=4", "--set", "captioner.lora.alpha=8")
 
 
-@pytest.mark.parametrize("runtime,adapters", [("local", False), ("ray", False), ("ray", True)],
-                         ids=["local", "ray", "ray-lora"])
+@pytest.mark.parametrize("runtime,adapters", [
+    ("local", False),
+    # slow: ray-lora resumes through the same Controller/Learner checkpoint path (plus its adapters)
+    pytest.param("ray", False, marks=pytest.mark.slow), ("ray", True)], ids=["local", "ray", "ray-lora"])
 def test_a_resumed_run_equals_an_uninterrupted_one(tiny_world_dir, tmp_path, capsys, runtime, adapters, request):
     if runtime == "ray":
         request.getfixturevalue("ray_session")

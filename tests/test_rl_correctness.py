@@ -240,6 +240,41 @@ def test_hard_distractors_are_the_targets_nearest_images_in_the_rows():
         assert set(row[1:4].tolist()) == set(sims.topk(3).indices.tolist())
 
 
+def test_a_distractor_curriculum_moves_from_random_to_medium_to_hard_neighbours():
+    """rl.reward.curriculum: each stage's candidates hold its hard distractors past its skipped nearest images;
+    the batch the scorer hands an update follows the stage of that update, and the last stage lasts."""
+    torch.manual_seed(0)
+    pool = F.normalize(torch.randn(300, 8), dim=-1)
+    cfg = load_config("world-demo", ["rl.batch_size=20", "rl.reward.num_candidates=20", "rl.reward.near_duplicate=1",
+                                     "rl.reward.curriculum=[{updates: 2}, {updates: 3, hard_distractors: 4, "
+                                     "skip_nearest: 10}, {updates: 1, hard_distractors: 4}]"])
+    assert [cfg.rl.reward.distractors_at(s) for s in (0, 1, 2, 4, 5, 9)] == [(0, 0), (0, 0), (4, 10), (4, 10),
+                                                                              (4, 0), (4, 0)]
+    scorer = algorithm.Scorer.__new__(algorithm.Scorer)
+    scorer.images, scorer.inputs, scorer.cfg = pool, pool, cfg
+
+    def ranks(step):
+        """Each distractor's rank among its target's nearest images (0: the nearest), per row."""
+        idx, _, cands = scorer.batch(step)
+        out = []
+        for b, row in zip(idx, cands):
+            sims = pool @ pool[b]
+            sims[b] = -2
+            order = sims.argsort(descending=True).tolist()
+            out.append([order.index(i) for i in row[1:].tolist()])
+        return torch.tensor(out)
+
+    random, medium, hard = ranks(0), ranks(3), ranks(7)
+    assert (medium[:, :4] >= 10).all() and (medium[:, :4] < 14).all()  # ranks 10-13: past the 10 nearest
+    assert sorted(hard[0, :4].tolist()) == [0, 1, 2, 3]
+    assert random.float().mean() > 100 and (random.min(1).values > 0).any()  # the batch's others, far on average
+    with pytest.raises(UserError, match="curriculum.1..hard_distractors .20. must be < reward.num_candidates"):
+        load_config("world-demo", ["rl.batch_size=20", "rl.reward.num_candidates=20",
+                                   "rl.reward.curriculum=[{updates: 2}, {updates: 3, hard_distractors: 20}]"])
+    with pytest.raises(UserError, match="leave reward.hard_distractors at 0"):
+        load_config("world-demo", ["rl.reward.hard_distractors=5", "rl.reward.curriculum=[{updates: 2}]"])
+
+
 def test_learner_ranks_take_whole_images_or_the_config_is_refused():
     from raycap.runtime.controller import shards
 

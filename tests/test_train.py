@@ -10,7 +10,7 @@ from world_runs import world_args
 
 FAST = ["--runtime", "local", "--set", "eval.images=100", "--set", "rl.sampling.max_new_tokens=8", "--set",
         "eval.every=2", "--set", "threads=2",
-        "--set", "eval.report=false", "--set", "eval.test_table=false"]
+        "--set", "eval.report=false", "--set", "eval.test_table=false", "--set", "eval.select_samples=4"]
 
 
 def test_named_config_loads_and_bad_values_name_the_field(tmp_path):

@@ -25,7 +25,7 @@ def tiny_space(tmp_path, world, **search) -> Path:
     """A search on the tiny world: 4 updates of 24 images, evaluations of 100 images every 2 updates."""
     fixed = dict(s.split("=", 1) for s in world_sets(world))
     fixed |= {"rl.steps": 4, "eval.every": 2, "eval.images": 100, "rl.batch_size": 24, "rl.reward.num_candidates": 24,
-              "rl.sampling.max_new_tokens": 8}
+              "rl.sampling.max_new_tokens": 8, "eval.select_samples": 4}
     settings = {"num_samples": 2, "max_concurrent": 2, "grace_period": 2, "reduction_factor": 2} | search
     space = {"config": "world-demo", "set": fixed,
              "params": {"rl.optimiser.lr": {"loguniform": [0.5, 2.0], "relative": True},

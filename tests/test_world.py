@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from raycap.data import grammar
-from raycap.data.world import PALETTE, World, WorldConfig, shape_mask
+from raycap.data.world import GENERIC_CAPTIONS as GENERIC, PALETTE, World, WorldConfig, shape_mask
 from raycap.errors import UserError
 
 SMALL = {"n_train": 500, "n_val": 100, "n_test": 300}
@@ -88,8 +88,27 @@ def test_vague_references_mostly_name_the_salient_object():
 @pytest.mark.parametrize("field,value,needle", [
     ("image_size", -4, "image_size"), ("shapes", ["circle", "blob"], "blob"), ("colours", ["red", "mauve"], "mauve"),
     ("labelled_fraction", 1.5, "labelled_fraction"), ("max_objects", 12, "max_objects"), ("grid", 5, "grid"),
-    ("n_test", 0, "n_test"), ("bogus", 1, "bogus")])
+    ("n_test", 0, "n_test"), ("bogus", 1, "bogus"), ("ref_drop", {"texture": 0.1}, "texture"),
+    ("ref_drop", {"size": 1.5}, "size: a chance between 0 and 1"), ("shape_scale", 0, "shape_scale")])
 def test_bad_world_values_raise_one_line_errors_naming_the_field(field, value, needle):
     with pytest.raises(UserError) as e:
         WorldConfig.parse({field: value})
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shifted_worlds_draw_smaller_shapes_and_more_detailed_references():
+    """`shape_scale` shrinks the drawn objects and `ref_drop` makes references keep details; the defaults leave the
+    standard world's scenes and references as they were (the same draws in the same order)."""
+    base, small = World(SMALL), World(SMALL | {"shape_scale": 0.75, "noise": 0.0})
+    plain = World(SMALL | {"noise": 0.0})
+    lit = [(small.image("test", i).sum(-1) > 3 * 40).mean() / (plain.image("test", i).sum(-1) > 3 * 40).mean()
+           for i in range(20)]
+    assert 0.45 < np.mean(lit) < 0.7  # area ~ 0.75 ** 2
+    assert [small.scene("test", i) for i in range(20)] == [base.scene("test", i) for i in range(20)]
+    detailed = World(SMALL | {"ref_drop": {"position": 0.0}})
+    assert detailed.config.ref_drop == {"size": 0.5, "colour": 0.35, "shape": 0.2, "position": 0.0}
+    refs = [r for i in range(50) for r in detailed.references("test", i) if r not in GENERIC]
+    assert all(" at " in r for r in refs)  # every mention keeps its position
+    vague = [r for i in range(50) for r in base.references("test", i) if r not in GENERIC]
+    assert np.mean([" at " in r for r in vague]) < 0.5
+    assert World(SMALL | {"ref_drop": {}}).references("test", 7) == base.references("test", 7)

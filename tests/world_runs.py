@@ -7,7 +7,9 @@ from raycap.train import main as train_main
 SHORT = ["--set", "eval.images=100", "--set", "rl.sampling.max_new_tokens=8", "--set", "eval.every=100", "--set",
          "threads=1",
          "--set", "rl.batch_size=24", "--set", "rl.reward.num_candidates=24"]
-FAST = [*SHORT, "--set", "eval.report=false", "--set", "eval.test_table=false"]  # their own tests: test_report.py
+# the report and test table have their own tests (test_report.py); the select decoding's 64 samples per image run
+# in the SHORT runs (conftest.printed_ray_run): FAST runs' final evaluations take 4
+FAST = [*SHORT, "--set", "eval.report=false", "--set", "eval.test_table=false", "--set", "eval.select_samples=4"]
 
 
 def world_sets(world) -> list[str]:

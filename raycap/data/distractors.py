@@ -12,11 +12,15 @@ import torch
 
 
 def nearest(targets: torch.Tensor, pool: torch.Tensor, k: int, max_cos: float = 0.8,
-            chunk: int = 262144) -> torch.Tensor:
+            chunk: int = 262144, skip: int = 0) -> torch.Tensor:
     """(B, k) pool indices of each target's k most similar pool images with cosine <= max_cos, never the
-    target itself (`targets` index `pool`, whose rows are L2-normalised); -1 where fewer qualify."""
-    if k > pool.shape[0] - 1:
-        raise ValueError(f"asked for {k} hard distractors from a pool of {pool.shape[0]} images")
+    target itself, after the `skip` most similar of them (`targets` index `pool`, whose rows are L2-normalised);
+    -1 where fewer qualify."""
+    if k + skip > pool.shape[0] - 1:
+        raise ValueError(f"asked for {k} hard distractors past the {skip} nearest from a pool of {pool.shape[0]} "
+                         "images")
+    if skip:
+        return nearest(targets, pool, k + skip, max_cos, chunk)[:, skip:]
     targets = targets.to(pool.device)  # a batch's indices live on the CPU, a scorer's pool maybe on a GPU
     query = pool[targets]
     best_s = torch.full((len(targets), 0), float("-inf"), device=pool.device)
@@ -32,9 +36,10 @@ def nearest(targets: torch.Tensor, pool: torch.Tensor, k: int, max_cos: float = 
 
 
 def candidates(batch: torch.Tensor, pool: torch.Tensor | None = None, k_hard: int = 0, max_cos: float = 0.8,
-               num_candidates: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               num_candidates: int | None = None, generator: torch.Generator | None = None,
+               skip_nearest: int = 0) -> torch.Tensor:
     """(B, C) pool indices per target of a batch (`batch` holds pool indices): target first, then k_hard
-    nearest neighbours, then random others from the batch (also standing in for
+    nearest neighbours (past the skip_nearest nearest), then random others from the batch (also standing in for
     hard distractors that the near-duplicate threshold left out). C defaults to B (the paper: batch 100 -> 99
     distractors). Every row has C distinct images: when the batch has too few others (C > B and some hard
     distractors were left out), the rest are drawn at random from the pool."""
@@ -45,7 +50,8 @@ def candidates(batch: torch.Tensor, pool: torch.Tensor | None = None, k_hard: in
     if pool is not None and C > len(pool):
         raise ValueError(f"{C} candidates asked from a pool of {len(pool)} images")
     # the search runs where the pool lives; the rows are built beside the batch's indices
-    hard = nearest(batch, pool, k_hard, max_cos).to(batch.device) if k_hard else batch.new_zeros((B, 0))
+    hard = (nearest(batch, pool, k_hard, max_cos, skip=skip_nearest).to(batch.device) if k_hard
+            else batch.new_zeros((B, 0)))
     rows = []
     for b in range(B):
         found = hard[b][hard[b] >= 0]  # too few below the near-duplicate threshold: the rest are random

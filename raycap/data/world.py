@@ -26,6 +26,7 @@ COL_WORDS = {2: ("left", "right"), 3: ("left", None, "right")}
 GENERIC_CAPTIONS = ("some shapes", "a few shapes", "a picture of shapes")
 ATTRIBUTES = ("shape", "colour", "size", "position")
 SPLITS = {"train": 0, "val": 1, "test": 2}
+REF_DROP = {"size": 0.5, "colour": 0.35, "shape": 0.2, "position": 0.8}  # the references' vagueness
 BACKGROUND = (18, 18, 24)
 
 
@@ -56,11 +57,16 @@ class WorldConfig(BaseModel):
     min_objects: int = Field(1, ge=1)
     max_objects: int = Field(3, ge=1)
     jitter: int = Field(2, ge=0)
+    shape_scale: float = Field(1.0, gt=0, le=1.5, description="objects' drawn radius as a multiple of the standard "
+                               "one (large 0.44, small 0.26 of a grid cell)")
     noise: float = Field(6.0, ge=0)
     refs_per_image: int = Field(5, ge=1)
     generic_ref_share: float = Field(0.10, ge=0, le=1)
     two_object_ref_share: float = Field(0.22, ge=0, le=1)
     salient_ref_share: float = Field(0.8, ge=0, le=1)
+    ref_drop: dict[str, float] = Field(default_factory=lambda: dict(REF_DROP), description="each attribute's "
+                                       "chance of being left out of a reference's mention (shape says 'shape'); "
+                                       "attributes left out of the dict keep these defaults")
     n_train: int = Field(40000, ge=1)
     labelled_fraction: float = Field(0.02, gt=0, le=1)
     n_val: int = Field(1000, ge=1)
@@ -76,6 +82,17 @@ class WorldConfig(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError(f"{info.field_name} must be distinct")
         return v
+
+    @field_validator("ref_drop")
+    @classmethod
+    def _drop_chances(cls, v):
+        unknown = [k for k in v if k not in REF_DROP]
+        if unknown:
+            raise ValueError(f"unknown attribute {unknown[0]!r}; known: {', '.join(REF_DROP)}")
+        bad = [k for k, p in v.items() if not 0 <= p <= 1]
+        if bad:
+            raise ValueError(f"{bad[0]}: a chance between 0 and 1, not {v[bad[0]]}")
+        return REF_DROP | v
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -206,7 +223,7 @@ class World:
         img[:] = BACKGROUND
         y, x = self._coords
         for o in scene.objects:
-            radius = cell * (0.44 if o.size == "large" else 0.26)
+            radius = cell * (0.44 if o.size == "large" else 0.26) * c.shape_scale
             cy, cx = (o.row + 0.5) * cell + o.dy, (o.col + 0.5) * cell + o.dx
             mask = shape_mask(o.shape, (x - cx) / radius, (y - cy) / radius)
             colour = np.clip(np.array(PALETTE[o.colour], np.float32) + rng.normal(0, 8, 3), 0, 255)
@@ -233,7 +250,8 @@ class World:
             elif u < c.generic_ref_share + c.two_object_ref_share and len(scene.objects) >= 2:
                 pair = rng.choice(len(scene.objects), size=2, replace=False)
                 first, second = (scene.objects[i] for i in sorted(pair.tolist()))
-                m1, m2 = mention(first, c.grid, _vague_drop(rng)), mention(second, c.grid, _vague_drop(rng))
+                m1 = mention(first, c.grid, _vague_drop(rng, c.ref_drop))
+                m2 = mention(second, c.grid, _vague_drop(rng, c.ref_drop))
                 if m1 != m2:  # never state the same thing twice
                     refs.append(f"{m1} and {m2}")
             else:
@@ -241,13 +259,13 @@ class World:
                     obj = scene.salient()
                 else:
                     obj = scene.objects[rng.integers(len(scene.objects))]
-                refs.append(mention(obj, c.grid, _vague_drop(rng)))
+                refs.append(mention(obj, c.grid, _vague_drop(rng, c.ref_drop)))
         return refs
 
 
-def _vague_drop(rng: np.random.Generator) -> frozenset:
-    drop = {a for a, p in (("size", 0.5), ("colour", 0.35), ("shape", 0.2), ("position", 0.8)) if rng.random() < p}
-    return frozenset(drop)
+def _vague_drop(rng: np.random.Generator, chances: dict[str, float]) -> frozenset:
+    """The attributes one mention leaves out: one draw per attribute, always in REF_DROP's order."""
+    return frozenset(a for a in REF_DROP if rng.random() < chances[a])
 
 
 def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -120,8 +120,10 @@ class Scorer:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
         idx = torch.from_numpy(rng.choice(len(self.images), size=cfg.rl.batch_size, replace=False))
-        cands = distractors.candidates(idx, self.images, cfg.rl.reward.hard_distractors, cfg.rl.reward.near_duplicate,
-                                       cfg.rl.reward.num_candidates, generator=generator(cfg.seed, step, CANDIDATES))
+        k_hard, skip = cfg.rl.reward.distractors_at(step)
+        cands = distractors.candidates(idx, self.images, k_hard, cfg.rl.reward.near_duplicate,
+                                       cfg.rl.reward.num_candidates, generator=generator(cfg.seed, step, CANDIDATES),
+                                       skip_nearest=skip)
         return idx, self.inputs[idx], cands
 
     def texts(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
