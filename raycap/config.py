@@ -302,6 +302,13 @@ class RewardConfig(BaseModel):
     phrase_coef: float = Field(0.0, ge=0, description="adds phrase_coef * the weakest phrase's discriminative "
                                "reward (each phrase of the caption, split at ' and ', scored alone against the same "
                                "candidates: rl/rewards.py phrase_grounding)")
+    fluency_coef: float = Field(0.0, ge=0, description="adds fluency_coef * log P(fluent) of the fluency head "
+                                "(`raycap pretrain fluency`: the retriever's text side against repeated, inserted "
+                                "and shuffled words; Cho et al. 2022's grammar head)")
+    fluency_head: str | None = Field(None, description="the fluency head's dir (`raycap pretrain fluency --out DIR`)")
+    normalise_terms: bool = Field(False, description="standardise each reward term over the batch (mean 0, std 1) "
+                                  "before the coefficients weight and sum them, so no term's scale drowns the others "
+                                  "(BalCapRL)")
     curriculum: list[DistractorStage] = Field(
         default_factory=list, description="distractor stages in order, e.g. No Detail Left Behind's bags of random, "
         "then medium, then hard distractors (instead of hard_distractors throughout): a list of {updates, "
@@ -452,6 +459,9 @@ class RLConfig(BaseModel):
             raise ValueError(f"algorithm.baseline '{baseline}' with sampling.rollout 'greedy': an image's greedy "
                              "captions are all the same caption, so every advantage is 0; use sampling.rollout: "
                              "sample (or algorithm.baseline: mean)")
+        if reward.fluency_coef and not reward.fluency_head:
+            raise ValueError("reward.fluency_coef needs reward.fluency_head: a dir `raycap pretrain fluency --out DIR` "
+                             "writes")
         if reward.curriculum and reward.hard_distractors:
             raise ValueError("reward.curriculum sets the hard distractors of each stage: leave reward.hard_distractors "
                              "at 0")

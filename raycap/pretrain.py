@@ -1,6 +1,8 @@
 """Supervised stages: `python -m raycap.pretrain world --out DIR` (the shapes world's retriever and captioner)
 and `python -m raycap.pretrain captioner --config FILE.yaml --out DIR` (any ClipCap variant over any HF causal LM
-and its tokenizer, on any dataset's references: raycap.supervised.captioner_stage).
+and its tokenizer, on any dataset's references: raycap.supervised.captioner_stage), and `python -m raycap.pretrain
+fluency --out DIR` (a fluency head on the retriever's text side for REINFORCE's fluency term: the world's labelled
+references, or `--references FILE.json`, against their repeated, inserted and shuffled versions).
 
 `world`:
 
@@ -80,12 +82,54 @@ def card(retriever, world: World, n_eval: int, args) -> dict:
                           image_tokens=args.captioner_input == "tokens", seed=args.seed)
 
 
+def run_fluency(args) -> dict:
+    """The fluency model (a copy of the retriever's text tower, default the shipped world's, and a head) trained on
+    the references (default: the world's labelled split's), written to OUT with its held-out accuracies."""
+    from raycap.config import WORLD_DIR
+    from raycap.models.clip import Retriever
+    from raycap.supervised.fluency import train_fluency_model
+
+    if args.fluency_steps <= 0:
+        raise UserError(f"--fluency-steps: must be positive, got {args.fluency_steps}")
+    check_output_dir(args.out, "--out")
+    if args.references is not None:
+        try:
+            references = json.loads(args.references.read_text())
+        except OSError as e:
+            raise UserError(f"--references {args.references}: cannot read: {e.strerror or e}") from None
+        except ValueError as e:
+            raise UserError(f"--references {args.references}: not valid JSON ({e})") from None
+        if not (isinstance(references, list) and all(isinstance(r, str) for r in references)):
+            raise UserError(f"--references {args.references}: must be a JSON list of caption strings")
+    else:
+        world = World(WorldConfig.parse(json.loads((WORLD_DIR / "world.json").read_text()), str(WORLD_DIR)))
+        references = [r for i in range(world.config.n_labelled) for r in world.references("labelled", i)]
+    vocabulary = sorted({w for r in references for w in r.split()})
+    retriever_dir = args.retriever or WORLD_DIR / "retriever"
+    if not retriever_dir.is_dir():
+        raise UserError(f"--retriever {retriever_dir}: no such directory")
+    quiet_library_progress()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    retriever = Retriever.from_pretrained(retriever_dir).eval()
+    try:
+        model, metrics = train_fluency_model(retriever, references, vocabulary, steps=args.fluency_steps,
+                                             seed=args.seed)
+    except ValueError as e:
+        raise UserError(f"--references: {e}") from None
+    metrics |= {"retriever": str(retriever_dir), "steps": args.fluency_steps, "seed": args.seed}
+    model.save_pretrained(args.out, metrics)
+    print("fluency model (held out):", json.dumps(metrics))
+    return metrics
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("raycap.pretrain"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["world", "captioner"],
+    p.add_argument("dataset", choices=["world", "captioner", "fluency"],
                    help="world: the embedded shapes world's retriever and captioner; captioner: a captioner on any "
-                        "dataset (--config)")
+                        "dataset (--config); fluency: a fluency head for REINFORCE's fluency term (--retriever, "
+                        "--references)")
     p.add_argument("--out", required=True, type=Path, help="output directory (resumed if it exists)")
     p.add_argument("--config", help="captioner: YAML of raycap.supervised.captioner_stage.CaptionerStageConfig "
                    "(data, retriever, model, training)")
@@ -108,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the world captioner reads: the retriever's 64-d embedding (an MLP mapper) or its "
                         "image tower's patch tokens (a Transformer mapper)")
     p.add_argument("--mapper-layers", type=int, default=4, help="the token mapper's layers (--captioner-input tokens)")
+    p.add_argument("--references", type=Path, default=None, help="fluency: a JSON list of reference captions "
+                   "(default: the shipped world's labelled references)")
+    p.add_argument("--fluency-steps", type=int, default=1000, help="fluency: training steps of 128 references")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--eval-images", type=int, default=None, help="test images to evaluate on (default: all)")
@@ -132,6 +179,8 @@ def run(args) -> dict:
         cfg = load_stage_config(args.config, args.set)
         quiet_library_progress()
         return run_captioner_stage(cfg, args.out)
+    if args.dataset == "fluency":
+        return run_fluency(args)
     if args.config:
         raise UserError("--config is for `pretrain captioner`; the world takes --world-config and --set")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]

@@ -61,8 +61,13 @@ def train_scorer(models: RoleModels, train, cfg: RunConfig):
     from raycap.rl.algorithm import Scorer
 
     inputs = train.inputs.to(models.device) if isinstance(train.inputs, torch.Tensor) else train.inputs  # ImageRows
+    fluency = None
+    if cfg.rl.reward.fluency_coef:
+        from raycap.models.fluency import FluencyModel
+
+        fluency = FluencyModel.from_pretrained(cfg.rl.reward.fluency_head).to(models.device)
     return Scorer(models.retriever, train.embeddings.to(models.device), models.tokenizer, models.policy.stop_ids,
-                  cfg, inputs=inputs)
+                  cfg, inputs=inputs, fluency=fluency)
 
 
 def optimizer(policy: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

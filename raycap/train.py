@@ -153,11 +153,19 @@ def check_inputs_exist(config) -> None:
     wanted.append(("captioner.path", Path(config.captioner.path)))
     if config.retriever.path is not None:
         wanted.append(("retriever.path", Path(config.retriever.path)))
+    if config.rl.reward.fluency_coef:
+        wanted.append(("rl.reward.fluency_head", Path(config.rl.reward.fluency_head)))
     for field, path in wanted:
         if not path.exists():
             hint = f"; this config needs: {config.setup}" if config.setup else ""
             kind = "file or directory" if field == "data.path" else "directory"
             raise UserError(f"{field} {path}: no such {kind}{hint}")
+    if config.rl.reward.fluency_coef:
+        from raycap.models.fluency import is_fluency_dir
+
+        if not is_fluency_dir(config.rl.reward.fluency_head):
+            raise UserError(f"rl.reward.fluency_head {config.rl.reward.fluency_head}: not a fluency head dir (no "
+                            "raycap_fluency.json and fluency.safetensors; `raycap pretrain fluency --out DIR` writes one)")
     from raycap.inputs import check_data_sizes, world_split_sizes
 
     check_data_sizes(config, world_split_sizes(config))  # a world's split sizes are known before anything loads

@@ -116,3 +116,45 @@ def test_the_transfer_table_compares_the_captioners_on_each_shifted_world(tmp_pa
     with pytest.raises(SystemExit, match="no captioner there"):
         transfer.main(["--out", str(tmp_path / "new"), "--runs", str(tmp_path / "missing")])
     assert not (tmp_path / "new").exists()
+
+
+def test_the_paper_table_runs_each_arm_per_seed_once_and_tables_their_test_scores(tmp_path, monkeypatch):
+    """Each arm's runs train world-paper with the arm's settings and are scored with hard distractors; a re-run
+    resumes; the table has one row per arm (mean (range) over seeds) beside the supervised captioner and the demo."""
+    paper = script("discritune_paper")
+    demo = tmp_path / "demo-s0"
+    (demo / "final").mkdir(parents=True)
+    calls = []
+
+    def fake_sh(*args, log):
+        calls.append(args)
+        if args[0] == "train":
+            run = Path(args[args.index("--out") + 1])
+            run.mkdir(parents=True)
+            seed = int(next(a for a in args if a.startswith("seed="))[5:])
+            (run / "final_metrics.json").write_text(json.dumps({"p_at_1": 0.5, "rl_seconds": 60.0 + seed}))
+        else:
+            assert args[args.index("--hard-distractors") + 1] == "10"
+            name = Path(args[args.index("--json") + 1]).name
+            p1 = 0.4 if name.startswith("supervised") else 0.6 + 0.1 * ("-s1-" in name)
+            Path(args[args.index("--json") + 1]).write_text(json.dumps({"p_at_1": p1, "p_at_1_hard10": p1 / 2}))
+
+    monkeypatch.setattr(paper, "sh", fake_sh)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--seeds", "0", "1", "--arms", "paper-greedy", "paper-curriculum",
+            "--demo-runs", str(demo)]
+    paper.main(argv)
+    trains = [a for a in calls if a[0] == "train"]
+    assert len(trains) == 4 and len(calls) == 4 + 4 + 2  # + supervised and demo evaluations
+    curriculum = next(a for a in trains if "paper-curriculum-s1" in a[a.index("--out") + 1])
+    assert "rl.reward.hard_distractors=0" in curriculum and any(a.startswith("rl.reward.curriculum=[") for a in curriculum)
+    lines = (out / "paper.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| supervised (shipped)", "| world-paper: greedy rollouts, 10 hard distractors",
+        "| world-paper, random -> medium -> hard distractors", "| world-demo (greedy; its select row is the demo)"]
+    assert lines[3].split(" | ")[1:4] == ["2", "0.650 (0.600-0.700)", "0.325 (0.300-0.350)"]
+    assert lines[3].split(" | ")[-1] == "60 (60-61) |"
+    assert (out / "paper.png").stat().st_size > 10_000
+    calls.clear()
+    paper.main(argv)
+    assert calls == []

@@ -92,11 +92,12 @@ class Scorer:
     """Frozen retriever + cached image embeddings: each step's batch and candidates, and caption rewards."""
 
     def __init__(self, retriever, images: torch.Tensor, tokenizer, stop_ids, cfg: RunConfig,
-                 inputs: torch.Tensor | None = None):
+                 inputs: torch.Tensor | None = None, fluency: torch.nn.Module | None = None):
         """`images`: the retriever's embeddings of the pool; `inputs`: what the captioner reads per image when
         not those (BLIP's own frozen features)."""
         self.retriever, self.images, self.tokenizer, self.stop_ids, self.cfg = retriever, images, tokenizer, stop_ids, cfg
         self.inputs = images if inputs is None else inputs
+        self.fluency = fluency  # the fluency model (raycap.models.fluency) when rl.reward.fluency_coef is set
         self.logit_scale = float(retriever.logit_scale)
         self._token_map = None
 
@@ -137,14 +138,20 @@ class Scorer:
             cands = cands.repeat_interleave(tokens.shape[0] // cands.shape[0], dim=0)
         texts = self.texts(tokens, lengths)
         emb = self.retriever.encode_captions(texts)
-        task = rewards.compute(cfg.rl.reward.kind, emb, self.images, cands, self.logit_scale, batch=step)
-        if cfg.rl.reward.cosine_coef:
-            task = task + cfg.rl.reward.cosine_coef * rewards.cosine(emb, self.images[cands[:, 0]], self.logit_scale)
-        if cfg.rl.reward.phrase_coef:
+        rc = cfg.rl.reward
+        terms = [(1.0, rewards.compute(rc.kind, emb, self.images, cands, self.logit_scale, batch=step))]
+        if rc.cosine_coef:
+            terms.append((rc.cosine_coef, rewards.cosine(emb, self.images[cands[:, 0]], self.logit_scale)))
+        if rc.phrase_coef:
             grounding = rewards.phrase_grounding(texts, self.retriever.encode_captions, self.images, cands,
                                                  self.logit_scale)
             rewards.check_finite(grounding, step)
-            task = task + cfg.rl.reward.phrase_coef * grounding
+            terms.append((rc.phrase_coef, grounding))
+        if rc.fluency_coef:
+            fluent = self.fluency.log_fluency(texts)
+            rewards.check_finite(fluent, step)
+            terms.append((rc.fluency_coef, fluent))
+        task = rewards.combine(terms, rc.normalise_terms)
         check, reward, passed, sc = None, task, None, cfg.rl.self_check
         substituted = sc.kind == "substitute" and sc.coef
         if substituted or sc.gate:  # one encoding of the substitutes serves the check and the gate

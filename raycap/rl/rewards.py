@@ -82,6 +82,18 @@ def compute(kind: str, text_emb, image_emb, candidates, logit_scale, batch: int 
     return r
 
 
+def combine(terms: list[tuple[float, torch.Tensor]], normalise: bool = False) -> torch.Tensor:
+    """The first term plus coef * each other term (the first one's coefficient is 1); with `normalise`, each term
+    is first standardised over the batch (mean 0, std 1: BalCapRL's per-term normalisation), so the coefficients
+    weigh terms of different scales as they read."""
+    total = None
+    for coef, term in terms:
+        if normalise:
+            term = (term - term.mean()) / (term.std(unbiased=False) + 1e-6)
+        total = term if total is None else total + coef * term
+    return total
+
+
 def split_phrases(caption: str, separator: str = " and ") -> list[str]:
     """The caption's phrases, split at `separator` (a coordinating conjunction by default); empty parts dropped,
     the caption itself when there is nothing to split."""
