@@ -459,13 +459,21 @@ class RLConfig(BaseModel):
             raise ValueError(f"algorithm.baseline '{baseline}' with sampling.rollout 'greedy': an image's greedy "
                              "captions are all the same caption, so every advantage is 0; use sampling.rollout: "
                              "sample (or algorithm.baseline: mean)")
+        if self.method == "gumbel" and (reward.fluency_coef or reward.normalise_terms):
+            raise ValueError("reward.fluency_coef and reward.normalise_terms shape REINFORCE's reward; method gumbel "
+                             "takes the relevance loss's gradient and reads neither")
+        if reward.normalise_terms and self.algorithm.baseline == "greedy":
+            raise ValueError("reward.normalise_terms with algorithm.baseline 'greedy': the greedy captions are scored "
+                             "as a batch of their own, so their standardised rewards are on another scale than the "
+                             "samples'; use baseline loo, best or mean")
         if reward.fluency_coef and not reward.fluency_head:
             raise ValueError("reward.fluency_coef needs reward.fluency_head: a dir `raycap pretrain fluency --out DIR` "
                              "writes")
         if reward.curriculum and reward.hard_distractors:
             raise ValueError("reward.curriculum sets the hard distractors of each stage: leave reward.hard_distractors "
                              "at 0")
-        stages = [("reward.hard_distractors", reward.hard_distractors)] + [
+        stages = [] if reward.curriculum else [("reward.hard_distractors", reward.hard_distractors)]
+        stages += [
             (f"reward.curriculum[{i}].hard_distractors", stage.hard_distractors)
             for i, stage in enumerate(reward.curriculum)]
         for name, k in stages:

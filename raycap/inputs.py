@@ -223,8 +223,8 @@ def check_data_sizes(cfg: RunConfig, sizes: dict[str, int]) -> None:
                             f"training images of {where} it draws candidates from; at most {train}")
         reward = cfg.rl.reward
         reach = [("rl.reward.hard_distractors", reward.hard_distractors)] + [
-            (f"rl.reward.curriculum[{i}]", st.hard_distractors + st.skip_nearest) for i, st in enumerate(reward.curriculum)
-            if st.hard_distractors]
+            (f"rl.reward.curriculum[{i}]", st.hard_distractors + st.skip_nearest)
+            for i, st in enumerate(reward.curriculum) if st.hard_distractors]
         for name, n in reach:
             if n >= train:
                 raise UserError(f"{name}: reaches the {n} nearest of the {train} training images of {where}; "

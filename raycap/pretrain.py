@@ -91,6 +91,9 @@ def run_fluency(args) -> dict:
 
     if args.fluency_steps <= 0:
         raise UserError(f"--fluency-steps: must be positive, got {args.fluency_steps}")
+    if args.set or args.world_config or args.config:
+        raise UserError("fluency reads --retriever and --references; --set, --world-config and --config are for "
+                        "`pretrain world` and `pretrain captioner`")
     check_output_dir(args.out, "--out")
     if args.references is not None:
         try:
@@ -116,7 +119,7 @@ def run_fluency(args) -> dict:
         model, metrics = train_fluency_model(retriever, references, vocabulary, steps=args.fluency_steps,
                                              seed=args.seed)
     except ValueError as e:
-        raise UserError(f"--references: {e}") from None
+        raise UserError(f"fluency: {e}") from None
     metrics |= {"retriever": str(retriever_dir), "steps": args.fluency_steps, "seed": args.seed}
     model.save_pretrained(args.out, metrics)
     print("fluency model (held out):", json.dumps(metrics))

@@ -164,8 +164,9 @@ def check_inputs_exist(config) -> None:
         from raycap.models.fluency import is_fluency_dir
 
         if not is_fluency_dir(config.rl.reward.fluency_head):
-            raise UserError(f"rl.reward.fluency_head {config.rl.reward.fluency_head}: not a fluency head dir (no "
-                            "raycap_fluency.json and fluency.safetensors; `raycap pretrain fluency --out DIR` writes one)")
+            raise UserError(f"rl.reward.fluency_head {config.rl.reward.fluency_head}: not a fluency model dir (it "
+                            "needs raycap_fluency.json, fluency_head.safetensors and text/; `raycap pretrain fluency "
+                            "--out DIR` writes one)")
     from raycap.inputs import check_data_sizes, world_split_sizes
 
     check_data_sizes(config, world_split_sizes(config))  # a world's split sizes are known before anything loads

@@ -78,13 +78,17 @@ def run_all(out: Path, seeds: list[int], arms: list[str], demo_runs: list[Path])
 
 
 def rows(out: Path) -> dict[str, list[dict]]:
-    """{row label: [test metrics (with the run's RL seconds) per run]}: supervised, each arm, the demo."""
+    """{row label: [test metrics (with the run's RL seconds) per run]}: supervised, each arm, the demo (its run dirs
+    as settings.json records them)."""
     found: dict[str, list[dict]] = {}
+    saved = out / "settings.json"
+    demo_runs = json.loads(saved.read_text()).get("demo_runs", {}) if saved.exists() else {}
     for path in sorted(out.glob("*-test.json")):
         name = path.name.removesuffix("-test.json")
         metrics = json.loads(path.read_text())
-        label = "supervised" if name == "supervised" else "demo" if name.startswith("demo-") else name.rsplit("-s", 1)[0]
-        run = out / name
+        label = ("supervised" if name == "supervised" else "demo" if name.startswith("demo-")
+                 else name.rsplit("-s", 1)[0])
+        run = Path(demo_runs.get(name, out / name))
         if (run / "final_metrics.json").exists():
             metrics["rl_seconds"] = json.loads((run / "final_metrics.json").read_text()).get("rl_seconds")
         found.setdefault(label, []).append(metrics)
@@ -138,6 +142,8 @@ def figure(found: dict[str, list[dict]], path: Path) -> None:
 
 
 def check_same_settings(out: Path, settings: dict) -> None:
+    """OUT/settings.json records world-paper's settings, the arms', and the demo runs the outputs were made with:
+    others are refused (their runs and evaluations would be skipped as done)."""
     saved = out / "settings.json"
     if saved.exists() and json.loads(saved.read_text()) != settings:
         sys.exit(f"{saved}: {out} was made with {json.loads(saved.read_text())}, not {settings}; use another --out")
@@ -157,8 +163,11 @@ def main(argv=None) -> None:
         missing = [str(r) for r in args.demo_runs if not (r / "final").is_dir()]
         if missing:
             sys.exit(f"--demo-runs: {missing[0]} has no final/ captioner")
-        check_same_settings(args.out, {"curriculum": CURRICULUM, "hard": HARD,
-                                       "arms": {a: ARMS[a][1] for a in args.arms}})
+        from raycap.config import load_config
+
+        check_same_settings(args.out, {"config": load_config("world-paper").model_dump(mode="json"),
+                                       "arms": {a: sets for a, (_, sets) in ARMS.items()}, "hard": HARD,
+                                       "demo_runs": {f"demo-{r.name}": str(r.resolve()) for r in args.demo_runs}})
         run_all(args.out, args.seeds, args.arms, args.demo_runs)
     found = rows(args.out)
     if len(found) < 2:

@@ -61,8 +61,10 @@ def make_world(out: Path, name: str, base: Path) -> Path:
                      f"{out / name} to evaluate it again")
     else:
         WorldConfig.parse(config, f"shift {name}")  # a bad override stops here, named
-        if not (world / "retriever").exists():
-            shutil.copytree(base / "retriever", world / "retriever")
+        if not (world / "retriever").exists():  # copied whole, then renamed: a cut copy is never taken as done
+            shutil.rmtree(world / "retriever.partial", ignore_errors=True)
+            shutil.copytree(base / "retriever", world / "retriever.partial")
+            (world / "retriever.partial").rename(world / "retriever")
         (world / "world.json").write_text(json.dumps(config, indent=2))  # last: its existence marks a whole world
     return world
 
@@ -128,8 +130,8 @@ def figure(found: dict[str, dict[str, dict]], path: Path) -> None:
     x = np.arange(len(names))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, (key, label) in zip(axes, [("cider", "CIDEr vs the references"), ("p_at_1", "P@1 among 100")]):
-        sup = [found[n][SUPERVISED][key] for n in names]
-        tuned = [[m[key] for lab, m in found[n].items() if lab != SUPERVISED] for n in names]
+        sup = [found[n][SUPERVISED].get(key, np.nan) for n in names]
+        tuned = [[m.get(key, np.nan) for lab, m in found[n].items() if lab != SUPERVISED] for n in names]
         mean = [np.mean(t) for t in tuned]
         err = np.array([[m - min(t) for m, t in zip(mean, tuned)], [max(t) - m for m, t in zip(mean, tuned)]])
         ax.bar(x - 0.2, sup, 0.4, label="supervised")
@@ -172,10 +174,14 @@ def main(argv=None) -> None:
         missing = [str(d) for d in models.values() if not d.is_dir()]
         if missing:
             sys.exit(f"{missing[0]}: no captioner there (--runs takes run dirs with a final/ captioner)")
+        unfinished = [str(r) for r in args.runs if not (r / "final_metrics.json").is_file()]
+        if unfinished:
+            sys.exit(f"--runs: {unfinished[0]} has not finished (no final_metrics.json)")
         if len(set(models)) != len(args.runs) + 1 or SUPERVISED in [r.name for r in args.runs]:
             sys.exit("--runs: each run dir needs its own name, other than 'supervised'")
-        check_same_settings(args.out, {"supervised": str(args.supervised), "runs": [str(r) for r in args.runs],
-                                       "world": str(args.world_dir), "decoding": args.decoding})
+        check_same_settings(args.out, {"supervised": str(args.supervised.resolve()),
+                                       "runs": [str(r.resolve()) for r in args.runs],
+                                       "world": str(args.world_dir.resolve()), "decoding": args.decoding})
         evaluate_all(args.out, args.world_dir, models, args.decoding, args.shifts)
     found = results(args.out)
     if not found:

@@ -33,8 +33,8 @@ def test_corruptions_repeat_insert_and_shuffle_the_words():
 
 def test_the_shipped_worlds_model_tells_references_from_broken_text(shipped_head):
     """Held out, the model accepts most references and rejects most of each corruption; on captions it never saw it
-    scores a true description above its shuffled words and a word-salad repetition; the retriever it copied is
-    unchanged."""
+    scores a true description above its shuffled words and a word-salad repetition; its text tower is a fine-tuned
+    copy (the shipped retriever's own weights are not the ones it holds)."""
     out, metrics = shipped_head
     assert metrics["held_out_accuracy_reference"] > 0.7, metrics
     assert all(metrics[f"held_out_accuracy_{k}"] > 0.7 for k in ("repeated", "inserted", "shuffled")), metrics
@@ -52,7 +52,8 @@ def test_the_shipped_worlds_model_tells_references_from_broken_text(shipped_head
 
 
 def test_the_fluency_term_and_normalisation_change_the_reward_as_they_claim():
-    task, cos, fluent = torch.tensor([-3.0, -1.0, -2.0]), torch.tensor([30.0, 10.0, 20.0]), torch.tensor([-5.0, 0.0, 0.0])
+    task, cos = torch.tensor([-3.0, -1.0, -2.0]), torch.tensor([30.0, 10.0, 20.0])
+    fluent = torch.tensor([-5.0, 0.0, 0.0])
     assert torch.equal(rewards.combine([(1.0, task), (0.2, cos)]), task + 0.2 * cos)  # the sum, as before
     both = rewards.combine([(1.0, task), (0.2, cos), (1.0, fluent)])
     assert torch.allclose(both - rewards.combine([(1.0, task), (0.2, cos)]), fluent)
@@ -92,4 +93,20 @@ def test_a_run_with_the_fluency_term_scores_with_the_head_and_refuses_a_missing_
                       if "loss" in r]
     # the same first rollouts (same seed, same weights), rewarded lower by the model's log P(fluent) < 0
     assert runs["plain"][0]["example"] == runs["fluent"][0]["example"]
-    assert runs["fluent"][0]["reward_mean"] < runs["plain"][0]["reward_mean"]
+    plain, fluent = runs["plain"][0], runs["fluent"][0]
+    assert fluent["reward_mean"] < plain["reward_mean"] and fluent["term_fluency"] < 0
+    assert fluent["term_cosine"] == pytest.approx(plain["reward_mean"], abs=1e-5)  # the terms apart, logged
+    assert fluent["reward_mean"] == pytest.approx(fluent["term_cosine"] + fluent["term_fluency"], abs=1e-4)
+    assert "term_cosine" not in plain  # one term: the reward itself
+
+
+def test_bad_references_are_refused_in_one_line_naming_the_file(tmp_path, capsys):
+    for content, needle in (("not json", "not valid JSON"), ('{"a": 1}', "must be a JSON list of caption strings"),
+                            ('["a red circle"]', "at least 10 distinct references")):
+        refs = tmp_path / "refs.json"
+        refs.write_text(content)
+        with pytest.raises(SystemExit) as e:
+            pretrain_main(["fluency", "--out", str(tmp_path / "head"), "--references", str(refs)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "head").exists()

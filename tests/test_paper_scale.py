@@ -106,7 +106,8 @@ def test_coco_clipcap_end_to_end_at_paper_size(paper_inputs, tmp_path, capsys):
             # keep CI's time (the local run above took the config's batch of 100 and its beam-5 evaluation)
             extra += ["--set", "runtime.gpus_per_learner=0", "--set", "runtime.gpus_per_reward=0",
                       "--set", "runtime.num_cpus=8", "--set", "threads=1",
-                      "--set", "rl.batch_size=10", "--set", "rl.reward.num_candidates=10", "--set", "eval.decoding=greedy"]
+                      "--set", "rl.batch_size=10", "--set", "rl.reward.num_candidates=10",
+                      "--set", "eval.decoding=greedy"]
         final = train_main([*common, *extra, "--out", str(tmp_path / runtime), "--runtime", runtime])
         assert final["updates"] == steps and final["n_images"] == 100 and 0 <= final["p_at_1"] <= 1
         records = [json.loads(line) for line in (tmp_path / runtime / "metrics.jsonl").read_text().splitlines()]

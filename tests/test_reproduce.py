@@ -79,6 +79,7 @@ def test_the_transfer_table_compares_the_captioners_on_each_shifted_world(tmp_pa
     runs = []
     for name in ("ft-a", "ft-b", "sup"):
         (tmp_path / name / "final").mkdir(parents=True)
+        (tmp_path / name / "final_metrics.json").write_text("{}")
         runs.append(str(tmp_path / name))
     runs.pop()  # sup/final is the supervised captioner
     calls = []
@@ -89,7 +90,8 @@ def test_the_transfer_table_compares_the_captioners_on_each_shifted_world(tmp_pa
         assert (world / "retriever" / "weights.bin").exists()
         shifted = json.loads((world / "world.json").read_text())
         tuned = captioner.parent.name.startswith("ft")
-        cider = {"ft-a": 1.0, "ft-b": 1.2}.get(captioner.parent.name, 1.0) + (0.5 if world.name == "more-objects" else 0)
+        cider = {"ft-a": 1.0, "ft-b": 1.2}.get(captioner.parent.name, 1.0)
+        cider += 0.5 if world.name == "more-objects" else 0
         Path(args[args.index("--json") + 1]).write_text(json.dumps(
             {"p_at_1": 0.6 if tuned else 0.4, "cider": cider, "max_objects": shifted["max_objects"]}))
 
@@ -115,7 +117,11 @@ def test_the_transfer_table_compares_the_captioners_on_each_shifted_world(tmp_pa
         transfer.main(argv)
     with pytest.raises(SystemExit, match="no captioner there"):
         transfer.main(["--out", str(tmp_path / "new"), "--runs", str(tmp_path / "missing")])
+    (tmp_path / "cut" / "final").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="has not finished"):
+        transfer.main(["--out", str(tmp_path / "new"), "--runs", str(tmp_path / "cut")])
     assert not (tmp_path / "new").exists()
+    assert not list((out / "worlds").glob("*/retriever.partial"))
 
 
 def test_the_paper_table_runs_each_arm_per_seed_once_and_tables_their_test_scores(tmp_path, monkeypatch):
@@ -124,6 +130,7 @@ def test_the_paper_table_runs_each_arm_per_seed_once_and_tables_their_test_score
     paper = script("discritune_paper")
     demo = tmp_path / "demo-s0"
     (demo / "final").mkdir(parents=True)
+    (demo / "final_metrics.json").write_text(json.dumps({"p_at_1": 0.6, "rl_seconds": 900.0}))
     calls = []
 
     def fake_sh(*args, log):
@@ -147,13 +154,15 @@ def test_the_paper_table_runs_each_arm_per_seed_once_and_tables_their_test_score
     trains = [a for a in calls if a[0] == "train"]
     assert len(trains) == 4 and len(calls) == 4 + 4 + 2  # + supervised and demo evaluations
     curriculum = next(a for a in trains if "paper-curriculum-s1" in a[a.index("--out") + 1])
-    assert "rl.reward.hard_distractors=0" in curriculum and any(a.startswith("rl.reward.curriculum=[") for a in curriculum)
+    assert "rl.reward.hard_distractors=0" in curriculum
+    assert any(a.startswith("rl.reward.curriculum=[") for a in curriculum)
     lines = (out / "paper.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in lines[2:]] == [
         "| supervised (shipped)", "| world-paper: greedy rollouts, 10 hard distractors",
         "| world-paper, random -> medium -> hard distractors", "| world-demo (greedy; its select row is the demo)"]
     assert lines[3].split(" | ")[1:4] == ["2", "0.650 (0.600-0.700)", "0.325 (0.300-0.350)"]
     assert lines[3].split(" | ")[-1] == "60 (60-61) |"
+    assert lines[5].split(" | ")[-1] == "900 |"  # the demo's RL seconds, read from its own run dir
     assert (out / "paper.png").stat().st_size > 10_000
     calls.clear()
     paper.main(argv)

@@ -267,7 +267,7 @@ def test_a_distractor_curriculum_moves_from_random_to_medium_to_hard_neighbours(
     random, medium, hard = ranks(0), ranks(3), ranks(7)
     assert (medium[:, :4] >= 10).all() and (medium[:, :4] < 14).all()  # ranks 10-13: past the 10 nearest
     assert sorted(hard[0, :4].tolist()) == [0, 1, 2, 3]
-    assert random.float().mean() > 100 and (random.min(1).values > 0).any()  # the batch's others, far on average
+    assert random.float().mean() > 100 and (random > 3).float().mean() > 0.9  # the batch's others, rarely near
     with pytest.raises(UserError, match="curriculum.1..hard_distractors .20. must be < reward.num_candidates"):
         load_config("world-demo", ["rl.batch_size=20", "rl.reward.num_candidates=20",
                                    "rl.reward.curriculum=[{updates: 2}, {updates: 3, hard_distractors: 20}]"])

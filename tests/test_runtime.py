@@ -92,6 +92,7 @@ def test_policy_lag_one_overlaps_rollouts_with_the_update(tiny_world_dir, tmp_pa
     assert log[0]["logprob_drift"] < 1e-4 < min(r["logprob_drift"] for r in log[1:])
 
 
+@pytest.mark.slow  # the rejoin test below checks the broadcast to the group formed at start, then after a restart
 def test_broadcast_weight_sync_over_gloo(tiny_world_dir, tmp_path):
     from raycap.runtime.controller import Controller
 
@@ -135,6 +136,9 @@ def test_a_killed_rollout_worker_rejoins_the_weight_broadcast(tiny_world_dir, tm
                           "runtime.rollout_workers=2", "rl.steps=2"), tmp_path)
     try:
         c.run_step(0, None)
+        learner = ray.get(c.learners[0].publish.remote())
+        for w in c.rollouts:  # the group formed at start: every worker holds the learner's weights
+            assert (ray.get(w.weights.remote()) == learner).all()
         os.kill(ray.get(c.rollouts[0].pid.remote()), signal.SIGKILL)
         record, _ = c.run_step(1, None)
         assert c.restarts == 1 and record["policy_lag"] == 0 and record["sync_changed"] == 1.0

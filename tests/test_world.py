@@ -96,6 +96,24 @@ def test_bad_world_values_raise_one_line_errors_naming_the_field(field, value, n
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_the_default_world_draws_what_it_drew_before_the_shift_fields():
+    """Images and references of a v2 world, hashed with the code before `shape_scale` and `ref_drop` existed
+    (commit 4e352e6): the defaults of the new fields draw the same pixels and the same words."""
+    import hashlib
+    import json
+
+    w = World({"version": 2, "n_train": 500, "n_val": 100, "n_test": 300})
+    pixels = hashlib.sha256()
+    for i in range(8):
+        pixels.update(w.image("test", i).tobytes())
+    words = hashlib.sha256(json.dumps([w.references("test", i) for i in range(40)]).encode())
+    assert pixels.hexdigest() == "12a4c7a0e2bd89e73e32557bb29e1f6e8920c8923dbbcff06c1b0666c93885ad"
+    assert words.hexdigest() == "87f6737f21e3913fb5429b3dd304751e54ec685ab1e0bea0fc6f4e56901ad99f"
+    # caches and exports made before keep their keys: the new fields are left out of the identity at defaults
+    assert "shape_scale" not in w.config.identity() and "ref_drop" not in w.config.identity()
+    assert World({"shape_scale": 0.75}).config.identity()["shape_scale"] == 0.75
+
+
 def test_shifted_worlds_draw_smaller_shapes_and_more_detailed_references():
     """`shape_scale` shrinks the drawn objects and `ref_drop` makes references keep details; the defaults leave the
     standard world's scenes and references as they were (the same draws in the same order)."""

@@ -207,6 +207,14 @@ def load_world_config(world_dir: Path) -> WorldConfig:
     return WorldConfig.parse(data, str(path))
 
 
+def _as_world(data: dict) -> dict | None:
+    """A previous export's world settings as `WorldConfig.identity` gives them (None if they are not a world's)."""
+    try:
+        return WorldConfig.model_validate(data).identity()
+    except ValueError:
+        return None
+
+
 def _previous_export_world(out: Path) -> dict | None:
     """The world config of the export in `out`: from its marker file, or from the dataset_world.json of an export
     written before the marker (Karpathy JSON with "dataset": "world" and the world's config); None if `out` holds
@@ -239,7 +247,7 @@ def check_export_dir(out: Path, config: WorldConfig) -> None:
         raise UserError(f"--out {out}: not empty ({shown}) and not a previous export-world output; an export "
                         f"writes {README_FILE}, {DATASET_FILE}, images/ and {RETRIEVER_DIR}/ there, so give a new "
                         "or empty directory")
-    if old != json.loads(json.dumps(config.model_dump())):  # as written to JSON (tuples as lists)
+    if _as_world(old) != config.identity():
         raise UserError(f"{out}: holds an export of a different world; use a new --out")
 
 

@@ -159,7 +159,7 @@ class WorldSource(ImageSource):
         return self.world.references(self.split, i)
 
     def fingerprint(self) -> dict:
-        return {"kind": "world", "world": json.loads(self.world.config.model_dump_json()), "split": self.split,
+        return {"kind": "world", "world": self.world.config.identity(), "split": self.split,
                 "n": self.n}
 
     @property

@@ -5,6 +5,7 @@ Everything is deterministic from (seed, split, index). Scenes are the ground tru
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -27,6 +28,7 @@ GENERIC_CAPTIONS = ("some shapes", "a few shapes", "a picture of shapes")
 ATTRIBUTES = ("shape", "colour", "size", "position")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 REF_DROP = {"size": 0.5, "colour": 0.35, "shape": 0.2, "position": 0.8}  # the references' vagueness
+LATER_FIELDS = ("shape_scale", "ref_drop")  # WorldConfig fields added after worlds and caches were made
 BACKGROUND = (18, 18, 24)
 
 
@@ -111,6 +113,15 @@ class WorldConfig(BaseModel):
             return cls.model_validate(data or {})
         except ValidationError as e:
             raise UserError(format_validation_error(e, source)) from None
+
+    def identity(self) -> dict:
+        """The settings as JSON values, without the fields added after the first worlds shipped (`LATER_FIELDS`)
+        where they hold their defaults: what keys a world's caches and exports, so those made before still match."""
+        data = json.loads(self.model_dump_json())
+        for name in LATER_FIELDS:
+            if getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True):
+                data.pop(name)
+        return data
 
     @property
     def n_labelled(self) -> int:

@@ -38,8 +38,11 @@ class FluencyModel(nn.Module):
 
     @torch.no_grad()
     def log_fluency(self, captions: Sequence[str]) -> torch.Tensor:
-        """(N,) log P(fluent), in fp32: near 0 for a caption the model is sure of, very negative for broken text."""
-        return nn.functional.logsigmoid(self(captions).float())
+        """(N,) log P(fluent), computed in fp32 whatever autocast the caller runs under (the model is trained in
+        fp32): near 0 for a caption the model is sure of, very negative for broken text."""
+        device = self.head[0].weight.device
+        with torch.autocast(device.type, enabled=False):
+            return nn.functional.logsigmoid(self(captions).float())
 
     def save_pretrained(self, path: str | Path, metrics: dict | None = None) -> None:
         path = Path(path)

@@ -66,6 +66,7 @@ class Scores:
     accuracy: torch.Tensor        # (N,) 1 if the caption retrieves its image among the candidates
     texts: list[str]
     verified: torch.Tensor | None = None  # (N,) bool: passes the substitution check (self_check.gate; else None)
+    terms: dict[str, torch.Tensor] | None = None  # (N,) each reward term as computed, before any normalisation
 
     def cpu(self) -> Scores:
         """The same scores on the CPU (float32; `verified` stays bool), to send from the reward service."""
@@ -73,7 +74,8 @@ class Scores:
             return None if t is None else t.float().cpu()
 
         return Scores(move(self.reward), move(self.task), move(self.check), move(self.accuracy), self.texts,
-                      None if self.verified is None else self.verified.cpu())
+                      None if self.verified is None else self.verified.cpu(),
+                      None if self.terms is None else {k: move(v) for k, v in self.terms.items()})
 
 
 def summarise(scores: Scores, lengths: torch.Tensor) -> dict:
@@ -85,6 +87,8 @@ def summarise(scores: Scores, lengths: torch.Tensor) -> dict:
         out |= {"task_reward": float(scores.task.mean()), "self_check": float(scores.check.mean())}
     if scores.verified is not None:
         out["verified"] = float(scores.verified.float().mean())
+    if scores.terms is not None and len(scores.terms) > 1:  # the summed terms apart (the sum may be standardised)
+        out |= {f"term_{k}": float(v.mean()) for k, v in scores.terms.items()}
     return out
 
 
@@ -139,19 +143,19 @@ class Scorer:
         texts = self.texts(tokens, lengths)
         emb = self.retriever.encode_captions(texts)
         rc = cfg.rl.reward
-        terms = [(1.0, rewards.compute(rc.kind, emb, self.images, cands, self.logit_scale, batch=step))]
+        terms = {rc.kind: (1.0, rewards.compute(rc.kind, emb, self.images, cands, self.logit_scale, batch=step))}
         if rc.cosine_coef:
-            terms.append((rc.cosine_coef, rewards.cosine(emb, self.images[cands[:, 0]], self.logit_scale)))
+            terms["cosine_term"] = (rc.cosine_coef, rewards.cosine(emb, self.images[cands[:, 0]], self.logit_scale))
         if rc.phrase_coef:
             grounding = rewards.phrase_grounding(texts, self.retriever.encode_captions, self.images, cands,
                                                  self.logit_scale)
             rewards.check_finite(grounding, step)
-            terms.append((rc.phrase_coef, grounding))
+            terms["phrase"] = (rc.phrase_coef, grounding)
         if rc.fluency_coef:
             fluent = self.fluency.log_fluency(texts)
             rewards.check_finite(fluent, step)
-            terms.append((rc.fluency_coef, fluent))
-        task = rewards.combine(terms, rc.normalise_terms)
+            terms["fluency"] = (rc.fluency_coef, fluent)
+        task = rewards.combine(list(terms.values()), rc.normalise_terms)
         check, reward, passed, sc = None, task, None, cfg.rl.self_check
         substituted = sc.kind == "substitute" and sc.coef
         if substituted or sc.gate:  # one encoding of the substitutes serves the check and the gate
@@ -166,7 +170,8 @@ class Scorer:
         if check is not None:
             rewards.check_finite(check, step)
             reward = task + sc.coef * check
-        return Scores(reward, task, check, rewards.accuracy(emb, self.images, cands), texts, passed)
+        return Scores(reward, task, check, rewards.accuracy(emb, self.images, cands), texts, passed,
+                      {name: term for name, (_, term) in terms.items()})
 
 
 class Advantages:

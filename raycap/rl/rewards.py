@@ -84,14 +84,24 @@ def compute(kind: str, text_emb, image_emb, candidates, logit_scale, batch: int 
 
 def combine(terms: list[tuple[float, torch.Tensor]], normalise: bool = False) -> torch.Tensor:
     """The first term plus coef * each other term (the first one's coefficient is 1); with `normalise`, each term
-    is first standardised over the batch (mean 0, std 1: BalCapRL's per-term normalisation), so the coefficients
-    weigh terms of different scales as they read."""
+    is first standardised over the batch (mean 0, std 1: BalCapRL's per-term normalisation, `standardise`), so the
+    coefficients weigh terms of different scales as they read."""
     total = None
     for coef, term in terms:
         if normalise:
-            term = (term - term.mean()) / (term.std(unbiased=False) + 1e-6)
+            term = standardise(term)
         total = term if total is None else total + coef * term
     return total
+
+
+def standardise(term: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:
+    """(term - mean) / std over the batch; a term (nearly) constant over it, whose spread is below `rtol` of its
+    size, carries no ranking and is only centred (0), so its rounding noise is never blown up to unit scale."""
+    term = term.float()
+    centred = term - term.mean()
+    std = term.std(unbiased=False)
+    spread = std > rtol * (term.abs().mean() + 1)  # a tensor: no host sync on a GPU
+    return torch.where(spread, centred / torch.where(spread, std, torch.ones_like(std)), torch.zeros_like(centred))
 
 
 def split_phrases(caption: str, separator: str = " and ") -> list[str]:

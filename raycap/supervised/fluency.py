@@ -15,10 +15,10 @@ from raycap.models.fluency import FluencyModel, corruptions
 KINDS = ("repeated", "inserted", "shuffled")
 
 
-def labelled_texts(references: list[str], vocabulary: list[str], rng: np.random.Generator):
+def labelled_texts(references: list[str], vocabulary: list[str], rng: np.random.Generator, known: set[str]):
     """(texts, labels, kinds): each reference (label 1, kind 'reference') and those of its corruptions that are not
-    themselves a reference (label 0, their kind)."""
-    known = set(references)
+    themselves one of the `known` references (label 0, their kind): an inserted 'large' can make another true,
+    more detailed reference, which must not be taught as broken."""
     texts, labels, kinds = [], [], []
     for ref in references:
         texts.append(ref), labels.append(1.0), kinds.append("reference")
@@ -34,7 +34,8 @@ def train_fluency_model(retriever, references: list[str], vocabulary: list[str],
     measured on the other 10%. `retriever` is copied, never changed."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    refs = sorted(set(r for r in references if r.strip()))
+    known = set(r for r in references if r.strip())
+    refs = sorted(known)
     if len(refs) < 10:
         raise ValueError(f"the fluency model needs at least 10 distinct references, got {len(refs)}")
     refs = [refs[i] for i in rng.permutation(len(refs))]
@@ -46,14 +47,14 @@ def train_fluency_model(retriever, references: list[str], vocabulary: list[str],
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
         batch = [train[i] for i in rng.integers(len(train), size=min(batch_size, len(train)))]
-        x, y, _ = labelled_texts(batch, vocabulary, rng)
+        x, y, _ = labelled_texts(batch, vocabulary, rng, known)
         weight = torch.where(y == 1, (y == 0).sum() / (y == 1).sum().clamp(min=1), 1.0)
         loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, weight=weight / weight.mean())
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval().requires_grad_(False)
-    hx, hy, hkinds = labelled_texts(held, vocabulary, rng)
+    hx, hy, hkinds = labelled_texts(held, vocabulary, rng, known)
     with torch.no_grad():
         right = ((model(hx) > 0).float() == hy).numpy()
     metrics = {"references": len(refs), "held_out": len(held), "train_loss": round(loss.item(), 4)}
