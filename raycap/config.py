@@ -469,6 +469,10 @@ class RLConfig(BaseModel):
         if reward.fluency_coef and not reward.fluency_head:
             raise ValueError("reward.fluency_coef needs reward.fluency_head: a dir `raycap pretrain fluency --out DIR` "
                              "writes")
+        if reward.curriculum and sum(st.updates for st in reward.curriculum[:-1]) >= self.steps:
+            raise ValueError(f"reward.curriculum: the stages before the last take "
+                             f"{sum(st.updates for st in reward.curriculum[:-1])} updates, rl.steps is {self.steps}: "
+                             "the last stage would never run")
         if reward.curriculum and reward.hard_distractors:
             raise ValueError("reward.curriculum sets the hard distractors of each stage: leave reward.hard_distractors "
                              "at 0")

@@ -271,6 +271,8 @@ def test_a_distractor_curriculum_moves_from_random_to_medium_to_hard_neighbours(
     with pytest.raises(UserError, match="curriculum.1..hard_distractors .20. must be < reward.num_candidates"):
         load_config("world-demo", ["rl.batch_size=20", "rl.reward.num_candidates=20",
                                    "rl.reward.curriculum=[{updates: 2}, {updates: 3, hard_distractors: 20}]"])
+    with pytest.raises(UserError, match="the stages before the last take 5 updates, rl.steps is 4"):
+        load_config("world-demo", ["rl.steps=4", "rl.reward.curriculum=[{updates: 5}, {updates: 1}]"])
     with pytest.raises(UserError, match="leave reward.hard_distractors at 0"):
         load_config("world-demo", ["rl.reward.hard_distractors=5", "rl.reward.curriculum=[{updates: 2}]"])
 
