@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from raycap.config import WORLD_DIR
+from reproduce_common import check_same_settings, sh, stage_done
 
 CURRICULUM = ("[{updates: 33}, {updates: 100, hard_distractors: 10, skip_nearest: 20}, "
               "{updates: 167, hard_distractors: 10}]")
@@ -39,22 +39,6 @@ COLUMNS = [("p_at_1", "P@1"), (f"p_at_1_hard{HARD}", f"P@1, {HARD} hard"), ("wel
            ("faithful", "faithful"), ("bleu4", "BLEU-4"), ("cider", "CIDEr"), ("rl_seconds", "RL s")]
 
 
-def sh(*args: str, log: Path) -> None:
-    """Run a raycap command (this interpreter), its output into `log`; a failure stops the script, naming the log."""
-    with log.open("w") as f:
-        rc = subprocess.run([sys.executable, "-m", "raycap", *args], stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        sys.exit(f"{' '.join(args[:2])} failed (exit {rc}); see {log}")
-
-
-def finished(run: Path) -> bool:
-    """A run wrote final_metrics.json last: its final captioner is complete."""
-    try:
-        return "p_at_1" in json.loads((run / "final_metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
 def evaluate(out: Path, name: str, captioner: Path) -> None:
     result = out / f"{name}-test.json"
     if not result.exists():
@@ -67,7 +51,7 @@ def run_all(out: Path, seeds: list[int], arms: list[str], demo_runs: list[Path])
     for seed in seeds:
         for arm in arms:
             run = out / f"{arm}-s{seed}"
-            if not finished(run):
+            if not stage_done(run / "final_metrics.json", "p_at_1"):
                 sets = [a for s in [f"seed={seed}", "eval.test_table=false", "eval.report=false", *ARMS[arm][1]]
                         for a in ("--set", s)]
                 sh("train", "--config", "world-paper", "--runtime", "local", "--out", str(run), *sets,
@@ -139,16 +123,6 @@ def figure(found: dict[str, list[dict]], path: Path) -> None:
     fig.suptitle("DiscriTune as the paper runs it, its curriculum, and the demo")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def check_same_settings(out: Path, settings: dict) -> None:
-    """OUT/settings.json records world-paper's settings, the arms', and the demo runs the outputs were made with:
-    others are refused (their runs and evaluations would be skipped as done)."""
-    saved = out / "settings.json"
-    if saved.exists() and json.loads(saved.read_text()) != settings:
-        sys.exit(f"{saved}: {out} was made with {json.loads(saved.read_text())}, not {settings}; use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(settings))
 
 
 def main(argv=None) -> None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from raycap.config import WORLD_DIR
+from reproduce_common import check_same_settings, sh
 
 SHIFTS = {  # name -> (what differs, world.json overrides); every word of every shifted world is in the vocabulary
     "in-domain": ("the standard world", {}),
@@ -39,14 +39,6 @@ SHIFTS = {  # name -> (what differs, world.json overrides); every word of every 
 SUPERVISED = "supervised"
 COLUMNS = [("p_at_1", "P@1"), ("cider", "CIDEr"), ("bleu4", "BLEU-4"), ("faithful", "faithful"),
            ("cider_full", "CIDEr vs full")]
-
-
-def sh(*args: str, log: Path) -> None:
-    """Run a raycap command (this interpreter), its output into `log`; a failure stops the script, naming the log."""
-    with log.open("w") as f:
-        rc = subprocess.run([sys.executable, "-m", "raycap", *args], stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        sys.exit(f"{' '.join(args[:2])} failed (exit {rc}); see {log}")
 
 
 def make_world(out: Path, name: str, base: Path) -> Path:
@@ -143,16 +135,6 @@ def figure(found: dict[str, dict[str, dict]], path: Path) -> None:
     fig.suptitle("Trained on the standard world, scored zero-shot on shifted worlds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def check_same_settings(out: Path, settings: dict) -> None:
-    """OUT/settings.json records what the outputs were made with: other settings are refused (their evaluations
-    would be skipped as done)."""
-    saved = out / "settings.json"
-    if saved.exists() and json.loads(saved.read_text()) != settings:
-        sys.exit(f"{saved}: {out} was made with {json.loads(saved.read_text())}, not {settings}; use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(settings))
 
 
 def main(argv=None) -> None:

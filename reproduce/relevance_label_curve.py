@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from raycap.config import WORLD_DIR
+from reproduce_common import check_same_settings, sh, stage_done
 
 SIZES = (100, 400, 800, 4000, 40000)
 SHIPPED_LABELS, SHIPPED_EPOCHS = 800, 20  # the shipped captioner: 2% of 40,000 images, 20 epochs
@@ -33,22 +33,6 @@ ARMS = (("sup", "supervised"), ("rel", "+ CLIP relevance"))
 def epochs_for(n: int) -> int:
     """The shipped recipe's updates for n labelled images: 20 epochs at 800, scaled inversely, at least one."""
     return max(1, round(SHIPPED_EPOCHS * SHIPPED_LABELS / n))
-
-
-def sh(*args: str, log: Path) -> None:
-    """Run a raycap command (this interpreter), its output into `log`; a failure stops the script, naming the log."""
-    with log.open("w") as f:
-        rc = subprocess.run([sys.executable, "-m", "raycap", *args], stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        sys.exit(f"{' '.join(args[:2])} failed (exit {rc}); see {log}")
-
-
-def stage_done(path: Path, key: str) -> bool:
-    """A stage wrote its metrics file last, with `key` in it: its model is complete (a killed save is redone)."""
-    try:
-        return key in json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def run_size(out: Path, n: int, seed: int, config: str, n_train: int, supervised_only: bool = False) -> None:
@@ -112,16 +96,6 @@ def figure(found: dict[int, dict[str, dict]], path: Path) -> None:
     fig.suptitle("The world: supervised only vs + CLIP relevance, by labelled-set size")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def check_same_settings(out: Path, settings: dict) -> None:
-    """OUT/settings.json records the seed and config the outputs were made with: another pair is refused (its
-    outputs would be skipped as done)."""
-    saved = out / "settings.json"
-    if saved.exists() and json.loads(saved.read_text()) != settings:
-        sys.exit(f"{saved}: {out} was made with {json.loads(saved.read_text())}, not {settings}; use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(settings))
 
 
 def main(argv=None) -> None:

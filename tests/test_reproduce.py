@@ -1,6 +1,7 @@
 """The reproduction scripts (reproduce/): their tables and figures come from the run directories' results."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def script(name):
+    """A reproduce/ script as a module, its folder importable as when run (`python reproduce/NAME.py`)."""
+    if str(ROOT / "reproduce") not in sys.path:
+        sys.path.insert(0, str(ROOT / "reproduce"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "reproduce" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
