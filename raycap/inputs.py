@@ -7,9 +7,9 @@ the object store, so no node needs the cache's disk).
 """
 from __future__ import annotations
 
-import os
-
 import json
+import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,13 +394,13 @@ def captioner_inputs(captioner, source: ImageSource, embeddings: torch.Tensor, b
     return features
 
 
-def own_feature_shape(captioner) -> tuple[int, int] | None:
-    """(tokens, width) of the vision features a captioner with its own vision tower (BLIP) caches per image, from
-    its config alone; None for a captioner that reads the retriever's embeddings."""
+def own_feature_shape(captioner) -> tuple[int, ...] | None:
+    """The shape of what a captioner with its own vision tower caches per image (`cached_input_shape`, from its
+    config alone: BLIP's vision features (tokens, width), a VLM's pixel row); None for a captioner that reads the
+    retriever's embeddings."""
     if getattr(captioner, "reads_retriever_embeddings", True):
         return None
-    v = captioner.model.config.vision_config
-    return 1 + (v.image_size // v.patch_size) ** 2, v.hidden_size
+    return tuple(captioner.cached_input_shape)
 
 
 def machine_memory_bytes() -> int:
@@ -410,16 +410,16 @@ def machine_memory_bytes() -> int:
 def check_cached_inputs_fit(captioner, n_images: int, memory_bytes: int | None = None,
                             share: float = 0.5) -> None:
     """Refuse, in one line with the estimate and before any feature is computed, cached captioner features of
-    `n_images` images (BLIP's own vision features, fp32) larger than `share` of the machine's memory: the
+    `n_images` images (BLIP's own vision features, a VLM's pixel rows; fp32) larger than `share` of the machine's memory: the
     controller holds them and Ray's object store holds another copy."""
     shape = own_feature_shape(captioner)
     if shape is None:
         return
     memory = machine_memory_bytes() if memory_bytes is None else memory_bytes
-    per_image = shape[0] * shape[1] * 4
+    per_image = math.prod(shape) * 4
     need = n_images * per_image
     if need > share * memory:
-        raise UserError(f"captioner features for {n_images:,} images ({shape[0]} x {shape[1]} float32, "
+        raise UserError(f"captioner features for {n_images:,} images ({' x '.join(map(str, shape))} float32, "
                         f"{per_image / 2**20:.2f} MiB each) need {need / 1e9:.1f} GB, more than {share:.0%} of this "
                         f"machine's {memory / 1e9:.1f} GB memory; set captioner.vision_features: per_batch (or auto) "
                         "to compute them per batch from the images, or use fewer images")

@@ -126,13 +126,53 @@ def run_fluency(args) -> dict:
     return metrics
 
 
+def run_world_lm(args) -> dict:
+    """The text-only world LM (`raycap.supervised.world_lm`) of `--world` (default the shipped world), written to
+    OUT/lm and OUT/tokenizer (the world retriever's) with OUT/metrics.json."""
+    from raycap.config import WORLD_DIR
+    from raycap.models.clip import Retriever
+    from raycap.supervised.captioner import CaptionerTraining
+    from raycap.supervised.world_lm import LM_DIR, TOKENIZER_DIR, train_world_lm
+
+    for name in ("lm_steps", "lm_scenes", "lm_documents"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
+    if args.set or args.world_config or args.config or args.retriever or args.references:
+        raise UserError("world-lm reads --world (a pretrained world directory); --set, --world-config, --config, "
+                        "--retriever and --references are for the other stages")
+    world_dir = args.world or WORLD_DIR
+    for need in ("world.json", "retriever"):
+        if not (world_dir / need).exists():
+            raise UserError(f"--world {world_dir}: no {need} (a directory `raycap pretrain world` made)")
+    check_output_dir(args.out, "--out")
+    if (args.out / "metrics.json").exists():
+        print(f"{args.out}: the world LM is already trained")
+        return json.loads((args.out / "metrics.json").read_text())
+    config = WorldConfig.parse(json.loads((world_dir / "world.json").read_text()), str(world_dir / "world.json"))
+    quiet_library_progress()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = load_world_retriever(world_dir / "retriever", config, "--world").tokenizer
+    t0 = time.time()
+    model, metrics = train_world_lm(tokenizer, config, CaptionerTraining().lm, args.out / "work",
+                                    n_scenes=args.lm_scenes, steps=args.lm_steps, seed=args.seed,
+                                    per_text=args.lm_documents)
+    model.save_pretrained(args.out / LM_DIR, safe_serialization=True)
+    tokenizer.save_pretrained(str(args.out / TOKENIZER_DIR))
+    metrics |= {"world": str(world_dir), "seed": args.seed, "train_seconds": round(time.time() - t0, 1)}
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print("world LM (validation):", json.dumps({k: metrics[k] for k in ("val_loss", "sampled_wellformed")}))
+    return metrics
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("raycap.pretrain"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["world", "captioner", "fluency"],
+    p.add_argument("dataset", choices=["world", "captioner", "fluency", "world-lm"],
                    help="world: the embedded shapes world's retriever and captioner; captioner: a captioner on any "
                         "dataset (--config); fluency: a fluency head for REINFORCE's fluency term (--retriever, "
-                        "--references)")
+                        "--references); world-lm: a text-only LM of a world's language (--world) that a world "
+                        "captioner can start from (world --lm)")
     p.add_argument("--out", required=True, type=Path, help="output directory (resumed if it exists)")
     p.add_argument("--config", help="captioner: YAML of raycap.supervised.captioner_stage.CaptionerStageConfig "
                    "(data, retriever, model, training)")
@@ -154,7 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captioner-input", choices=["embedding", "tokens"], default="embedding",
                    help="what the world captioner reads: the retriever's 64-d embedding (an MLP mapper) or its "
                         "image tower's patch tokens (a Transformer mapper)")
-    p.add_argument("--mapper-layers", type=int, default=4, help="the token mapper's layers (--captioner-input tokens)")
+    p.add_argument("--captioner-mapper", choices=["mlp", "transformer"], default="mlp",
+                   help="the mapper over the retriever's embedding (ClipCap's MLP or Transformer mapper); "
+                        "--captioner-input tokens always uses a Transformer")
+    p.add_argument("--mapper-layers", type=int, default=4, help="the Transformer or token mapper's layers")
+    p.add_argument("--lm", type=Path, default=None, help="world: start the captioner's LM from this `pretrain "
+                   "world-lm` directory instead of random weights")
+    p.add_argument("--freeze-lm", action="store_true", help="world: keep the captioner's LM (from --lm) frozen; only "
+                   "the mapper learns, here and in RL stages after")
+    p.add_argument("--world", type=Path, default=None, help="world-lm: the pretrained world directory whose language "
+                   "and tokenizer the LM learns (default: the shipped world)")
+    p.add_argument("--lm-steps", type=int, default=2000, help="world-lm: training steps of 128 texts")
+    p.add_argument("--lm-scenes", type=int, default=20000, help="world-lm: scenes (5 references each) of the text")
+    p.add_argument("--lm-documents", type=int, default=3, help="world-lm: references of one scene per training "
+                   "sequence, eos between them (1: every reference alone; an LM of single references never learns "
+                   "to read its context, so a prefix cannot steer it frozen)")
     p.add_argument("--references", type=Path, default=None, help="fluency: a JSON list of reference captions "
                    "(default: the shipped world's labelled references)")
     p.add_argument("--fluency-steps", type=int, default=1000, help="fluency: training steps of 128 references")
@@ -184,6 +238,13 @@ def run(args) -> dict:
         return run_captioner_stage(cfg, args.out)
     if args.dataset == "fluency":
         return run_fluency(args)
+    if args.dataset == "world-lm":
+        return run_world_lm(args)
+    if args.freeze_lm and args.lm is None:
+        raise UserError("--freeze-lm: needs --lm DIR (a `pretrain world-lm` directory); a fresh LM knows no words")
+    if args.lm is not None and not (args.lm / "lm" / "config.json").is_file():
+        raise UserError(f"--lm {args.lm}: not a world LM directory (no lm/config.json); make one with "
+                        "`raycap pretrain world-lm --out DIR`")
     if args.config:
         raise UserError("--config is for `pretrain captioner`; the world takes --world-config and --set")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -254,14 +315,25 @@ def run(args) -> dict:
         if not (out / "retriever").exists():
             raise UserError(f"{out / 'retriever'}: missing; run the retriever stage first")
         retriever = Retriever.from_pretrained(out / "retriever").freeze()
+        mapper = "transformer" if args.captioner_input == "tokens" else args.captioner_mapper
         cfg = CaptionerTraining(epochs=args.captioner_epochs, seed=args.seed, image_input=args.captioner_input,
-                                mapper_layers=args.mapper_layers)
+                                mapper=mapper, mapper_layers=args.mapper_layers,
+                                lm_init=None if args.lm is None else str(args.lm), train_lm=not args.freeze_lm)
+        if args.lm is not None:
+            from raycap.supervised.world_lm import load_world_lm
+
+            try:  # the LM's words must be the retriever's, checked before any training
+                load_world_lm(args.lm, retriever.tokenizer)
+            except ValueError as e:
+                raise UserError(f"--lm {e}") from None
         t0 = time.time()
         captioner = train_captioner(retriever, world, cfg, out / "work" / "captioner")
         captioner.save_pretrained(out / "captioner")
         retriever.tokenizer.save_pretrained(str(out / "captioner" / "tokenizer"))
         metrics["captioner"] = {**evaluate_captioner(captioner, retriever, world, "test", n_eval),
-                                "epochs": cfg.epochs, "train_seconds": round(time.time() - t0, 1)}
+                                "epochs": cfg.epochs, "train_seconds": round(time.time() - t0, 1),
+                                "mapper": mapper, "lm": "fresh" if args.lm is None else str(args.lm),
+                                "train_lm": not args.freeze_lm}
         metrics_file.write_text(json.dumps(metrics, indent=2))
         print("captioner (test):", json.dumps(metrics["captioner"]))
     print(f"wrote {out}")

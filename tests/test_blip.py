@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,8 +155,10 @@ def test_cached_features_that_cannot_fit_are_refused_with_the_estimate(blip, mon
     with pytest.raises(UserError, match=r"1,020 images .* more than 50% of this machine") as e:
         check_cached_inputs_fit(blip, 1020, memory_bytes=1020 * per_image)
     assert "\n" not in str(e.value) and "captioner.vision_features: per_batch" in str(e.value)
-    base = SimpleNamespace(reads_retriever_embeddings=False, model=SimpleNamespace(config=SimpleNamespace(
-        vision_config=SimpleNamespace(image_size=384, patch_size=16, hidden_size=768))))
+    from raycap.models.blip import feature_shape
+
+    base = SimpleNamespace(reads_retriever_embeddings=False, cached_input_shape=feature_shape(
+        SimpleNamespace(image_size=384, patch_size=16, hidden_size=768)))
     with pytest.raises(UserError, match=r"577 x 768 float32.* need 218\.5 GB"):
         check_cached_inputs_fit(base, 113_287 + 5000 + 5000, memory_bytes=128 * 2**30)
 
@@ -228,3 +231,40 @@ def test_image_rows_read_per_batch_decode_and_score_as_cached_features(blip, bli
     cached = decode_images(blip, tok, None, feats, None, "beam", num_beams=2, batch_size=4)
     per_batch = decode_images(blip, tok, None, lazy, None, "beam", num_beams=2, batch_size=4)
     assert cached == per_batch and len(cached) == 12
+
+
+def test_the_retrievers_image_tower_copies_into_blips_and_distils_past_the_missing_pre_norm(tiny_world_dir, tmp_path):
+    """BLIP's vision tower from the world retriever's: the copy is exactly the open_clip tower without its
+    pre-layernorm (which BLIP lacks); distilling on unlabelled images brings it closer to the tower with it; the saved
+    BLIP loads as a raycap captioner whose features are that tower's and whose processor normalises as the
+    retriever does."""
+    from make_tiny_blip import save_blip_on_retriever
+    from transformers import BlipVisionConfig
+    from transformers.models.blip.modeling_blip import BlipVisionModel
+
+    from raycap.models.blip import blip_vision_config_of, blip_vision_state_from_open_clip
+    from raycap.models.clip import Retriever
+    from raycap.supervised.blip_vision import relative_error, tower_outputs
+
+    retriever = Retriever.from_pretrained(tiny_world_dir / "retriever").eval()
+    visual = retriever.model.visual
+    student = BlipVisionModel(BlipVisionConfig(**blip_vision_config_of(visual))).eval()
+    student.load_state_dict(blip_vision_state_from_open_clip(visual))
+    pixels = torch.randn(3, 3, retriever.image_size, retriever.image_size)
+    ln_pre = visual.ln_pre
+    visual.ln_pre = torch.nn.Identity()
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(student(pixel_values=pixels).last_hidden_state, tower_outputs(visual, pixels),
+                                       atol=1e-5, rtol=1e-5)
+    finally:
+        visual.ln_pre = ln_pre
+
+    metrics = save_blip_on_retriever(tmp_path / "blip", tiny_world_dir / "retriever", tiny_world_dir, steps=30,
+                                     images=200)
+    assert metrics["relative_error_distilled"] < metrics["relative_error_copied"]
+    captioner = BlipCaptioner.from_blip(str(tmp_path / "blip"), load_tokenizer(tmp_path / "blip"))
+    images = world_images(tiny_world_dir)
+    processed = captioner.pixels(images)
+    torch.testing.assert_close(processed, retriever.pixels(np.stack([np.asarray(i) for i in images])))
+    assert relative_error(captioner.model.vision_model.eval(), visual, processed) < metrics["relative_error_copied"]

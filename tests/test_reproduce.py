@@ -171,3 +171,23 @@ def test_the_paper_table_runs_each_arm_per_seed_once_and_tables_their_test_score
     calls.clear()
     paper.main(argv)
     assert calls == []
+
+
+def test_the_variants_table_and_figure_come_from_the_evaluations(tmp_path):
+    variants = script("relevance_variants")
+    for name, base in (("mlp-tuned", 0.6), ("transformer-frozen", 0.2)):
+        for arm, gain in (("sup", 0.0), ("rel", 0.01)):
+            (tmp_path / f"{arm}-{name}-test.json").write_text(json.dumps({"bleu4": base + gain, "refcompare": 0.5}))
+    (tmp_path / "rel-transformer-frozen").mkdir()
+    (tmp_path / "rel-transformer-frozen" / "final_metrics.json").write_text(json.dumps({"rl_seconds": 61.4}))
+    (tmp_path / "sup-mlp-frozen-test.json").write_text("{}")  # its second arm not evaluated yet: left out
+    variants.main(["--out", str(tmp_path), "--table-only"])
+    rows = [line.split(" | ") for line in (tmp_path / "variants.md").read_text().splitlines()[2:]]
+    assert [r[:2] for r in rows] == [["| MLP, LM fine-tuned", "supervised"], ["| MLP, LM fine-tuned", "+ CLIP relevance"],
+                                     ["| Transformer, LM frozen", "supervised"],
+                                     ["| Transformer, LM frozen", "+ CLIP relevance"]]
+    assert rows[1][2] == "0.610" and rows[3][-1] == "61 |" and rows[1][-1] == "- |"
+    assert (tmp_path / "variants.png").stat().st_size > 10_000
+    (tmp_path / "settings.json").write_text(json.dumps({"seed": 0, "config": "world-relevance", "lm_documents": 1}))
+    with pytest.raises(SystemExit, match="was made with"):
+        variants.main(["--out", str(tmp_path)])  # --lm-documents 3 by default: another LM, refused

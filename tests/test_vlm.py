@@ -159,16 +159,6 @@ FAMILIES = {"llava": llava, "idefics3": idefics3, "smolvlm": smolvlm, "qwen2_vl"
             "gemma3": gemma3}
 
 
-@pytest.fixture(autouse=True)
-def _smolvlm_without_num2words(monkeypatch):
-    """SmolVLM's processor refuses to start without the `num2words` package, which only its video prompts use
-    (not installed here, and not a raycap dependency): a stand-in lets the image path run."""
-    from transformers.models.smolvlm import processing_smolvlm
-
-    if processing_smolvlm.num2words is None:
-        monkeypatch.setattr(processing_smolvlm, "num2words", str)
-
-
 @functools.lru_cache(maxsize=None)
 def saved_base(family: str, tmp_root: str) -> str:
     """The family's tiny random model, built once (seed 0) and saved as a raycap VLM captioner directory."""
@@ -319,9 +309,7 @@ def test_lora_step_save_load_and_merged_export(family, train_projector, tmp_path
     from raycap.models import vlm
     from raycap.models.loading import CAPTIONERS, CaptionerKind, load_captioner, load_captioner_model
 
-    # not in the registry until the supervised stage and the runtime build it (issue 43): registered here
-    monkeypatch.setitem(CAPTIONERS, "vlm", CaptionerKind(vlm.CONFIG_NAME, VlmCaptioner, "HF vision-language model"))
-
+    assert CAPTIONERS["vlm"] == CaptionerKind(vlm.CONFIG_NAME, VlmCaptioner, "vision-language model")
     base = saved_base(family, str(tmp_path_factory.getbasetemp() / "vlm_bases"))
     cap = VlmCaptioner.from_pretrained(base, train_projector=train_projector)
     cap.add_lora(r=4, alpha=8, seed=0)

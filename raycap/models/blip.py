@@ -72,6 +72,11 @@ class BlipCaptioner(Decoding, nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def cached_input_shape(self) -> tuple[int, int]:
+        """What a run caches per image (`raycap.inputs`): the vision features, (1 + patches, width)."""
+        return feature_shape(self.model.config.vision_config)
+
     @torch.no_grad()
     def encode_images(self, images) -> Tensor:
         """PIL images -> (N, 1 + patches, width) vision features (fp32, on the CPU), frozen."""
@@ -153,6 +158,11 @@ class BlipCaptioner(Decoding, nn.Module):
                                                          train_vision=train_vision))
 
 
+def feature_shape(vision_config) -> tuple[int, int]:
+    """(1 + patches, width): a BLIP vision tower's last hidden states per image, from its config."""
+    return 1 + (vision_config.image_size // vision_config.patch_size) ** 2, vision_config.hidden_size
+
+
 def load_blip(name_or_path):
     """(BlipForConditionalGeneration, BlipImageProcessor) of a name or directory; one line if it cannot load."""
     from transformers import BlipForConditionalGeneration, BlipImageProcessor
@@ -164,3 +174,46 @@ def load_blip(name_or_path):
         raise UserError(f"BLIP {str(name_or_path)!r}: cannot load it ({str(e).splitlines()[0]}); give a local "
                         "directory of a BlipForConditionalGeneration with its preprocessor_config.json") from None
     return model, processor
+
+
+def blip_vision_config_of(visual, layers: int | None = None) -> dict:
+    """The `BlipVisionConfig` fields of a BLIP vision tower shaped as an open_clip ViT image tower (`visual`),
+    with its first `layers` blocks (default all)."""
+    blocks = visual.transformer.resblocks
+    width = visual.transformer.width
+    return {"hidden_size": width, "intermediate_size": blocks[0].mlp.c_fc.out_features,
+            "num_hidden_layers": len(blocks) if layers is None else layers,
+            "num_attention_heads": blocks[0].attn.num_heads, "image_size": visual.image_size[0],
+            "patch_size": visual.patch_size[0], "hidden_act": "gelu", "layer_norm_eps": blocks[0].ln_1.eps}
+
+
+def blip_vision_state_from_open_clip(visual, layers: int | None = None) -> dict[str, Tensor]:
+    """A BLIP vision tower's weights (`BlipVisionModel` state-dict keys) from an open_clip ViT image tower: patch
+    embedding (no bias in open_clip: zero), class and position embeddings, the first `layers` blocks (fused qkv
+    in the same q, k, v order), and open_clip's `ln_post` as the post-layernorm. BLIP's embeddings have no
+    pre-layernorm (open_clip's `ln_pre`), so the copy is the tower up to that norm; `distil_blip_vision`
+    (raycap.supervised.blip_vision) trains the rest of the way."""
+    sd = {k: v.detach().clone() for k, v in visual.state_dict().items()}
+    n = len(visual.transformer.resblocks) if layers is None else layers
+    conv = sd["conv1.weight"]
+    out = {"embeddings.class_embedding": sd["class_embedding"].view(1, 1, -1),
+           "embeddings.patch_embedding.weight": conv,
+           "embeddings.patch_embedding.bias": torch.zeros(conv.shape[0], dtype=conv.dtype),
+           "embeddings.position_embedding": sd["positional_embedding"].unsqueeze(0),
+           "post_layernorm.weight": sd["ln_post.weight"], "post_layernorm.bias": sd["ln_post.bias"]}
+    names = {"ln_1": "layer_norm1", "attn.in_proj_weight": "self_attn.qkv.weight",
+             "attn.in_proj_bias": "self_attn.qkv.bias", "attn.out_proj": "self_attn.projection", "ln_2": "layer_norm2",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for i in range(n):
+        prefix = f"transformer.resblocks.{i}."
+        for key, value in sd.items():
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            for src, dst in names.items():
+                if rest == src or rest.startswith(src + "."):
+                    out[f"encoder.layers.{i}.{dst}{rest[len(src):]}"] = value
+                    break
+            else:
+                raise ValueError(f"open_clip tower weight {key!r} has no BLIP counterpart")
+    return out

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from raycap.data.world import World, WorldConfig
 from raycap.errors import UserError
-from raycap.models import blip, clipcap
+from raycap.models import blip, clipcap, vlm
 from raycap.models.clip import Retriever
 from raycap.models.clipcap import ClipCap
 from raycap.models.tokenizers import load_tokenizer
@@ -30,6 +30,7 @@ class CaptionerKind:
 CAPTIONERS: dict[str, CaptionerKind] = {  # kind -> how to recognise and load it (checked in this order)
     "clipcap": CaptionerKind(clipcap.CONFIG_NAME, clipcap.ClipCap, "ClipCap"),
     "blip": CaptionerKind(blip.CONFIG_NAME, blip.BlipCaptioner, "BLIP"),
+    "vlm": CaptionerKind(vlm.CONFIG_NAME, vlm.VlmCaptioner, "vision-language model"),
 }
 
 

@@ -53,6 +53,7 @@ LANGUAGE_MODELS = ("language_model", "text_model")
 PROJECTORS = ("multi_modal_projector", "connector", "visual.merger", "mm_projector")
 NOT_INPUTS = ("labels",)  # per-token rows a processor returns that are no model input (PaliGemma's labels)
 FALLBACK_TARGETS = ["q_proj", "v_proj"]  # LoRA targets when peft knows no default for the LM type
+NEVER = -1e9  # the logit of a token the captioner must never emit (exp() is 0 in fp32)
 
 
 @dataclass
@@ -197,6 +198,11 @@ class VlmCaptioner(Decoding, nn.Module):
     def pixels(self, images) -> Tensor:
         """PIL images -> their pixel rows (N, *row_shape), fp32 on the CPU."""
         return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    @property
+    def cached_input_shape(self) -> tuple[int, ...]:
+        """What a run caches per image (`raycap.inputs`): one pixel row."""
+        return self.processor.row_shape
 
     @torch.no_grad()
     def encode_images(self, images) -> Tensor:
@@ -347,12 +353,14 @@ class VlmCaptioner(Decoding, nn.Module):
 
     def _allowed(self, logits: Tensor) -> Tensor:
         """Logits with the image placeholder tokens ruled out: a caption holding one would be taken for an image
-        slot when it is scored (the model counts them), so the policy never emits them."""
+        slot when it is scored (the model counts them), so the policy never emits them. The floor is finite
+        (NEVER): their probability is exactly 0 in fp32, while the sums over the vocabulary that the entropy and
+        the full KL take (p * log p) stay 0 for them instead of 0 * inf = nan."""
         if not self.placeholder_ids:
             return logits
         banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         banned[[i for i in self.placeholder_ids if i < logits.shape[-1]]] = True
-        return logits.masked_fill(banned, float("-inf"))
+        return logits.masked_fill(banned, NEVER)
 
     def logits(self, inputs: Tensor, tokens: Tensor) -> Tensor:
         """Teacher-forced next-token logits (N, T, V), fp32: row t predicts tokens[:, t] after the prompt and

@@ -20,6 +20,7 @@ from raycap.models.captioner import Captioner
 from raycap.models.clipcap import ClipCap, ClipCapConfig
 from raycap.models.tokenizers import decode, encode
 from raycap.progress import progress
+from raycap.supervised.world_lm import load_world_lm
 
 
 @dataclass
@@ -35,23 +36,44 @@ class CaptionerTraining:
     max_new_tokens: int = 40
     seed: int = 0
     image_input: str = "embedding"  # "tokens": the retriever's patch tokens through a token mapper
-    mapper_layers: int = 4  # the token mapper's layers
+    mapper: str = "mlp"  # over the embedding: "mlp" or "transformer" (ClipCap's two mappers)
+    mapper_layers: int = 4  # the Transformer or token mapper's layers
+    lm_init: str | None = None  # a `pretrain world-lm` directory: the LM starts from its text-only weights
+    train_lm: bool = True  # False: the LM stays frozen (only the mapper learns), here and in any RL stage after
 
 
 def world_captioner(retriever: Retriever, cfg: CaptionerTraining) -> ClipCap:
-    """A fresh ClipCap sized for the world, sharing the retriever's word vocabulary: an MLP mapper over the
-    retriever's embedding, or (`image_input: tokens`) a Transformer mapper over its patch tokens."""
+    """A ClipCap sized for the world, sharing the retriever's word vocabulary: an MLP or Transformer mapper over the
+    retriever's embedding, or (`image_input: tokens`) a Transformer mapper over its patch tokens; its LM fresh, or
+    the text-only world LM of `cfg.lm_init`, trained or frozen (`cfg.train_lm`). A frozen fresh LM is refused
+    (ValueError): it would have no language to steer."""
     tok = retriever.tokenizer
-    lm = {**cfg.lm, "vocab_size": len(tok), "bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id,
-          "pad_token_id": tok.pad_token_id}
+    if not cfg.train_lm and not cfg.lm_init:
+        raise ValueError("a frozen LM needs pretrained weights (a `pretrain world-lm` directory); a fresh one "
+                         "knows no words")
+    if cfg.image_input == "tokens" and cfg.mapper != "transformer":
+        raise ValueError("the image tower's tokens are read by a Transformer mapper, not an MLP")
+    lm_model = load_world_lm(Path(cfg.lm_init), tok) if cfg.lm_init else None
+    if lm_model is not None:
+        lm = {k: getattr(lm_model.config, k) for k in ("n_embd", "n_layer", "n_head", "n_positions")}
+    else:
+        lm = dict(cfg.lm)
+    lm |= {"vocab_size": len(tok), "bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id,
+           "pad_token_id": tok.pad_token_id}
     if cfg.image_input == "tokens":
         n_tokens, width = retriever.token_shape
         reads = dict(clip_dim=width, mapper="transformer", clip_length=n_tokens, mapper_layers=cfg.mapper_layers,
                      image_input="tokens")
-    else:
+    elif cfg.mapper == "transformer":
+        reads = dict(clip_dim=retriever.embed_dim, mapper="transformer", clip_length=cfg.prefix_length,
+                     mapper_layers=cfg.mapper_layers)
+    elif cfg.mapper == "mlp":
         reads = dict(clip_dim=retriever.embed_dim)
-    return ClipCap(ClipCapConfig(prefix_length=cfg.prefix_length, lm=lm, train_lm=True, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens, **reads))
+    else:
+        raise ValueError(f"unknown mapper {cfg.mapper!r} (expected 'mlp' or 'transformer')")
+    return ClipCap(ClipCapConfig(prefix_length=cfg.prefix_length, lm=lm, train_lm=cfg.train_lm,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 max_new_tokens=cfg.max_new_tokens, **reads), lm=lm_model)
 
 
 def world_inputs(captioner, retriever: Retriever, images) -> torch.Tensor:

@@ -23,13 +23,23 @@ from raycap.errors import UserError, format_validation_error
 
 
 class CaptionerModelConfig(BaseModel):
-    """Which captioner to build: ClipCap's mapper over an HF causal LM with its tokenizer, or a BLIP."""
+    """Which captioner to build: ClipCap's mapper over an HF causal LM with its tokenizer, a BLIP, or an HF
+    vision-language model with LoRA adapters."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    kind: Literal["clipcap", "blip"] = "clipcap"
+    kind: Literal["clipcap", "blip", "vlm"] = "clipcap"
     lm: str | None = Field(None, description="clipcap: HF causal LM, a name (gpt2) or a local directory")
     blip: str | None = Field(None, description="blip: a BlipForConditionalGeneration name or directory")
+    vlm: str | None = Field(None, description="vlm: an HF vision-language model (AutoModelForImageTextToText and its "
+                            "processor), a name or a directory")
+    prompt: str = Field("", description="vlm: what the model is asked; the image goes before it")
+    image_size: int | None = Field(None, ge=1, description="vlm: every image resized to this square first (needed "
+                                   "by processors whose image shapes vary, e.g. Qwen2-VL's)")
+    lora_r: int = Field(8, ge=0, description="vlm: LoRA rank of the adapters on its language model, the weights "
+                        "that train (0: none, the whole language model trains)")
+    lora_alpha: float = Field(16.0, gt=0, description="vlm: LoRA alpha")
+    train_projector: bool = Field(False, description="vlm: train the multimodal projector too")
     train_vision: bool = Field(False, description="blip: train its vision tower too in this stage (a BLIP "
                                "trained from scratch); RL always freezes it")
     tokenizer: str | None = Field(None, description="HF tokenizer name or directory (default: the LM's)")
@@ -48,6 +58,8 @@ class CaptionerModelConfig(BaseModel):
             raise ValueError("model.lm: a ClipCap needs its language model (a name or a directory)")
         if self.kind == "blip" and not self.blip:
             raise ValueError("model.blip: a BLIP captioner needs its checkpoint (a name or a directory)")
+        if self.kind == "vlm" and not self.vlm:
+            raise ValueError("model.vlm: a VLM captioner needs its checkpoint (a name or a directory)")
         if self.image_input == "tokens" and self.mapper != "transformer":
             raise ValueError("model.image_input: tokens needs model.mapper: transformer (an MLP reads one embedding)")
         return self
@@ -100,6 +112,8 @@ def build_captioner(model: CaptionerModelConfig, clip_dim: int, max_new_tokens: 
     from raycap.models.clipcap import ClipCap, ClipCapConfig
     from raycap.models.tokenizers import load_tokenizer
 
+    if model.kind == "vlm":
+        return build_vlm(model, max_new_tokens)
     if model.kind == "blip":
         from raycap.models.blip import BlipCaptioner
 
@@ -126,6 +140,22 @@ def build_captioner(model: CaptionerModelConfig, clip_dim: int, max_new_tokens: 
         raise UserError(f"model.tokenizer {model.tokenizer or model.lm}: {len(tokenizer)} tokens but the LM "
                         f"{model.lm} embeds only {vocab}")
     captioner.set_trainable(model.train_lm)
+    return captioner, tokenizer
+
+
+def build_vlm(model: CaptionerModelConfig, max_new_tokens: int):
+    """(an HF VLM as a raycap captioner with LoRA adapters of rank `lora_r` on its language model, or none; its
+    processor's tokenizer): only the adapters (and the projector with `train_projector`) train, the vision tower
+    stays frozen."""
+    from raycap.models.vlm import VlmCaptioner
+
+    captioner = VlmCaptioner.from_hf(model.vlm, prompt=model.prompt, max_new_tokens=max_new_tokens,
+                                     image_size=model.image_size, train_projector=model.train_projector)
+    if model.lora_r:
+        captioner.add_lora(r=model.lora_r, alpha=model.lora_alpha)
+    tokenizer = captioner.hf_processor.tokenizer
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model.vlm {model.vlm}: its tokenizer has no eos token, which ends captions")
     return captioner, tokenizer
 
 

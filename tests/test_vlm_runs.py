@@ -1,0 +1,137 @@
+"""A vision-language model as the captioner of a DiscriTune run: a tiny random model of each family (LLaVA,
+SmolVLM / Idefics3, Qwen2-VL, PaliGemma; built in test_vlm.py) with LoRA adapters runs 2 updates on the tiny world on
+the reference loop and on Ray, reading its pixel rows (cached, or per batch on Ray) and rewarded by the frozen world
+retriever through the captions' text. The run moves its adapters and nothing of the image side, ends with a
+captioner directory the registry loads and whose merged export `AutoModelForImageTextToText` loads; `raycap
+evaluate` and `raycap caption` read that directory."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_vlm import saved_base
+from world_runs import FAST, world_sets
+
+from raycap.models import lora
+from raycap.models.vlm import VlmCaptioner
+
+FAMILIES = ["llava", "smolvlm", "qwen2_vl", "paligemma"]
+RAY_IN_CI = {"llava"}  # the others on Ray are `slow`: the reference loop runs every family in CI, and the
+# Ray-only part (pixel rows through the object store to each role) is the same for every family
+
+
+def lora_captioner(family: str, root) -> tuple[VlmCaptioner, object]:
+    base = saved_base(family, str(root / "vlm_bases"))
+    cap = VlmCaptioner.from_pretrained(base)
+    cap.add_lora(r=4, alpha=8, seed=0)
+    out = root / f"vlm-lora-{family}"
+    if not out.exists():
+        cap.save_pretrained(out)
+    return cap, out
+
+
+def run_two_updates(tiny_world_dir, captioner_dir, out, runtime, *extra):
+    from raycap.ray_start import free_port
+    from raycap.train import main as train_main
+
+    sets = [a for s in world_sets(tiny_world_dir) if not s.startswith("captioner.path") for a in ("--set", s)]
+    return train_main(["--config", "world-demo", "--out", str(out), "--runtime", runtime, *sets,
+                       "--set", f"captioner.path={captioner_dir}", "--set", "rl.steps=2", *FAST,
+                       "--set", "eval.every=2", "--set", f"runtime.dashboard_port={free_port()}", *extra])
+
+
+def check_run(cap: VlmCaptioner, out, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from raycap.models.loading import load_captioner_model
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "reward_mean" in r] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    final = load_captioner_model(out / "final")
+    assert type(final) is VlmCaptioner and lora.has_lora(final.lora_target)
+    before, after = cap.model.state_dict(), final.model.state_dict()
+    frozen = set(cap.frozen_parameters())
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)  # the image side never moves
+    moved = {n for n in after if lora.LORA_MARK in n and not torch.equal(before[n], after[n])}
+    assert moved  # the adapters learned
+    final.merge_and_save(tmp_path / "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    assert type(merged) is type(cap.model) and not lora.has_lora(merged)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_discritune_updates_on_the_reference_loop(family, tiny_world_dir, tmp_path, tmp_path_factory):
+    cap, captioner_dir = lora_captioner(family, tmp_path_factory.getbasetemp())
+    final = run_two_updates(tiny_world_dir, captioner_dir, tmp_path / "rl", "local")
+    assert final["updates"] == 2
+    check_run(cap, tmp_path / "rl", tmp_path)
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[] if f in RAY_IN_CI else [pytest.mark.slow])
+                                    for f in FAMILIES])
+def test_two_discritune_updates_on_ray_with_pixel_rows_per_batch(family, tiny_world_dir, tmp_path, tmp_path_factory):
+    """On Ray the rollout workers and the learner read each batch's pixel rows (`ImageRows` through the object
+    store), as a VLM whose cached rows would not fit does; the reference loop's run rewards the same captions."""
+    cap, captioner_dir = lora_captioner(family, tmp_path_factory.getbasetemp())
+    final = run_two_updates(tiny_world_dir, captioner_dir, tmp_path / "rl", "ray",
+                            "--set", "captioner.vision_features=per_batch")
+    assert final["updates"] == 2
+    check_run(cap, tmp_path / "rl", tmp_path)
+
+
+def test_evaluate_and_caption_read_a_vlm_run(tiny_world_dir, tmp_path, tmp_path_factory, capsys):
+    from PIL import Image
+
+    from raycap.caption import main as caption_main
+    from raycap.data.world import World, WorldConfig
+    from raycap.evaluate import main as evaluate_main
+
+    _, captioner_dir = lora_captioner("llava", tmp_path_factory.getbasetemp())
+    metrics = evaluate_main(["--captioner", str(captioner_dir), "--dataset", "world:test", "--world-dir",
+                             str(tiny_world_dir), "--images", "100", "--hard-distractors", "--json",
+                             str(tmp_path / "m.json")])
+    assert 0.0 <= metrics["p_at_1"] <= 1.0 and json.loads((tmp_path / "m.json").read_text())["p_at_1"] == \
+        metrics["p_at_1"]
+    world = World(WorldConfig())
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(world.image("test", i)).save(files[-1])
+    capsys.readouterr()
+    caption_main([*map(str, files), "--captioner", str(captioner_dir), "--json"])
+    results = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in results] == [str(f) for f in files]
+    assert all(isinstance(r["caption"], str) for r in results)
+
+
+def test_the_supervised_stage_trains_adapters_on_references_and_rl_starts_from_it(tiny_world_dir, tmp_path,
+                                                                                  tmp_path_factory):
+    """`raycap pretrain captioner` with `model.kind: vlm`: an HF VLM directory gets LoRA adapters on its language
+    model, learns the references with cross-entropy (its validation loss falls), keeps its vision tower, and the
+    saved captioner is what a DiscriTune run starts from."""
+    from raycap.models.loading import load_captioner_model
+    from raycap.pretrain import main as pretrain_main
+
+    base = saved_base("llava", str(tmp_path_factory.getbasetemp() / "vlm_bases"))
+    start = VlmCaptioner.from_pretrained(base)
+    cfg = {"seed": 0, "threads": 2, "data": {"kind": "world", "path": str(tiny_world_dir)},
+           "retriever": {"path": str(tiny_world_dir / "retriever")},
+           "model": {"kind": "vlm", "vlm": f"{base}/vlm", "prompt": "A picture of", "lora_r": 4, "lora_alpha": 8},
+           "training": {"epochs": 3, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5, "max_new_tokens": 8,
+                        "val_images": 50},
+           "eval_images": 100}
+    (tmp_path / "stage.yaml").write_text(json.dumps(cfg))
+    metrics = pretrain_main(["captioner", "--config", str(tmp_path / "stage.yaml"), "--out", str(tmp_path / "sup")])
+    assert "p_at_1" in metrics
+    log = [json.loads(line) for line in (tmp_path / "sup" / "work" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    trained = load_captioner_model(tmp_path / "sup" / "captioner")
+    assert type(trained) is VlmCaptioner and lora.has_lora(trained.lora_target)
+    before, after = start.model.state_dict(), trained.model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in start.frozen_parameters())
+    assert any(lora.LORA_MARK in n and not torch.equal(after[n], torch.zeros_like(after[n])) and "lora_B" in n
+               for n in after)  # the adapters learned (lora_B starts at zero)
+    final = run_two_updates(tiny_world_dir, tmp_path / "sup" / "captioner", tmp_path / "rl", "local")
+    assert final["updates"] == 2
