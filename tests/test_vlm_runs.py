@@ -135,3 +135,15 @@ def test_the_supervised_stage_trains_adapters_on_references_and_rl_starts_from_i
                for n in after)  # the adapters learned (lora_B starts at zero)
     final = run_two_updates(tiny_world_dir, tmp_path / "sup" / "captioner", tmp_path / "rl", "local")
     assert final["updates"] == 2
+
+
+@pytest.mark.parametrize("name", ["smolvlm2-coco-stage", "qwen2vl-coco-stage"])
+def test_the_vlm_example_configs_load(name):
+    """The COCO example stages for SmolVLM2 and Qwen2-VL (not run here: no weights or COCO) are valid configs."""
+    from pathlib import Path
+
+    from raycap.supervised.captioner_stage import load_stage_config
+
+    cfg = load_stage_config(Path(__file__).parents[1] / "examples" / f"{name}.yaml")
+    assert cfg.model.kind == "vlm" and cfg.model.lora_r == 16 and cfg.model.image_size
+    assert cfg.data.kind == "karpathy"
