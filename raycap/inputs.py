@@ -103,7 +103,7 @@ def check_run_compatible(captioner, retriever, cfg: RunConfig) -> None:
     if cfg.rl.method == "gumbel" and not hasattr(captioner, "lm"):
         raise UserError(f"rl.method=gumbel: captioner.path {cfg.captioner.path} is a {type(captioner).__name__}; "
                         "Gumbel decoding feeds soft tokens through a ClipCap's language model, use rl.method="
-                        "discritune for BLIP")
+                        "discritune for it")
 
 
 def add_retriever_arguments(p, default: Path) -> None:

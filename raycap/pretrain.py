@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -126,6 +127,20 @@ def run_fluency(args) -> dict:
     return metrics
 
 
+def check_world_lm(args, world_config: WorldConfig) -> None:
+    """`--lm` must be a world LM over the words of the retriever the captioner reads (`--retriever`'s, or the one
+    this run trains over the world's vocabulary): refused in one line before anything is written."""
+    from raycap.models.tokenizers import world_tokenizer
+    from raycap.supervised.world_lm import check_world_lm_dir
+
+    tokenizer = load_world_retriever(args.retriever, world_config, "--retriever").tokenizer \
+        if args.retriever is not None else world_tokenizer(world_config.vocabulary())
+    try:
+        check_world_lm_dir(args.lm, tokenizer)
+    except ValueError as e:
+        raise UserError(f"--lm {e}") from None
+
+
 def run_world_lm(args) -> dict:
     """The text-only world LM (`raycap.supervised.world_lm`) of `--world` (default the shipped world), written to
     OUT/lm and OUT/tokenizer (the world retriever's) with OUT/metrics.json."""
@@ -145,9 +160,17 @@ def run_world_lm(args) -> dict:
         if not (world_dir / need).exists():
             raise UserError(f"--world {world_dir}: no {need} (a directory `raycap pretrain world` made)")
     check_output_dir(args.out, "--out")
+    settings = {"world": str(world_dir), "seed": args.seed, "steps": args.lm_steps, "scenes": args.lm_scenes,
+                "references_per_text": args.lm_documents}
     if (args.out / "metrics.json").exists():
+        done = json.loads((args.out / "metrics.json").read_text())
+        if "val_loss" not in done or not (args.out / LM_DIR / "config.json").is_file():
+            raise UserError(f"--out {args.out}: holds a metrics.json that is not a finished world LM's; use a new --out")
+        other = {k: done.get(k) for k in settings if done.get(k) != settings[k]}
+        if other:
+            raise UserError(f"--out {args.out}: its world LM was made with {other}, not these settings; use a new --out")
         print(f"{args.out}: the world LM is already trained")
-        return json.loads((args.out / "metrics.json").read_text())
+        return done
     config = WorldConfig.parse(json.loads((world_dir / "world.json").read_text()), str(world_dir / "world.json"))
     quiet_library_progress()
     if args.threads:
@@ -159,7 +182,7 @@ def run_world_lm(args) -> dict:
                                     per_text=args.lm_documents)
     model.save_pretrained(args.out / LM_DIR, safe_serialization=True)
     tokenizer.save_pretrained(str(args.out / TOKENIZER_DIR))
-    metrics |= {"world": str(world_dir), "seed": args.seed, "train_seconds": round(time.time() - t0, 1)}
+    metrics |= settings | {"train_seconds": round(time.time() - t0, 1)}
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print("world LM (validation):", json.dumps({k: metrics[k] for k in ("val_loss", "sampled_wellformed")}))
     return metrics
@@ -222,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        # DeepSpeed, which transformers imports to save a model, is told the accelerator instead of guessing it aloud
+        # ("Setting accelerator to CPU. If you have GPU ... unable to detect it")
+        os.environ["DS_ACCELERATOR"] = "cpu"
     with exit_on_user_error():
         return run(args)
 
@@ -236,10 +263,14 @@ def run(args) -> dict:
         cfg = load_stage_config(args.config, args.set)
         quiet_library_progress()
         return run_captioner_stage(cfg, args.out)
+    if args.dataset != "world" and (args.lm is not None or args.freeze_lm or args.captioner_mapper != "mlp"):
+        raise UserError("--lm, --freeze-lm and --captioner-mapper are for `pretrain world`")
     if args.dataset == "fluency":
         return run_fluency(args)
     if args.dataset == "world-lm":
         return run_world_lm(args)
+    if args.world is not None:
+        raise UserError("--world is for `pretrain world-lm`; the world takes --world-config and --set")
     if args.freeze_lm and args.lm is None:
         raise UserError("--freeze-lm: needs --lm DIR (a `pretrain world-lm` directory); a fresh LM knows no words")
     if args.lm is not None and not (args.lm / "lm" / "config.json").is_file():
@@ -262,6 +293,8 @@ def run(args) -> dict:
     out: Path = args.out
     check_output_dir(out, "--out")
     world_config = load_world_config(args.world_config, dict(parse_overrides(args.set)), out)
+    if args.lm is not None and "captioner" in stages:
+        check_world_lm(args, world_config)
     quiet_library_progress()
     out.mkdir(parents=True, exist_ok=True)
     (out / "world.json").write_text(world_config.model_dump_json(indent=2))
@@ -319,13 +352,6 @@ def run(args) -> dict:
         cfg = CaptionerTraining(epochs=args.captioner_epochs, seed=args.seed, image_input=args.captioner_input,
                                 mapper=mapper, mapper_layers=args.mapper_layers,
                                 lm_init=None if args.lm is None else str(args.lm), train_lm=not args.freeze_lm)
-        if args.lm is not None:
-            from raycap.supervised.world_lm import load_world_lm
-
-            try:  # the LM's words must be the retriever's, checked before any training
-                load_world_lm(args.lm, retriever.tokenizer)
-            except ValueError as e:
-                raise UserError(f"--lm {e}") from None
         t0 = time.time()
         captioner = train_captioner(retriever, world, cfg, out / "work" / "captioner")
         captioner.save_pretrained(out / "captioner")

@@ -8,7 +8,6 @@ actor) a tqdm bar writes every refresh with a carriage return, which a file keep
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -92,13 +91,7 @@ def progress(iterable: Iterable, total: int | None = None, initial: int = 0, des
 
 def quiet_library_progress() -> None:
     """When stderr is not a terminal, turn off transformers' per-load bars ("Loading weights", "Writing model
-    shards"): in a log file each is a carriage-return-joined line with nothing to follow. Without a GPU, DeepSpeed
-    (which transformers imports to save a model) is told the accelerator instead of guessing it aloud ("Setting
-    accelerator to CPU. If you have GPU ... unable to detect it"), unless DS_ACCELERATOR is set already."""
-    import torch
-
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    shards"): in a log file each is a carriage-return-joined line with nothing to follow."""
     if not _isatty(sys.stderr):
         from transformers.utils import logging as hf_logging
 

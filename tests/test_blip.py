@@ -125,7 +125,8 @@ def test_gumbel_with_blip_is_one_line(tiny_world_dir, blip, blip_dir, tmp_path, 
         train_main(["--config", "world-demo", "--out", str(tmp_path / "g"), "--runtime", "local", *sets,
                     "--set", f"captioner.path={tmp_path / 'c'}", "--set", "rl.method=gumbel",
                     "--set", "rl.self_check.gate=false"])
-    assert e.value.code == 2 and "use rl.method=discritune for BLIP" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is a BlipCaptioner" in err and "use rl.method=discritune for it" in err
 
 
 def test_cached_features_that_cannot_fit_are_refused_with_the_estimate(blip, monkeypatch):

@@ -22,6 +22,13 @@ from raycap.config import DataConfig, RetrieverConfig, check_override_key, parse
 from raycap.errors import UserError, format_validation_error
 
 
+KIND_FIELDS = {  # the model settings each kind reads; setting another kind's is refused
+    "clipcap": {"lm", "tokenizer", "mapper", "prefix_length", "mapper_layers", "clip_length", "train_lm", "image_input"},
+    "blip": {"blip", "tokenizer", "train_vision"},
+    "vlm": {"vlm", "prompt", "image_size", "lora_r", "lora_alpha", "train_projector"},
+}
+
+
 class CaptionerModelConfig(BaseModel):
     """Which captioner to build: ClipCap's mapper over an HF causal LM with its tokenizer, a BLIP, or an HF
     vision-language model with LoRA adapters."""
@@ -54,6 +61,10 @@ class CaptionerModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_model(self):
+        other = sorted(self.model_fields_set - KIND_FIELDS[self.kind] - {"kind"})
+        if other:
+            raise ValueError(f"model.{other[0]}: not a setting of a {self.kind} captioner (its settings: "
+                             f"{', '.join(sorted(KIND_FIELDS[self.kind]))})")
         if self.kind == "clipcap" and not self.lm:
             raise ValueError("model.lm: a ClipCap needs its language model (a name or a directory)")
         if self.kind == "blip" and not self.blip:
@@ -156,6 +167,8 @@ def build_vlm(model: CaptionerModelConfig, max_new_tokens: int):
     tokenizer = captioner.hf_processor.tokenizer
     if tokenizer.eos_token_id is None:
         raise UserError(f"model.vlm {model.vlm}: its tokenizer has no eos token, which ends captions")
+    if tokenizer.pad_token is None:  # the references are padded to a batch (never scored past their lengths)
+        tokenizer.pad_token = tokenizer.eos_token
     return captioner, tokenizer
 
 

@@ -28,6 +28,8 @@ LM_DIR, TOKENIZER_DIR = "lm", "tokenizer"
 def world_text(config: WorldConfig, n_scenes: int, per_text: int = 1, sep: str = "") -> tuple[list[str], list[str]]:
     """(train, validation) texts of `n_scenes` and VAL_SCENES further scenes of the text seed: every reference
     alone, or (`per_text` > 1) each scene's references in runs of `per_text`, joined by `sep` (the eos token)."""
+    if per_text > 1 and not sep:
+        raise ValueError("references joined into one text need a separator (the eos token)")
     text = World(config.model_copy(update={"seed": config.seed + TEXT_SEED_OFFSET, "n_train": n_scenes + VAL_SCENES}))
     refs = [text.references("train", i) for i in range(n_scenes + VAL_SCENES)]
 
@@ -103,6 +105,7 @@ def train_world_lm(tokenizer, config: WorldConfig, lm: dict, work_dir: Path, n_s
     texts sampled up to their first eos that the world's grammar parses."""
     torch.manual_seed(seed)
     work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "log.jsonl").write_text("")  # a rerun (the stage is not resumed mid-way) starts its log afresh
     train, val = world_text(config, n_scenes, per_text, tokenizer.eos_token)
     # each reference at most max_length tokens with its eos, and no more than the LM's positions
     longest = min((max_length + 1) * per_text, lm.get("n_positions", 1024) - 1)
@@ -138,15 +141,21 @@ def train_world_lm(tokenizer, config: WorldConfig, lm: dict, work_dir: Path, n_s
     return model.eval(), metrics
 
 
-def load_world_lm(path: Path, tokenizer) -> GPT2LMHeadModel:
-    """A `pretrain world-lm` directory's LM; refused (ValueError) when its tokenizer is not `tokenizer`."""
+def check_world_lm_dir(path: Path, tokenizer) -> None:
+    """Refuse (ValueError) what is not a `pretrain world-lm` directory, or one whose tokenizer is not `tokenizer`."""
     from raycap.models.tokenizers import load_tokenizer
-    from raycap.models.safetensors_io import reading_weights
 
     if not (path / LM_DIR / "config.json").is_file() or not (path / TOKENIZER_DIR).is_dir():
         raise ValueError(f"{path}: not a world LM directory (no {LM_DIR}/config.json or {TOKENIZER_DIR}/); make one "
                          "with `raycap pretrain world-lm --out DIR`")
     if load_tokenizer(path / TOKENIZER_DIR).get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"{path}: its tokenizer is not the retriever's (a world LM of another world)")
+
+
+def load_world_lm(path: Path, tokenizer) -> GPT2LMHeadModel:
+    """A `pretrain world-lm` directory's LM; refused (ValueError) as `check_world_lm_dir` says."""
+    from raycap.models.safetensors_io import reading_weights
+
+    check_world_lm_dir(path, tokenizer)
     with reading_weights(path / LM_DIR):
         return GPT2LMHeadModel.from_pretrained(path / LM_DIR, use_safetensors=True)
