@@ -3,7 +3,7 @@ a Transformer mapper, over an LM fine-tuned or frozen. Every variant starts its 
 paper's from GPT-2), is trained by the supervised stage on the shipped 2% of labels, then runs the self-supervised
 CLIP-relevance stage (`world-relevance`); both are scored on the test split by `raycap evaluate`.
 
-    python reproduce/relevance_variants.py --out runs/variants [--seed 0] [--lm-documents 3]
+    python reproduce/relevance_variants.py --out runs/variants [--seed 0] [--lm-documents 3] [--lm-steps 2000]
 
 Writes OUT/settings.json (the seed, config and LM text; others are refused), OUT/world-lm/ (`raycap pretrain world-lm
 --lm-documents N`: N references of a scene per training text; 1 gives an LM that cannot be steered frozen),
@@ -109,13 +109,18 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="world-relevance", help="the self-supervised stage's run config")
     p.add_argument("--lm-documents", type=int, default=3, help="references per text of the world LM's pretraining")
+    p.add_argument("--lm-steps", type=int, default=2000, help="the world LM's training steps")
     p.add_argument("--table-only", action="store_true", help="rebuild the table and figure from --out")
     args = p.parse_args(argv)
     if not args.table_only:
-        check_same_settings(args.out, {"seed": args.seed, "config": args.config, "lm_documents": args.lm_documents})
+        settings = {"seed": args.seed, "config": args.config, "lm_documents": args.lm_documents}
+        if args.lm_steps != 2000:
+            settings["lm_steps"] = args.lm_steps
+        check_same_settings(args.out, settings)
         if not stage_done(args.out / "world-lm" / "metrics.json", "val_loss"):
             sh("pretrain", "world-lm", "--out", str(args.out / "world-lm"), "--seed", str(args.seed),
-               "--lm-documents", str(args.lm_documents), log=args.out / "world-lm.log")
+               "--lm-documents", str(args.lm_documents), "--lm-steps", str(args.lm_steps),
+               log=args.out / "world-lm.log")
         for name in args.variants:
             run_variant(args.out, name, args.seed, args.config)
     found = results(args.out)
