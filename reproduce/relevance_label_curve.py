@@ -43,15 +43,27 @@ def run_size(out: Path, n: int, seed: int, config: str, n_train: int, supervised
            "--probe-images", "0", "--seed", str(seed), log=out / f"sup-{n}.log")
     if supervised_only:
         return
+    relevance_and_evaluations(out, str(n), seed, config)
+
+
+def relevance_and_evaluations(out: Path, tag: str, seed: int, config: str) -> None:
+    """From OUT/sup-TAG/captioner: the self-supervised stage into OUT/rel-TAG, then both captioners scored on the
+    test split into OUT/{sup,rel}-TAG-test.json; each step skipped when its output exists."""
+    sup, rel = out / f"sup-{tag}", out / f"rel-{tag}"
     if not stage_done(rel / "final_metrics.json", "p_at_1"):
         sh("train", "--config", config, "--runtime", "local", "--out", str(rel),
            "--set", f"captioner.path={sup / 'captioner'}", "--set", f"seed={seed}",
-           "--set", "eval.test_table=false", "--set", "eval.report=false", log=out / f"rel-{n}.log")
+           "--set", "eval.test_table=false", "--set", "eval.report=false", log=out / f"rel-{tag}.log")
     for arm, captioner in (("sup", sup / "captioner"), ("rel", rel / "final")):
-        result = out / f"{arm}-{n}-test.json"
+        result = out / f"{arm}-{tag}-test.json"
         if not result.exists():
             sh("evaluate", "--captioner", str(captioner), "--dataset", "world:test", "--json", str(result),
-               log=out / f"{arm}-{n}-test.log")
+               log=out / f"{arm}-{tag}-test.log")
+
+
+def cells(metrics: dict) -> str:
+    """A table row's COLUMNS cells: each metric to 3 decimals, '-' where it is missing."""
+    return " | ".join("-" if not isinstance(metrics.get(k), (int, float)) else f"{metrics[k]:.3f}" for k, _ in COLUMNS)
 
 
 def results(out: Path) -> dict[int, dict[str, dict]]:
@@ -70,9 +82,7 @@ def table(found: dict[int, dict[str, dict]]) -> str:
     lines = [head, "|" + " --- |" * (len(COLUMNS) + 2)]
     for n, arms in found.items():
         for arm, label in ARMS:
-            m = arms[arm]
-            cells = " | ".join("-" if not isinstance(m.get(k), (int, float)) else f"{m[k]:.3f}" for k, _ in COLUMNS)
-            lines.append(f"| {n:,} | {label} | {cells} |")
+            lines.append(f"| {n:,} | {label} | {cells(arms[arm])} |")
     return "\n".join(lines) + "\n"
 
 

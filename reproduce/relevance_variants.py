@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from raycap.config import WORLD_DIR
+from relevance_label_curve import ARMS, COLUMNS, cells, relevance_and_evaluations
 from reproduce_common import check_same_settings, sh, stage_done
 
 # name: (mapper, LM trained)
@@ -27,27 +28,16 @@ VARIANTS = {"mlp-tuned": ("mlp", True), "mlp-frozen": ("mlp", False),
             "transformer-tuned": ("transformer", True), "transformer-frozen": ("transformer", False)}
 LABELS = {"mlp-tuned": "MLP, LM fine-tuned", "mlp-frozen": "MLP, LM frozen",
           "transformer-tuned": "Transformer, LM fine-tuned", "transformer-frozen": "Transformer, LM frozen"}
-COLUMNS = [("bleu4", "BLEU-4"), ("cider", "CIDEr"), ("refcompare", "RefCompare"), ("clipscore", "CLIPScore"),
-           ("p_at_1", "P@1"), ("wellformed", "wellformed"), ("faithful", "faithful"), ("recall", "recall")]
-ARMS = (("sup", "supervised"), ("rel", "+ CLIP relevance"))
 
 
 def run_variant(out: Path, name: str, seed: int, config: str) -> None:
     mapper, train_lm = VARIANTS[name]
-    sup, rel = out / f"sup-{name}", out / f"rel-{name}"
+    sup = out / f"sup-{name}"
     if not stage_done(sup / "metrics.json", "captioner"):
         sh("pretrain", "world", "--out", str(sup), "--retriever", str(WORLD_DIR / "retriever"),
            "--lm", str(out / "world-lm"), *([] if train_lm else ["--freeze-lm"]), "--captioner-mapper", mapper,
            "--probe-images", "0", "--seed", str(seed), log=out / f"sup-{name}.log")
-    if not stage_done(rel / "final_metrics.json", "p_at_1"):
-        sh("train", "--config", config, "--runtime", "local", "--out", str(rel),
-           "--set", f"captioner.path={sup / 'captioner'}", "--set", f"seed={seed}",
-           "--set", "eval.test_table=false", "--set", "eval.report=false", log=out / f"rel-{name}.log")
-    for arm, captioner in (("sup", sup / "captioner"), ("rel", rel / "final")):
-        result = out / f"{arm}-{name}-test.json"
-        if not result.exists():
-            sh("evaluate", "--captioner", str(captioner), "--dataset", "world:test", "--json", str(result),
-               log=out / f"{arm}-{name}-test.log")
+    relevance_and_evaluations(out, name, seed, config)
 
 
 def results(out: Path) -> dict[str, dict[str, dict]]:
@@ -72,10 +62,9 @@ def table(found: dict[str, dict[str, dict]], out: Path) -> str:
     lines = [head, "|" + " --- |" * (len(COLUMNS) + 3)]
     for name, arms in found.items():
         for arm, label in ARMS:
-            m = arms[arm]
-            cells = " | ".join("-" if not isinstance(m.get(k), (int, float)) else f"{m[k]:.3f}" for k, _ in COLUMNS)
             seconds = rl_seconds(out, name) if arm == "rel" else None
-            lines.append(f"| {LABELS[name]} | {label} | {cells} | {'-' if seconds is None else f'{seconds:.0f}'} |")
+            lines.append(f"| {LABELS[name]} | {label} | {cells(arms[arm])} | "
+                         f"{'-' if seconds is None else f'{seconds:.0f}'} |")
     return "\n".join(lines) + "\n"
 
 
