@@ -100,10 +100,10 @@ def check_compatible(captioner, retriever, captioner_label: str, retriever_label
 def check_run_compatible(captioner, retriever, cfg: RunConfig) -> None:
     check_compatible(captioner, retriever, f"captioner.path {cfg.captioner.path}",
                      cfg.retriever.path or f"{cfg.retriever.name} ({cfg.retriever.pretrained})")
-    if cfg.rl.method == "gumbel" and not hasattr(captioner, "lm"):
+    if cfg.rl.method == "gumbel" and not getattr(captioner, "soft_decoding", False):
         raise UserError(f"rl.method=gumbel: captioner.path {cfg.captioner.path} is a {type(captioner).__name__}; "
-                        "Gumbel decoding feeds soft tokens through a ClipCap's language model, use rl.method="
-                        "discritune for it")
+                        "Gumbel decoding feeds soft tokens through a ClipCap's or a VLM's language model, use "
+                        "rl.method=discritune for it")
 
 
 def add_retriever_arguments(p, default: Path) -> None:

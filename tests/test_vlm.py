@@ -361,3 +361,30 @@ def test_lora_step_save_load_and_merged_export(family, train_projector, tmp_path
     assert not lora.has_lora(cap.model)
     with torch.no_grad():
         torch.testing.assert_close(cap.log_probs(rows, tokens, lengths), lp, atol=1e-4, rtol=0)
+
+
+def test_gumbel_soft_tokens_run_the_model_as_its_hard_tokens_and_reach_the_adapters(captioner):
+    """The second method's decode on a VLM (`raycap.rl.gumbel`): the straight-through one-hots fed as embeddings
+    give, step by step, the logits teacher forcing gives for the same hard tokens (the prompt, image and caption
+    so far, cached); no image placeholder is emitted; a loss on the soft captions reaches the LoRA adapters and
+    never the vision tower."""
+    from raycap.rl.gumbel import gumbel_decode
+
+    cap = captioner
+    cap.add_lora(r=4, alpha=8, seed=0)
+    rows = cap.pixels(images())
+    eos = cap.hf_processor.tokenizer.eos_token_id
+    soft = gumbel_decode(cap, rows, eos, tau=1.0, generator=torch.Generator().manual_seed(0))
+    again = gumbel_decode(cap, rows, eos, tau=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(soft.tokens, again.tokens)
+    assert not set(soft.tokens.flatten().tolist()) & set(cap.placeholder_ids)
+    T = soft.logits.shape[1]
+    with torch.no_grad():
+        forced = cap.logits(rows, soft.tokens[:, :T])
+    for i, n in enumerate(soft.lengths.clamp(max=T).tolist()):
+        torch.testing.assert_close(soft.logits[i, :n].detach(), forced[i, :n], atol=1e-4, rtol=1e-4)
+    weights = torch.randn(soft.probs.shape[-1], generator=torch.Generator().manual_seed(1))
+    (soft.probs * weights).sum().backward()
+    grads = {n: p.grad for n, p in cap.model.named_parameters() if p.grad is not None}
+    assert any(lora.LORA_MARK in n and float(g.abs().sum()) > 0 for n, g in grads.items())
+    assert not set(grads) & set(cap.frozen_parameters())

@@ -41,16 +41,17 @@ def run_two_updates(tiny_world_dir, captioner_dir, out, runtime, *extra):
                        "--set", "eval.every=2", "--set", f"runtime.dashboard_port={free_port()}", *extra])
 
 
-def check_run(cap: VlmCaptioner, out, tmp_path):
+def check_run(cap: VlmCaptioner, out, tmp_path, updates=None):
     from transformers import AutoModelForImageTextToText
 
     from raycap.models.loading import load_captioner_model
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    updates = [r for r in records if "reward_mean" in r]
-    assert [r["step"] for r in updates] == [1, 2]
-    # the banned image tokens' floor keeps the full KL in the loss, and the entropy, finite
-    assert all(torch.isfinite(torch.tensor([r["loss"], r["kl"], r["entropy"]])).all() for r in updates)
+    if updates is None:  # DiscriTune
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        updates = [r for r in records if "reward_mean" in r]
+        assert [r["step"] for r in updates] == [1, 2]
+        # the banned image tokens' floor keeps the full KL in the loss, and the entropy, finite
+        assert all(torch.isfinite(torch.tensor([r["loss"], r["kl"], r["entropy"]])).all() for r in updates)
     final = load_captioner_model(out / "final")
     assert type(final) is VlmCaptioner and lora.has_lora(final.lora_target)
     before, after = cap.model.state_dict(), final.model.state_dict()
@@ -152,3 +153,81 @@ def test_the_vlm_example_configs_load(name):
     cfg = load_stage_config(Path(__file__).parents[1] / "examples" / f"{name}.yaml")
     assert cfg.model.kind == "vlm" and cfg.model.lora_r == 16 and cfg.model.image_size
     assert cfg.data.kind == "karpathy"
+
+
+def test_the_second_method_runs_gumbel_through_a_vlm(tiny_world_dir, tmp_path, tmp_path_factory):
+    """`world-relevance` (straight-through Gumbel captions into the frozen retriever's text tower) with a LLaVA:
+    2 updates on the reference loop move the adapters and nothing of the image side, with finite losses."""
+    cap, captioner_dir = lora_captioner("llava", tmp_path_factory.getbasetemp())
+    from raycap.train import main as train_main
+
+    sets = [a for s in world_sets(tiny_world_dir) if not s.startswith("captioner.path") for a in ("--set", s)]
+    final = train_main(["--config", "world-relevance", "--out", str(tmp_path / "rl"), "--runtime", "local", *sets,
+                        "--set", f"captioner.path={captioner_dir}", "--set", "rl.steps=2", *FAST,
+                        "--set", "eval.every=2"])
+    assert final["updates"] == 2
+    records = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    updates = [r for r in records if "clip_cos" in r]
+    assert [r["step"] for r in updates] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["kl"], r["clip_cos"]])).all() for r in updates)
+    check_run(cap, tmp_path / "rl", tmp_path, updates=updates)
+
+
+def test_a_resumed_vlm_run_equals_an_uninterrupted_one(tiny_world_dir, tmp_path, tmp_path_factory):
+    """A LLaVA run with LoRA cut after step 3 (its step-2 checkpoint kept) and resumed logs and ends as the run
+    that was never cut: the adapters' and the optimizer's state come back from the checkpoint."""
+    from test_resume import assert_same_weights, interrupt
+
+    _, captioner_dir = lora_captioner("llava", tmp_path_factory.getbasetemp())
+    args = ("--set", "rl.steps=4", "--set", "checkpoint_every=2", "--set", "runtime.dashboard_port=8265")
+    whole = run_two_updates(tiny_world_dir, captioner_dir, tmp_path / "whole", "local", *args)
+    interrupt(tmp_path / "whole", tmp_path / "resumed")
+    resumed = run_two_updates(tiny_world_dir, captioner_dir, tmp_path / "resumed", "local", *args)
+    assert resumed["updates"] == 2 and whole["p_at_1"] == resumed["p_at_1"]
+    a, b = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("whole", "resumed"))
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for key in ("reward_mean", "kl", "loss"):
+        assert [r[key] for r in a[3:]] == [r[key] for r in b[3:]], key
+    assert_same_weights(tmp_path / "whole" / "final", tmp_path / "resumed" / "final")
+
+
+def test_a_llava_sees_through_the_world_retrievers_image_tower(tiny_world_dir, tmp_path):
+    """`examples/make_tiny_llava.py`: the retriever's open_clip tower copied into HF's CLIPVisionModel is exact (its
+    pooled class token times the retriever's projection is the retriever's image embedding; the hidden states LLaVA
+    reads are `encode_image_tokens`), and the saved LLaVA loads as a raycap captioner whose pixel rows are the
+    retriever's pixels."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    from make_tiny_llava import save_llava_on_retriever
+
+    from raycap.data.world import World, WorldConfig
+    from raycap.models.clip import Retriever
+    from raycap.models.clip_vision import clip_vision_from_open_clip
+
+    retriever = Retriever.from_pretrained(tiny_world_dir / "retriever").eval()
+    world = World(WorldConfig.parse(json.loads((tiny_world_dir / "world.json").read_text()), str(tiny_world_dir)))
+    images = world.images("val", range(4))
+    pixels = retriever.pixels(images)
+    tower = clip_vision_from_open_clip(retriever.model.visual).eval()
+    with torch.no_grad():
+        out = tower(pixel_values=pixels, output_hidden_states=True)
+        torch.testing.assert_close(out.pooler_output @ retriever.model.visual.proj,
+                                   retriever.encode_image(pixels, normalize=False), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.hidden_states[-2], retriever.encode_image_tokens(pixels), atol=1e-5, rtol=1e-5)
+
+    save_llava_on_retriever(tmp_path / "llava", tiny_world_dir / "retriever", width=32, layers=1)
+    cap = VlmCaptioner.from_hf(str(tmp_path / "llava"), image_size=retriever.image_size)
+    rows = cap.pixels([Image.fromarray(np.asarray(i)) for i in images])
+    torch.testing.assert_close(rows, pixels, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        seen = cap.model.model.vision_tower(pixel_values=rows, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(seen, retriever.encode_image_tokens(pixels), atol=1e-5, rtol=1e-5)
+    assert cap._start(rows).shape == (4, *retriever.token_shape[:1], 32)  # every token, class token included
+    tok = cap.hf_processor.tokenizer
+    assert tok.convert_tokens_to_ids("<image>") in cap.placeholder_ids and cap.stop_ids == [tok.eos_token_id]

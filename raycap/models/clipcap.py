@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 from raycap.errors import UserError
 from raycap.models import lora, precision
 from raycap.models.safetensors_io import load_weights, reading_weights
-from raycap.models.decoding import Decoding, cached_forward, keeps_logits, repeat_rows
+from raycap.models.decoding import Decoding, cached_forward, keeps_logits, repeat_rows, soft_embeddings
 
 CONFIG_NAME = "raycap_clipcap.json"
 MAPPER_NAME = "mapper.safetensors"
@@ -227,6 +227,19 @@ class ClipCap(Decoding, nn.Module):
         input embeddings."""
         p = next(self.mapper.parameters())
         return self.mapper(image_embeds.to(device=p.device, dtype=p.dtype))
+
+    # -- soft tokens (Gumbel-softmax decoding, `raycap.rl.gumbel`) ---------------------------------------------
+    soft_decoding = True
+
+    def soft_start(self, image_embeds: Tensor):
+        """(the first token's logits (N, V) fp32, the KV cache) after the prefix, with gradients."""
+        out, past = cached_forward(self.lm, None, inputs_embeds=self.prefix(image_embeds))
+        return out.logits[:, -1].float(), past
+
+    def soft_step(self, probs: Tensor, past):
+        """(the next logits, the cache) after feeding soft tokens (N, V) as their input embeddings."""
+        out, past = cached_forward(self.lm, past, inputs_embeds=soft_embeddings(self.lm.get_input_embeddings(), probs))
+        return out.logits[:, -1].float(), past
 
     def _start(self, image_embeds: Tensor) -> Tensor:
         """The decoding state of a batch: its prefix embeddings (`raycap.models.decoding`)."""

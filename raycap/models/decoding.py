@@ -210,6 +210,18 @@ def keeps_logits(lm_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(lm_class.forward).parameters
 
 
+def soft_embeddings(embedding: torch.nn.Module, probs: Tensor) -> Tensor:
+    """Input embeddings of soft tokens (N, V) -> (N, 1, width): `probs @ weight`, times the embedding's own scale
+    where the module applies one in its forward (Gemma's scaled word embeddings), so a one-hot row embeds exactly as
+    its token id does."""
+    w = embedding.weight
+    x = probs.to(w.dtype) @ w
+    scale = getattr(embedding, "embed_scale", None)
+    if scale is not None:
+        x = x * (scale.to(w.dtype) if isinstance(scale, Tensor) else scale)
+    return x[:, None]
+
+
 def cached_forward(lm, past, **kwargs):
     """`lm(**kwargs)` continuing from the KV cache `past` (None: a new one); returns (output, its cache).
     transformers 5 takes and returns the cache as `cache`, earlier releases as `past_key_values`."""

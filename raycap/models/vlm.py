@@ -41,7 +41,7 @@ from torch import Tensor
 
 from raycap.errors import UserError
 from raycap.models import lora, precision
-from raycap.models.decoding import Decoding, cached_forward, keeps_logits, repeat_rows
+from raycap.models.decoding import Decoding, cached_forward, keeps_logits, repeat_rows, soft_embeddings
 
 CONFIG_NAME = "raycap_vlm.json"
 MODEL_DIR = "vlm"
@@ -361,6 +361,23 @@ class VlmCaptioner(Decoding, nn.Module):
         banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         banned[[i for i in self.placeholder_ids if i < logits.shape[-1]]] = True
         return logits.masked_fill(banned, NEVER)
+
+    # -- soft tokens (Gumbel-softmax decoding, `raycap.rl.gumbel`) ---------------------------------------------
+    soft_decoding = True
+
+    def soft_start(self, inputs: Tensor):
+        """(the first caption token's logits (N, V) fp32, the KV cache) after each image and the prompt."""
+        feats = self._start(inputs)
+        empty = torch.zeros(feats.shape[0], 0, dtype=torch.long, device=feats.device)
+        last = {"logits_to_keep": 1} if keeps_logits(type(self.model)) else {}
+        out, past = cached_forward(self.model, None, **self._inputs(feats, empty), **last)
+        return self._allowed(out.logits[:, -1].float()), past
+
+    def soft_step(self, probs: Tensor, past):
+        """(the next logits, the cache) after feeding soft tokens (N, V) as their input embeddings."""
+        x = soft_embeddings(self.model.get_input_embeddings(), probs)
+        out, past = cached_forward(self.model, past, inputs_embeds=x)
+        return self._allowed(out.logits[:, -1].float()), past
 
     def logits(self, inputs: Tensor, tokens: Tensor) -> Tensor:
         """Teacher-forced next-token logits (N, T, V), fp32: row t predicts tokens[:, t] after the prompt and

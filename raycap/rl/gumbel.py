@@ -1,9 +1,10 @@
 """Gumbel-softmax decoding: captions that stay differentiable all the way into the CLIP text encoder.
 
 Each step samples a straight-through Gumbel-softmax token (one-hot forward, soft gradient backward), feeds
-its embedding (`y @ wte`) back into the LM with the KV cache, and stops a row at the end token. The result
-goes through the LM-to-CLIP token map (`raycap.models.vocab`; the identity in the shapes world, where the
-captioner and CLIP share one vocabulary) into the frozen CLIP text encoder.
+its embedding (`y @ wte`) back into the LM with the KV cache (the captioner's `soft_start` / `soft_step`: ClipCap's
+LM after its prefix, a VLM after its prompt and image), and stops a row at the end token. The result goes through
+the LM-to-CLIP token map (`raycap.models.vocab`; the identity in the shapes world, where the captioner and CLIP
+share one vocabulary) into the frozen CLIP text encoder.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raycap.models.decoding import DONE_CHECK_EVERY, cached_forward
+from raycap.models.decoding import DONE_CHECK_EVERY
 
 
 @dataclass
@@ -67,21 +68,21 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, hard: bool, generator: torc
     return one_hot - y.detach() + y
 
 
-def gumbel_decode(captioner, image_embeds: torch.Tensor, eos_id: int, tau: float = 1.0, hard: bool = True,
+def gumbel_decode(captioner, image_inputs: torch.Tensor, eos_id: int, tau: float = 1.0, hard: bool = True,
                   max_new_tokens: int | None = None, generator: torch.Generator | None = None) -> SoftCaptions:
-    """Decode with Gumbel-softmax (noise from `generator`, a CPU generator); captions that reach
-    max_new_tokens get a forced end token appended."""
+    """Decode with Gumbel-softmax (noise from `generator`, a CPU generator) through the captioner's soft-token
+    steps (`soft_start(inputs)`, then `soft_step(probs, cache)` per token: ClipCap's LM after its prefix, a VLM's
+    model after its prompt and image); captions that reach max_new_tokens get a forced end token appended."""
     max_new = max_new_tokens or captioner.config.max_new_tokens
-    wte = captioner.lm.get_input_embeddings().weight
-    x = captioner.prefix(image_embeds)
-    N, V = x.shape[0], wte.shape[0]
-    stop = torch.tensor(captioner.stop_ids, device=x.device)
-    done = torch.zeros(N, dtype=torch.bool, device=x.device)
-    lengths = torch.zeros(N, dtype=torch.long, device=x.device)
-    probs, logits_all, past = [], [], None
+    logits, past = captioner.soft_start(image_inputs)
+    N, V, dev = logits.shape[0], logits.shape[1], logits.device
+    stop = torch.tensor(captioner.stop_ids, device=dev)
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(N, dtype=torch.long, device=dev)
+    probs, logits_all = [], []
     for t in range(max_new):
-        out, past = cached_forward(captioner.lm, past, inputs_embeds=x)
-        logits = out.logits[:, -1].float()
+        if t:
+            logits, past = captioner.soft_step(y, past)
         y = gumbel_softmax(logits, tau, hard, generator)
         y = y * (~done)[:, None]  # finished rows emit nothing
         probs.append(y)
@@ -90,11 +91,10 @@ def gumbel_decode(captioner, image_embeds: torch.Tensor, eos_id: int, tau: float
         done |= torch.isin(y.argmax(-1), stop) & (y.sum(-1) > 0)
         if (t + 1) % DONE_CHECK_EVERY == 0 and bool(done.all()):  # the host waits for the device only here
             break
-        x = (y.to(wte.dtype) @ wte)[:, None]
     T = int(lengths.max())  # steps after every row finished emitted nothing: dropped
     probs_t, logits_t = torch.stack(probs, 1)[:, :T], torch.stack(logits_all, 1)[:, :T]
     if not bool(done.all()):  # force an end token after the longest captions
-        end = torch.zeros(N, 1, V, device=x.device)
+        end = torch.zeros(N, 1, V, device=dev)
         end[~done, 0, eos_id] = 1.0
         probs_t = torch.cat([probs_t, end], 1)
         lengths = lengths + (~done).long()
