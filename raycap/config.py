@@ -57,6 +57,9 @@ class RuntimeConfig(BaseModel):
     address: str | None = Field(None, description="Ray cluster to join ('auto'); None starts local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: this machine's)")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (default: detected)")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory of each GPU a learner runs on, for the "
+                                        "memory check before a run starts (default: the first visible CUDA "
+                                        "device's; set it to plan a cluster's runs from a machine without one)")
     allow_public_dashboard: bool = Field(False, description="accept a non-loopback dashboard_host (trusted "
                                          "networks only: see ShadowRay, CVE-2023-48022)")
     dashboard_host: str = Field("127.0.0.1", description="interface of a local Ray's dashboard; a non-loopback "

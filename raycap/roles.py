@@ -38,7 +38,8 @@ def add_configured_lora(policy, cfg: RunConfig) -> None:
     if target is None:
         raise UserError(f"captioner.lora: the captioner at {cfg.captioner.path} ({type(policy).__name__}) names no "
                         "module to adapt")
-    lora.add_lora(target, settings.r, settings.alpha, settings.dropout, settings.target_modules, seed=cfg.seed)
+    targets = settings.target_modules or lora.default_targets(target, getattr(policy, "lora_fallback_targets", None))
+    lora.add_lora(target, settings.r, settings.alpha, settings.dropout, targets, seed=cfg.seed)
 
 
 def build_role_models(cfg: RunConfig, device, reference: bool = False, retriever: bool = False) -> RoleModels:

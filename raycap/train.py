@@ -99,6 +99,9 @@ def execute(config, out: Path, runtime: str = "ray", allow_new_config: bool = Fa
     """The run of a loaded config in `out` on `runtime` ("ray" or "local"), then its report; the final
     (test) metrics. What `main` and the Python API (`raycap.api.train`) share."""
     check_inputs_exist(config)
+    from raycap.memory import check_learner_fits
+
+    check_learner_fits(config, runtime)  # from the captioner's config files: before any model loads
     quiet_library_progress()
     if "tensorboard" in config.runtime.loggers:
         print(f"curves: tensorboard --logdir {out / 'tensorboard'}")

@@ -33,6 +33,7 @@ LAYERS = {
     # on the ground: caption metrics, a run's inputs opened, starting Ray, run records, search spaces
     "raycap.metrics": PLUMBING,
     "raycap.inputs": PLUMBING,
+    "raycap.memory": PLUMBING,
     "raycap.ray_start": PLUMBING,
     "raycap.runlog": PLUMBING,
     "raycap.tracking": PLUMBING,

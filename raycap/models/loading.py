@@ -48,14 +48,19 @@ def captioner_kind(path: str | Path) -> str | None:
     return next((name for name, kind in CAPTIONERS.items() if (Path(path) / kind.config_file).is_file()), None)
 
 
-def load_captioner_model(path: str | Path):
-    """The captioner (any implementation of `raycap.models.captioner.Captioner`) saved in a directory."""
-    path = Path(path)
+def required_captioner_kind(path: str | Path) -> str:
+    """A directory's captioner kind, or one line saying it holds none."""
     kind = captioner_kind(path)
     if kind is None:
         files = " or ".join(f"{k.config_file} ({k.label})" for k in CAPTIONERS.values())
         raise UserError(f"{path} is not a raycap captioner directory: no {files} in it")
-    return CAPTIONERS[kind].cls.from_pretrained(path)
+    return kind
+
+
+def load_captioner_model(path: str | Path):
+    """The captioner (any implementation of `raycap.models.captioner.Captioner`) saved in a directory."""
+    path = Path(path)
+    return CAPTIONERS[required_captioner_kind(path)].cls.from_pretrained(path)
 
 
 def load_captioner(path: str | Path) -> tuple[ClipCap, object]:

@@ -19,11 +19,14 @@ def _lora_layer_class():
     return LoraLayer
 
 
-def default_targets(lm: nn.Module) -> list[str]:
-    """peft's LoRA target modules for the LM's architecture (GPT-2: c_attn; LLaMA: q_proj, v_proj)."""
+def default_targets(lm: nn.Module, fallback: list[str] | None = None) -> list[str]:
+    """peft's LoRA target modules for the LM's architecture (GPT-2: c_attn; LLaMA: q_proj, v_proj); for an
+    architecture peft does not know, `fallback` (the captioner's `lora_fallback_targets`), else one line."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
 
     kind = getattr(getattr(lm, "config", None), "model_type", None)
+    if kind not in targets and fallback:
+        return list(fallback)
     if kind not in targets:
         raise UserError(f"captioner.lora: peft has no default target modules for LM type {kind!r}: set "
                         "captioner.lora.target_modules (names of its linear layers)")

@@ -114,6 +114,7 @@ class VlmPixels:
 
 class VlmCaptioner(Decoding, nn.Module):
     reads_retriever_embeddings = False
+    lora_fallback_targets = FALLBACK_TARGETS  # LoRA's targets in an LM type peft has no default for
 
     def __init__(self, model, processor, config: VlmCaptionerConfig):
         super().__init__()
@@ -275,12 +276,7 @@ class VlmCaptioner(Decoding, nn.Module):
         """Adapters on the language model (peft's default targets for its type, else q_proj and v_proj), the only
         LM weights that then train."""
         lm = self.language_model
-        if target_modules is None:
-            try:
-                target_modules = lora.default_targets(lm)
-            except UserError:
-                target_modules = list(FALLBACK_TARGETS)
-        lora.add_lora(lm, r, alpha, dropout, target_modules, seed=seed)
+        lora.add_lora(lm, r, alpha, dropout, target_modules or lora.default_targets(lm, FALLBACK_TARGETS), seed=seed)
         self.set_trainable(True)
 
     @torch.no_grad()

@@ -1,0 +1,205 @@
+"""Memory planning: before a run loads a model or writes a file, estimate what one learner holds and refuse, in one
+line, a config whose learner cannot fit its device (e.g. Qwen2-VL-2B fully fine-tuned on a 24 GB GPU).
+
+The captioner is built from its config files alone on PyTorch's meta device (no weights read, no memory taken), so
+a 7B VLM is counted in a second on a laptop. A learner holds, in fp32 (raycap keeps fp32 weights; bf16 is autocast):
+the policy's weights; the frozen reference the KL guard reads (the captioner as loaded, without the run's
+adapters); a gradient and AdamW's two moments for every trained parameter (ZeRO stage 1 splits the moments, stage 2
+the gradients too, over the learner ranks). Activations, the KV cache and the retriever come on top, so the estimate
+is a floor: a config it refuses cannot fit, while one it passes may still run out of memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from raycap.errors import UserError
+
+FP32 = 4
+GB = 1e9
+
+
+@dataclass
+class LearnerMemory:
+    """What one learner rank holds, in parameters and bytes."""
+    parameters: int         # the policy's, adapters included
+    reference: int          # the frozen reference copy's
+    trainable: int          # trained by RL (adapters, mapper or projector, or the whole LM)
+    learners: int = 1
+    zero_stage: int = 0
+
+    @property
+    def weights_bytes(self) -> int:
+        return FP32 * (self.parameters + self.reference)
+
+    @property
+    def gradient_bytes(self) -> int:
+        return FP32 * self.trainable // (self.learners if self.zero_stage >= 2 else 1)
+
+    @property
+    def optimizer_bytes(self) -> int:
+        return 2 * FP32 * self.trainable // (self.learners if self.zero_stage >= 1 else 1)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.gradient_bytes + self.optimizer_bytes
+
+    def breakdown(self) -> str:
+        return (f"{self.parameters / 1e9:.2f}B parameters, {self.trainable / 1e9:.2f}B trained: fp32 weights "
+                f"{self.weights_bytes / GB:.1f} GB (policy and KL reference), gradients "
+                f"{self.gradient_bytes / GB:.1f} GB, AdamW {self.optimizer_bytes / GB:.1f} GB")
+
+
+def _lora_parameters(lm: nn.Module, r: int, targets: list[str]) -> int:
+    """Parameters rank-`r` adapters add to `lm`'s `targets` (linear or GPT-2 Conv1D layers): r x (in + out) each."""
+    n = 0
+    for name, m in lm.named_modules():
+        if name.split(".")[-1] not in targets:
+            continue
+        if isinstance(m, nn.Linear):
+            n += r * (m.in_features + m.out_features)
+        elif type(m).__name__ == "Conv1D":  # GPT-2's: weight (in, out)
+            n += r * sum(m.weight.shape)
+    return n
+
+
+def _count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class _Parts:
+    model: nn.Module        # the whole captioner (meta tensors)
+    lm: nn.Module           # what LoRA adapts and `train_lm` trains
+    always: list            # modules RL always trains (ClipCap's mapper, a training projector)
+    extra_lm: list          # modules trained with the LM when it has no adapters (an untied head)
+    lora: dict | None       # adapters the directory already has (a VLM's)
+    fallback: list | None = None  # LoRA's targets where peft knows none for the LM type (a VLM's)
+
+
+def _meta_parts(path: Path) -> _Parts:
+    """The captioner in `path` built from its config files on the meta device."""
+    from transformers import AutoConfig
+
+    from raycap.models.loading import required_captioner_kind
+
+    kind = required_captioner_kind(path)
+    if kind == "clipcap":
+        from transformers import AutoModelForCausalLM
+
+        from raycap.models.clipcap import CONFIG_NAME, LM_DIR, ClipCap, ClipCapConfig
+
+        d = json.loads((path / CONFIG_NAME).read_text())
+        config = ClipCapConfig(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(ClipCapConfig)}})
+        with torch.device("meta"):
+            cap = ClipCap(config, lm=AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path / LM_DIR)))
+        return _Parts(cap, cap.lm, [cap.mapper], [], None)
+    if kind == "blip":
+        from transformers import BlipForConditionalGeneration
+
+        from raycap.models.blip import CONFIG_NAME, MODEL_DIR
+
+        d = json.loads((path / CONFIG_NAME).read_text())
+        with torch.device("meta"):
+            model = BlipForConditionalGeneration(AutoConfig.from_pretrained(path / MODEL_DIR))
+        return _Parts(model, model.text_decoder, [model.vision_model] if d.get("train_vision") else [], [], None)
+    if kind == "vlm":
+        from raycap.models.vlm import CONFIG_NAME, MODEL_DIR
+
+        d = json.loads((path / CONFIG_NAME).read_text())
+        return vlm_parts(path / MODEL_DIR, d.get("train_projector", False), d.get("lora"))
+    raise UserError(f"{path}: a {kind} captioner, whose memory raycap cannot plan")
+
+
+def vlm_parts(name_or_path, train_projector: bool = False, lora_settings: dict | None = None) -> _Parts:
+    """An HF VLM (its config: a directory or a cached name) on the meta device, split as raycap trains it."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from raycap.models.vlm import FALLBACK_TARGETS, LANGUAGE_MODELS, PROJECTORS, _submodule
+
+    try:
+        config = AutoConfig.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"VLM {str(name_or_path)!r}: cannot read its config ({str(e).splitlines()[0]})") from None
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    lm = _submodule(model.base_model, LANGUAGE_MODELS) or model.get_decoder()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is lm.get_input_embeddings().weight
+    return _Parts(model, lm, [_submodule(model.base_model, PROJECTORS)] if train_projector else [],
+                  [] if tied or head is None else [head], lora_settings, list(FALLBACK_TARGETS))
+
+
+def estimate(parts: _Parts, lora_settings=None, train_lm: bool = True, learners: int = 1,
+             zero_stage: int = 0) -> LearnerMemory:
+    """One learner's memory for a captioner split into `parts`, with the run's adapters (`lora_settings`: r and
+    target_modules, or None) on its LM."""
+    from raycap.models.lora import default_targets
+
+    saved = parts.lora
+    base = _count(parts.model)
+    if saved:  # the directory's own adapters are part of the policy and of its reference
+        base += _lora_parameters(parts.lm, saved["r"], saved["target_modules"]
+                                 or default_targets(parts.lm, parts.fallback))
+    always = sum(_count(m) for m in parts.always)
+    settings = lora_settings or saved
+    if settings:
+        r = settings["r"] if isinstance(settings, dict) else settings.r
+        targets = (settings.get("target_modules") if isinstance(settings, dict) else settings.target_modules) \
+            or default_targets(parts.lm, parts.fallback)
+        adapters = _lora_parameters(parts.lm, r, targets)
+        added = adapters if lora_settings else 0  # the run's adapters are not in the reference
+        return LearnerMemory(base + added, base, adapters + always, learners, zero_stage)
+    lm = _count(parts.lm) + sum(_count(m) for m in parts.extra_lm) if train_lm else 0
+    return LearnerMemory(base, base, lm + always, learners, zero_stage)
+
+
+def learner_estimate(cfg) -> LearnerMemory:
+    """What one learner of the run `cfg` (a RunConfig) holds, from its captioner directory's config files."""
+    parts = _meta_parts(Path(cfg.captioner.path))
+    lora = cfg.captioner.lora
+    return estimate(parts, None if lora is None else {"r": lora.r, "target_modules": lora.target_modules},
+                    cfg.rl.optimiser.train_lm, cfg.runtime.learner_workers, cfg.runtime.zero_stage)
+
+
+def learner_device_bytes(cfg, runtime: str) -> tuple[int, str] | None:
+    """(bytes, what they are) a learner may use: its share of a GPU (`runtime.gpu_memory_gb`, else the first
+    visible CUDA device's) when it runs on one, else this machine's memory; None when unknown (a CPU learner on a
+    cluster joined by address)."""
+    rt = cfg.runtime
+    on_gpu = rt.device.startswith("cuda") or (rt.device == "auto" and (
+        rt.gpus_per_learner > 0 if runtime == "ray" else torch.cuda.is_available()))
+    if on_gpu:
+        if rt.gpu_memory_gb is not None:
+            total = int(rt.gpu_memory_gb * GB)
+        elif torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+        else:
+            return None
+        share = min(rt.gpus_per_learner, 1.0) if runtime == "ray" and rt.gpus_per_learner > 0 else 1.0
+        what = f"{share:g} of a {total / GB:.0f} GB GPU" if share < 1 else f"a {total / GB:.0f} GB GPU"
+        return int(total * share), what
+    if runtime == "ray" and rt.address is not None:
+        return None
+    from raycap.inputs import machine_memory_bytes
+
+    total = machine_memory_bytes()
+    return total, f"this machine's {total / GB:.0f} GB"
+
+
+def check_learner_fits(cfg, runtime: str) -> LearnerMemory:
+    """A one-line UserError when the learner's estimate exceeds its device's memory; else the estimate."""
+    est = learner_estimate(cfg)
+    device = learner_device_bytes(cfg, runtime)
+    if device is not None and est.total_bytes > device[0]:
+        need = est.total_bytes / GB
+        hint = "" if cfg.captioner.lora is not None else "; train LoRA adapters (captioner.lora.r) instead"
+        raise UserError(f"captioner {cfg.captioner.path}: one learner needs at least {need:.1f} GB "
+                        f"({est.breakdown()}) but has {device[1]}{hint}, or spread the optimizer over more learner "
+                        "ranks (runtime.zero_stage, runtime.learner_workers)")
+    return est
