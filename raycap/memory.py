@@ -50,9 +50,13 @@ class LearnerMemory:
         return self.weights_bytes + self.gradient_bytes + self.optimizer_bytes
 
     def breakdown(self) -> str:
-        return (f"{self.parameters / 1e9:.2f}B parameters, {self.trainable / 1e9:.2f}B trained: fp32 weights "
+        return (f"{_amount(self.parameters)} parameters, {_amount(self.trainable)} trained: fp32 weights "
                 f"{self.weights_bytes / GB:.1f} GB (policy and KL reference), gradients "
                 f"{self.gradient_bytes / GB:.1f} GB, AdamW {self.optimizer_bytes / GB:.1f} GB")
+
+
+def _amount(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _lora_parameters(lm: nn.Module, r: int, targets: list[str]) -> int:
