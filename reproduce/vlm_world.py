@@ -59,19 +59,21 @@ def rows_of(run: Path, method: str) -> list[tuple[str, dict, float | None]]:
 
 
 def table(runs: dict[str, dict[str, Path]]) -> str:
-    """Markdown: a row per captioner, stage and decoding (the supervised rows once per captioner)."""
+    """Markdown: a row per captioner, stage and decoding; the supervised rows once per captioner, with the
+    scores every run gave them (the relevance run's test table adds the reference metrics)."""
     lines = ["| captioner | stage, decoding | " + " | ".join(t for _, t in COLUMNS) + " | RL s |",
              "| --- " * (len(COLUMNS) + 3) + "|"]
     for captioner, by_method in runs.items():
-        seen = set()
+        rows: dict[str, tuple[dict, float | None]] = {}
         for method, run in by_method.items():
             for stage, row, seconds in rows_of(run, method):
-                if stage in seen:
-                    continue
-                seen.add(stage)
-                cells = [f"{row[k]:.3f}" if k in row else "-" for k, _ in COLUMNS]
-                rl = "-" if seconds is None else f"{seconds:.0f}"
-                lines.append(f"| {captioner} | {stage} | " + " | ".join(cells) + f" | {rl} |")
+                if stage in rows:  # the same captioner scored by another run: its other columns
+                    row = {**row, **rows[stage][0]}
+                rows[stage] = (row, seconds)
+        for stage, (row, seconds) in rows.items():
+            cells = [f"{row[k]:.3f}" if k in row else "-" for k, _ in COLUMNS]
+            rl = "-" if seconds is None else f"{seconds:.0f}"
+            lines.append(f"| {captioner} | {stage} | " + " | ".join(cells) + f" | {rl} |")
     return "\n".join(lines) + "\n"
 
 

@@ -191,3 +191,65 @@ def test_the_variants_table_and_figure_come_from_the_evaluations(tmp_path):
     (tmp_path / "settings.json").write_text(json.dumps({"seed": 0, "config": "world-relevance", "lm_documents": 1}))
     with pytest.raises(SystemExit, match="was made with"):
         variants.main(["--out", str(tmp_path)])  # --lm-documents 3 by default: another LM, refused
+
+
+def test_the_vlm_table_runs_each_stage_once_and_compares_the_llava_with_clipcap(tmp_path, monkeypatch):
+    """reproduce/vlm_world.py: the LLaVA is built, trained and fine-tuned by each method once (a re-run resumes);
+    the table holds each captioner's supervised rows once, then each method's rows with its RL seconds, read from
+    the run directories."""
+    vlm = script("vlm_world")
+    calls = []
+
+    def row(captioner, decoding, p1, **extra):
+        return {"captioner": captioner, "decoding": decoding, "p_at_1": p1, "wellformed": 1.0, "faithful": 0.8,
+                **extra}
+
+    def finished(run, seconds, rows):
+        run.mkdir(parents=True)
+        (run / "final_metrics.json").write_text(json.dumps({"rl_seconds": seconds, "test_table": {"rows": rows}}))
+
+    def fake_sh(*args, log):
+        calls.append(args[:2])
+        out = Path(args[args.index("--out") + 1])
+        if args[0] == "pretrain":
+            out.mkdir(parents=True)
+            (out / "metrics.json").write_text(json.dumps({"train_images": 800}))
+        elif "world-demo" in args:
+            finished(out, 600.0, [row("supervised", "greedy", 0.3), row("supervised", "select", 0.5),
+                                  row("fine-tuned", "greedy", 0.7), row("fine-tuned", "select", 0.8)])
+        else:
+            finished(out, 90.0, [row("supervised", "greedy", 0.3, bleu4=0.6), row("fine-tuned", "greedy", 0.35,
+                                                                                 bleu4=0.65)])
+
+    def fake_llava(cmd, stdout, stderr):
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "raycap_source.json").write_text("{}")
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(vlm, "sh", fake_sh)
+    monkeypatch.setattr(vlm.subprocess, "run", fake_llava)
+    clipcap = tmp_path / "clipcap"
+    finished(clipcap / "demo", 900.0, [row("supervised", "greedy", 0.39), row("fine-tuned", "greedy", 0.66)])
+    finished(clipcap / "rel", 50.0, [row("supervised", "greedy", 0.39, bleu4=0.63),
+                                     row("fine-tuned", "greedy", 0.41, bleu4=0.67)])
+    argv = ["--out", str(tmp_path / "out"), "--clipcap-discritune", str(clipcap / "demo"),
+            "--clipcap-relevance", str(clipcap / "rel")]
+    vlm.main(argv)
+    assert calls == [("pretrain", "captioner"), ("train", "--config"), ("train", "--config")]
+    lines = (tmp_path / "out" / "vlm.md").read_text().splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [c[:2] for c in cells] == [
+        ["LLaVA (world retriever's tower)", "supervised, greedy"], ["LLaVA (world retriever's tower)",
+                                                                    "supervised, select"],
+        ["LLaVA (world retriever's tower)", "discritune, greedy"], ["LLaVA (world retriever's tower)",
+                                                                    "discritune, select"],
+        ["LLaVA (world retriever's tower)", "relevance, greedy"], ["ClipCap", "supervised, greedy"],
+        ["ClipCap", "discritune, greedy"], ["ClipCap", "relevance, greedy"]]
+    assert cells[2][2] == "0.700" and cells[2][-1] == "600" and cells[0][-1] == "-"
+    assert cells[0][2] == "0.300" and cells[0][5] == "0.600"  # the supervised row: the relevance run's BLEU-4 too
+    assert cells[4][5] == "0.650" and cells[4][-1] == "90" and cells[2][5] == "-"  # BLEU-4 where it was scored
+    assert cells[7][-1] == "50"
+    calls.clear()
+    vlm.main(argv)
+    assert calls == []
