@@ -1,6 +1,6 @@
 """One DiscriTune update of a SmolVLM-256M-sized VLM captioner on this machine's CPU, LoRA adapters against the whole
 language model: the seconds of its rollout (sampled captions) and of its update (teacher-forced REINFORCE loss with
-the KL guard, backward, AdamW step), the process's peak memory, and the bytes one weight sync moves
+the KL guard, backward, Adam step), the process's peak memory, and the bytes one weight sync moves
 (`raycap.runtime.weights.flat_weights` of what trains). Random weights, built offline: SmolVLM-256M-Instruct's
 shapes (SigLIP-B/16 at 512 px, pixel shuffle 4 -> 64 image tokens; a 30-layer, 576-wide Llama with a 49,280-token
 vocabulary), a small BPE trained here as its tokenizer (captions are scored as ids; no text is decoded). Each
@@ -84,7 +84,7 @@ def one_update(path: Path, variant: str, images: int, samples: int, new_tokens: 
         policy.add_lora(r=r, alpha=2 * r, seed=0)
     policy.set_trainable(True)
     trained = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=1e-4)
+    opt = torch.optim.Adam(trained, lr=1e-4)  # as the learner's (raycap.roles.optimizer)
     g = torch.Generator().manual_seed(0)
     pictures = [Image.fromarray(torch.randint(0, 256, (96, 128, 3), generator=g, dtype=torch.uint8).numpy())
                 for _ in range(images)]

@@ -4,9 +4,10 @@ line, a config whose learner cannot fit its device (e.g. Qwen2-VL-2B fully fine-
 The captioner is built from its config files alone on PyTorch's meta device (no weights read, no memory taken), so
 a 7B VLM is counted in a second on a laptop. A learner holds, in fp32 (raycap keeps fp32 weights; bf16 is autocast):
 the policy's weights; the frozen reference the KL guard reads (the captioner as loaded, without the run's
-adapters); a gradient and AdamW's two moments for every trained parameter (ZeRO stage 1 splits the moments, stage 2
-the gradients too, over the learner ranks). Activations, the KV cache and the retriever come on top, so the estimate
-is a floor: a config it refuses cannot fit, while one it passes may still run out of memory.
+adapters); a gradient and Adam's two moments for every trained parameter (on the Ray runtime's DeepSpeed learners,
+ZeRO stage 1 splits the moments, stage 2 the gradients too, over the learner ranks). Activations, the KV cache and
+the retriever come on top, so the estimate is a floor: a config it refuses cannot fit, while one it passes may still
+run out of memory. A directory the meta build cannot read is not checked here: loading it says what is wrong.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class LearnerMemory:
     def breakdown(self) -> str:
         return (f"{_amount(self.parameters)} parameters, {_amount(self.trainable)} trained: fp32 weights "
                 f"{self.weights_bytes / GB:.1f} GB (policy and KL reference), gradients "
-                f"{self.gradient_bytes / GB:.1f} GB, AdamW {self.optimizer_bytes / GB:.1f} GB")
+                f"{self.gradient_bytes / GB:.1f} GB, Adam {self.optimizer_bytes / GB:.1f} GB")
 
 
 def _amount(n: int) -> str:
@@ -82,11 +83,12 @@ class _Parts:
     lm: nn.Module           # what LoRA adapts and `train_lm` trains
     always: list            # modules RL always trains (ClipCap's mapper, a training projector)
     extra_lm: list          # modules trained with the LM when it has no adapters (an untied head)
+    lm_trains: bool         # the directory lets its LM train (a ClipCap saved with train_lm false does not)
     lora: dict | None       # adapters the directory already has (a VLM's)
     fallback: list | None = None  # LoRA's targets where peft knows none for the LM type (a VLM's)
 
 
-def _meta_parts(path: Path) -> _Parts:
+def _meta_parts(path: Path) -> _Parts | None:
     """The captioner in `path` built from its config files on the meta device."""
     from transformers import AutoConfig
 
@@ -99,10 +101,11 @@ def _meta_parts(path: Path) -> _Parts:
         from raycap.models.clipcap import CONFIG_NAME, LM_DIR, ClipCap, ClipCapConfig
 
         d = json.loads((path / CONFIG_NAME).read_text())
-        config = ClipCapConfig(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(ClipCapConfig)}})
+        fields = {f.name for f in dataclasses.fields(ClipCapConfig)}
+        config = ClipCapConfig(**{k: v for k, v in d.items() if k in fields})
         with torch.device("meta"):
             cap = ClipCap(config, lm=AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path / LM_DIR)))
-        return _Parts(cap, cap.lm, [cap.mapper], [], None)
+        return _Parts(cap, cap.lm, [cap.mapper], [], config.train_lm, None)
     if kind == "blip":
         from transformers import BlipForConditionalGeneration
 
@@ -111,32 +114,29 @@ def _meta_parts(path: Path) -> _Parts:
         d = json.loads((path / CONFIG_NAME).read_text())
         with torch.device("meta"):
             model = BlipForConditionalGeneration(AutoConfig.from_pretrained(path / MODEL_DIR))
-        return _Parts(model, model.text_decoder, [model.vision_model] if d.get("train_vision") else [], [], None)
+        return _Parts(model, model.text_decoder, [model.vision_model] if d.get("train_vision") else [], [], True,
+                      None)
     if kind == "vlm":
         from raycap.models.vlm import CONFIG_NAME, MODEL_DIR
 
         d = json.loads((path / CONFIG_NAME).read_text())
         return vlm_parts(path / MODEL_DIR, d.get("train_projector", False), d.get("lora"))
-    raise UserError(f"{path}: a {kind} captioner, whose memory raycap cannot plan")
+    return None  # a kind this planner does not know: not checked
 
 
 def vlm_parts(name_or_path, train_projector: bool = False, lora_settings: dict | None = None) -> _Parts:
     """An HF VLM (its config: a directory or a cached name) on the meta device, split as raycap trains it."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from raycap.models.vlm import FALLBACK_TARGETS, LANGUAGE_MODELS, PROJECTORS, _submodule
+    from raycap.models.vlm import FALLBACK_TARGETS, LANGUAGE_MODELS, PROJECTORS, submodule
 
-    try:
-        config = AutoConfig.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as e:
-        raise UserError(f"VLM {str(name_or_path)!r}: cannot read its config ({str(e).splitlines()[0]})") from None
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
-    lm = _submodule(model.base_model, LANGUAGE_MODELS) or model.get_decoder()
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(str(name_or_path)))
+    lm = submodule(model.base_model, LANGUAGE_MODELS) or model.get_decoder()
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is lm.get_input_embeddings().weight
-    return _Parts(model, lm, [_submodule(model.base_model, PROJECTORS)] if train_projector else [],
-                  [] if tied or head is None else [head], lora_settings, list(FALLBACK_TARGETS))
+    return _Parts(model, lm, [submodule(model.base_model, PROJECTORS)] if train_projector else [],
+                  [] if tied or head is None else [head], True, lora_settings, list(FALLBACK_TARGETS))
 
 
 def estimate(parts: _Parts, lora_settings=None, train_lm: bool = True, learners: int = 1,
@@ -153,42 +153,52 @@ def estimate(parts: _Parts, lora_settings=None, train_lm: bool = True, learners:
     always = sum(_count(m) for m in parts.always)
     settings = lora_settings or saved
     if settings:
-        r = settings["r"] if isinstance(settings, dict) else settings.r
-        targets = (settings.get("target_modules") if isinstance(settings, dict) else settings.target_modules) \
-            or default_targets(parts.lm, parts.fallback)
-        adapters = _lora_parameters(parts.lm, r, targets)
+        targets = settings.get("target_modules") or default_targets(parts.lm, parts.fallback)
+        adapters = _lora_parameters(parts.lm, settings["r"], targets)
         added = adapters if lora_settings else 0  # the run's adapters are not in the reference
         return LearnerMemory(base + added, base, adapters + always, learners, zero_stage)
-    lm = _count(parts.lm) + sum(_count(m) for m in parts.extra_lm) if train_lm else 0
+    lm = _count(parts.lm) + sum(_count(m) for m in parts.extra_lm) if train_lm and parts.lm_trains else 0
     return LearnerMemory(base, base, lm + always, learners, zero_stage)
 
 
-def learner_estimate(cfg) -> LearnerMemory:
-    """What one learner of the run `cfg` (a RunConfig) holds, from its captioner directory's config files."""
-    parts = _meta_parts(Path(cfg.captioner.path))
+def learner_estimate(cfg, runtime: str = "ray") -> LearnerMemory | None:
+    """What one learner of the run `cfg` (a RunConfig) on `runtime` holds, from its captioner directory's config
+    files; None when the directory cannot be built on the meta device (its loader then says why)."""
+    try:
+        parts = _meta_parts(Path(cfg.captioner.path))
+    except UserError:
+        raise
+    except Exception:  # a config transformers cannot build, a missing file: the loader's own message follows
+        return None
+    if parts is None:
+        return None
     lora = cfg.captioner.lora
+    ray = runtime == "ray"  # the reference loop is one learner, without DeepSpeed
     return estimate(parts, None if lora is None else {"r": lora.r, "target_modules": lora.target_modules},
-                    cfg.rl.optimiser.train_lm, cfg.runtime.learner_workers, cfg.runtime.zero_stage)
+                    cfg.rl.optimiser.train_lm, cfg.runtime.learner_workers if ray else 1,
+                    cfg.runtime.zero_stage if ray else 0)
 
 
 def learner_device_bytes(cfg, runtime: str) -> tuple[int, str] | None:
-    """(bytes, what they are) a learner may use: its share of a GPU (`runtime.gpu_memory_gb`, else the first
-    visible CUDA device's) when it runs on one, else this machine's memory; None when unknown (a CPU learner on a
-    cluster joined by address)."""
+    """(bytes, what they are) a learner may use: a whole GPU (`runtime.gpu_memory_gb`, else the CUDA device it
+    will run on, when this machine is where it runs) when it runs on one, else this machine's memory; None when
+    unknown (a learner on a cluster joined by address, without `runtime.gpu_memory_gb`)."""
+    import os
+
     rt = cfg.runtime
+    remote = runtime == "ray" and (rt.address is not None or bool(os.environ.get("RAY_ADDRESS")))
     on_gpu = rt.device.startswith("cuda") or (rt.device == "auto" and (
         rt.gpus_per_learner > 0 if runtime == "ray" else torch.cuda.is_available()))
     if on_gpu:
         if rt.gpu_memory_gb is not None:
             total = int(rt.gpu_memory_gb * GB)
-        elif torch.cuda.is_available():
-            total = torch.cuda.get_device_properties(0).total_memory
+        elif torch.cuda.is_available() and not remote:
+            index = torch.device(rt.device).index if rt.device.startswith("cuda") else None
+            total = torch.cuda.get_device_properties(index or 0).total_memory
         else:
             return None
-        share = min(rt.gpus_per_learner, 1.0) if runtime == "ray" and rt.gpus_per_learner > 0 else 1.0
-        what = f"{share:g} of a {total / GB:.0f} GB GPU" if share < 1 else f"a {total / GB:.0f} GB GPU"
-        return int(total * share), what
-    if runtime == "ray" and rt.address is not None:
+        return total, f"a {total / GB:.0f} GB GPU"  # Ray's fractional GPUs share its memory, they do not cap it
+    if remote:
         return None
     from raycap.inputs import machine_memory_bytes
 
@@ -196,14 +206,18 @@ def learner_device_bytes(cfg, runtime: str) -> tuple[int, str] | None:
     return total, f"this machine's {total / GB:.0f} GB"
 
 
-def check_learner_fits(cfg, runtime: str) -> LearnerMemory:
+def check_learner_fits(cfg, runtime: str) -> LearnerMemory | None:
     """A one-line UserError when the learner's estimate exceeds its device's memory; else the estimate."""
-    est = learner_estimate(cfg)
-    device = learner_device_bytes(cfg, runtime)
-    if device is not None and est.total_bytes > device[0]:
-        need = est.total_bytes / GB
-        hint = "" if cfg.captioner.lora is not None else "; train LoRA adapters (captioner.lora.r) instead"
-        raise UserError(f"captioner {cfg.captioner.path}: one learner needs at least {need:.1f} GB "
-                        f"({est.breakdown()}) but has {device[1]}{hint}, or spread the optimizer over more learner "
-                        "ranks (runtime.zero_stage, runtime.learner_workers)")
-    return est
+    est = learner_estimate(cfg, runtime)
+    device = None if est is None else learner_device_bytes(cfg, runtime)
+    if device is None or est.total_bytes <= device[0]:
+        return est
+    head = f"captioner {cfg.captioner.path}: one learner needs at least {est.total_bytes / GB:.1f} GB " \
+           f"({est.breakdown()}) but has {device[1]}"
+    if est.weights_bytes > device[0]:
+        raise UserError(f"{head}: the weights alone do not fit; use a smaller captioner or a larger device")
+    hints = [] if cfg.captioner.lora is not None else ["train LoRA adapters instead (captioner.lora.r)"]
+    if runtime == "ray":
+        hints.append("spread the gradients and Adam's moments over more learner ranks (runtime.zero_stage 2, "
+                     "runtime.learner_workers)")
+    raise UserError(f"{head}; " + ", or ".join(hints or ["train fewer parameters (rl.optimiser.train_lm false)"]))

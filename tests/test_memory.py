@@ -50,7 +50,7 @@ def test_qwen2_vl_2b_full_fine_tuning_on_a_24_gb_gpu_is_refused_in_one_line(tmp_
                     "--set", "runtime.gpus_per_learner=1", "--set", "runtime.gpu_memory_gb=24"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
-    assert "needs at least" in err and "a 24 GB GPU" in err and "captioner.lora.r" in err
+    assert "needs at least" in err and "a 24 GB GPU" in err and "captioner.lora.r" in err and "zero_stage" in err
     assert not out.exists()  # nothing written, nothing loaded
 
     lora = load_config("world-demo", [f"captioner.path={cap}", "captioner.lora.r=16", "runtime.gpus_per_learner=1",
@@ -58,9 +58,30 @@ def test_qwen2_vl_2b_full_fine_tuning_on_a_24_gb_gpu_is_refused_in_one_line(tmp_
     fits = check_learner_fits(lora, "ray")
     assert fits.total_bytes < 24e9 < est.total_bytes
     assert fits.trainable < 0.01 * fits.parameters  # the adapters only
-    zero = learner_estimate(load_config("world-demo", [f"captioner.path={cap}", "runtime.learner_workers=4",
-                                                       "runtime.zero_stage=2"]))
-    assert zero.optimizer_bytes == est.optimizer_bytes // 4 and zero.gradient_bytes == est.gradient_bytes // 4
+    zero = load_config("world-demo", [f"captioner.path={cap}", "runtime.learner_workers=4", "runtime.zero_stage=2"])
+    assert learner_estimate(zero, "ray").optimizer_bytes == est.optimizer_bytes // 4
+    assert learner_estimate(zero, "local").optimizer_bytes == est.optimizer_bytes  # one learner, no DeepSpeed
+
+
+def test_a_cpu_learner_is_checked_against_this_machines_memory_and_an_unbuildable_dir_is_left_to_its_loader(
+        tmp_path, monkeypatch, capsys):
+    """The reference loop on the CPU: the estimate against this machine's memory, in one line; a captioner dir whose
+    config transformers cannot build is not refused by the plan but by its loader, in its own line."""
+    import raycap.inputs
+    from raycap.train import main as train_main
+
+    monkeypatch.setattr(raycap.inputs, "machine_memory_bytes", lambda: 24 * 10**9)
+    cap = qwen2_vl_2b_dir(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", "world-demo", "--out", str(tmp_path / "run"), "--runtime", "local",
+                    "--set", f"captioner.path={cap}", "--set", "runtime.device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "this machine's 24 GB" in err, err
+    assert "zero_stage" not in err  # the reference loop has one learner
+    (cap / "vlm" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    cfg = load_config("world-demo", [f"captioner.path={cap}"])
+    assert learner_estimate(cfg) is None and check_learner_fits(cfg, "local") is None
 
 
 def counts(cap) -> tuple[int, int]:
@@ -68,14 +89,23 @@ def counts(cap) -> tuple[int, int]:
             sum(p.numel() for p in cap.parameters() if p.requires_grad))
 
 
-@pytest.mark.parametrize("sets", [[], ["rl.optimiser.train_lm=false"], ["captioner.lora.r=4"]],
-                         ids=["whole", "mapper", "lora"])
-def test_the_estimate_counts_what_the_world_captioners_learner_holds(sets):
-    """ClipCap (the shipped world captioner): the meta-device count equals the roles' policy and reference as built
-    for the run, parameters and trained parameters alike."""
+@pytest.mark.parametrize("sets,frozen_dir", [([], False), (["rl.optimiser.train_lm=false"], False),
+                                             (["captioner.lora.r=4"], False), ([], True)],
+                         ids=["whole", "mapper", "lora", "frozen-lm-dir"])
+def test_the_estimate_counts_what_the_world_captioners_learner_holds(sets, frozen_dir, tmp_path):
+    """ClipCap (the shipped world captioner, or saved with its LM frozen): the meta-device count equals the roles'
+    policy and reference as built for the run, parameters and trained parameters alike."""
+    from raycap.models.clipcap import ClipCap
     from raycap.roles import build_role_models
 
-    cfg = load_config("world-demo", [f"captioner.path={WORLD_DIR / 'captioner'}", *sets])
+    path = WORLD_DIR / "captioner"
+    if frozen_dir:
+        import shutil
+
+        ClipCap.from_pretrained(path, train_lm=False).save_pretrained(tmp_path / "frozen")
+        shutil.copytree(path / "tokenizer", tmp_path / "frozen" / "tokenizer")
+        path = tmp_path / "frozen"
+    cfg = load_config("world-demo", [f"captioner.path={path}", *sets])
     est = learner_estimate(cfg)
     models = build_role_models(cfg, torch.device("cpu"), reference=True)
     assert (est.parameters, est.trainable) == counts(models.policy)
@@ -101,3 +131,7 @@ def test_the_estimate_counts_a_vlm_with_its_adapters_and_projector(family, tmp_p
     cap.add_lora(r=4, alpha=8, seed=0)
     est = estimate(parts, {"r": 4, "target_modules": None})
     assert (est.parameters, est.trainable) == counts(cap.model) and est.reference == total
+    saved = tmp_path_factory.mktemp("saved") / family  # a directory with its own adapters: the plan reads them
+    cap.save_pretrained(saved)
+    cfg = load_config("world-demo", [f"captioner.path={saved}"])
+    assert (learner_estimate(cfg).parameters, learner_estimate(cfg).reference) == (counts(cap.model)[0],) * 2

@@ -383,6 +383,10 @@ def test_gumbel_soft_tokens_run_the_model_as_its_hard_tokens_and_reach_the_adapt
         forced = cap.logits(rows, soft.tokens[:, :T])
     for i, n in enumerate(soft.lengths.clamp(max=T).tolist()):
         torch.testing.assert_close(soft.logits[i, :n].detach(), forced[i, :n], atol=1e-4, rtol=1e-4)
+    first, past = cap.soft_start(rows)  # a later step's logits are differentiable in the soft token fed to it
+    fed = torch.nn.functional.one_hot(first.argmax(-1), first.shape[-1]).float().requires_grad_(True)
+    later, _ = cap.soft_step(fed, past)
+    assert float(torch.autograd.grad(later.sum(), fed)[0].abs().sum()) > 0
     weights = torch.randn(soft.probs.shape[-1], generator=torch.Generator().manual_seed(1))
     (soft.probs * weights).sum().backward()
     grads = {n: p.grad for n, p in cap.model.named_parameters() if p.grad is not None}

@@ -179,6 +179,7 @@ def test_a_resumed_vlm_run_equals_an_uninterrupted_one(tiny_world_dir, tmp_path,
     from test_resume import assert_same_weights, interrupt
 
     _, captioner_dir = lora_captioner("llava", tmp_path_factory.getbasetemp())
+    # one dashboard port for both (run_two_updates picks a free one): a resume refuses a changed config
     args = ("--set", "rl.steps=4", "--set", "checkpoint_every=2", "--set", "runtime.dashboard_port=8265")
     whole = run_two_updates(tiny_world_dir, captioner_dir, tmp_path / "whole", "local", *args)
     interrupt(tmp_path / "whole", tmp_path / "resumed")

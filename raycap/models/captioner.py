@@ -55,3 +55,8 @@ class Captioner(Protocol):
     def set_trainable(self, train_lm: bool) -> None: ...
 
     def save_pretrained(self, path) -> None: ...
+
+    # Optional. `soft_decoding = True` with `soft_start(inputs) -> (logits (N, V), cache)` and
+    # `soft_step(probs (N, V), cache) -> (logits, cache)` (soft tokens fed as their input embeddings): the Gumbel
+    # method decodes through them (ClipCap, VLMs). `lora_fallback_targets`: LoRA's target modules when peft has no
+    # default for the LM's type (VLMs).

@@ -212,8 +212,8 @@ def keeps_logits(lm_class: type) -> bool:
 
 def soft_embeddings(embedding: torch.nn.Module, probs: Tensor) -> Tensor:
     """Input embeddings of soft tokens (N, V) -> (N, 1, width): `probs @ weight`, times the embedding's own scale
-    where the module applies one in its forward (Gemma's scaled word embeddings), so a one-hot row embeds exactly as
-    its token id does."""
+    where the module applies one in its forward (Gemma's scaled word embeddings), so a one-hot row embeds as its
+    token id does (exactly in fp32; under bf16 autocast the product is bf16, as the rest of the forward is)."""
     w = embedding.weight
     x = probs.to(w.dtype) @ w
     scale = getattr(embedding, "embed_scale", None)

@@ -69,7 +69,7 @@ class VlmCaptionerConfig:
     clip_dim: int | None = None        # not read: the captioner reads its own vision tower, not the retriever's
 
 
-def _submodule(root: nn.Module, names) -> nn.Module | None:
+def submodule(root: nn.Module, names) -> nn.Module | None:
     for name in names:
         try:
             return root.get_submodule(name)
@@ -214,14 +214,14 @@ class VlmCaptioner(Decoding, nn.Module):
     # -- the parts ------------------------------------------------------------------------------------------
     @property
     def language_model(self) -> nn.Module:
-        lm = _submodule(self.model.base_model, LANGUAGE_MODELS)
+        lm = submodule(self.model.base_model, LANGUAGE_MODELS)
         if lm is None:
             lm = self.model.get_decoder()
         return lm
 
     @property
     def projector(self) -> nn.Module | None:
-        return _submodule(self.model.base_model, PROJECTORS)
+        return submodule(self.model.base_model, PROJECTORS)
 
     @property
     def image_side(self) -> list[nn.Module]:
