@@ -1,8 +1,8 @@
 """A LLaVA-style VLM captioner beside ClipCap on the world: a tiny LLaVA whose vision tower is the world retriever's
 image tower (an exact copy, frozen), its projector and language model trained by the supervised stage on the shipped
 2% of labels, then each method from it: DiscriTune (`world-demo`) and the second method (`world-relevance`, Gumbel
-CLIP relevance). One table: P@1, wellformed, faithful (and BLEU-4 where the run scores references), RL seconds, for
-the LLaVA and for the ClipCap runs of the same configs.
+CLIP relevance). One table: P@1, wellformed, faithful (and BLEU-4, RefCompare where a run scores references), RL
+seconds, for the LLaVA and for the ClipCap runs of the same configs.
 
     python reproduce/vlm_world.py --out runs/llava-world [--seed 0] \
         --clipcap-discritune runs/demo-s0 --clipcap-relevance runs/relevance-s0
@@ -24,7 +24,8 @@ from reproduce_common import check_same_settings, sh, stage_done
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = (("discritune", "world-demo"), ("relevance", "world-relevance"))
-COLUMNS = (("p_at_1", "P@1"), ("wellformed", "wellformed"), ("faithful", "faithful"), ("bleu4", "BLEU-4"))
+COLUMNS = (("p_at_1", "P@1"), ("wellformed", "wellformed"), ("faithful", "faithful"), ("bleu4", "BLEU-4"),
+           ("refcompare", "RefCompare"))
 
 
 def run_all(out: Path, seed: int) -> None:
