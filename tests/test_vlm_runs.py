@@ -157,7 +157,8 @@ def test_the_vlm_example_configs_load(name):
 
 def test_the_second_method_runs_gumbel_through_a_vlm(tiny_world_dir, tmp_path, tmp_path_factory):
     """`world-relevance` (straight-through Gumbel captions into the frozen retriever's text tower) with a LLaVA:
-    2 updates on the reference loop move the adapters and nothing of the image side, with finite losses."""
+    2 updates on the reference loop move the adapters and nothing of the image side, with finite losses; the run's
+    report builds from its directory."""
     cap, captioner_dir = lora_captioner("llava", tmp_path_factory.getbasetemp())
     from raycap.train import main as train_main
 
@@ -171,6 +172,12 @@ def test_the_second_method_runs_gumbel_through_a_vlm(tiny_world_dir, tmp_path, t
     assert [r["step"] for r in updates] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["kl"], r["clip_cos"]])).all() for r in updates)
     check_run(cap, tmp_path / "rl", tmp_path, updates=updates)
+    from raycap.report.__main__ import main as report_main
+
+    page = report_main([str(tmp_path / "rl"), "--gallery", "2", "--out", str(tmp_path / "report")])
+    html = page.read_text()
+    assert 'src="images/test-0.png"' in html and 'src="images/test-1.png"' in html  # the gallery: 2 test images
+    assert html.count('class="card"') == 2 and html.count('class="caption"') >= 4  # each with its captions
 
 
 def test_a_resumed_vlm_run_equals_an_uninterrupted_one(tiny_world_dir, tmp_path, tmp_path_factory):
