@@ -51,8 +51,9 @@ class LearnerMemory:
         return self.weights_bytes + self.gradient_bytes + self.optimizer_bytes
 
     def breakdown(self) -> str:
+        weights = "" if not self.reference else " (policy and KL reference)"
         return (f"{_amount(self.parameters)} parameters, {_amount(self.trainable)} trained: fp32 weights "
-                f"{self.weights_bytes / GB:.1f} GB (policy and KL reference), gradients "
+                f"{self.weights_bytes / GB:.1f} GB{weights}, gradients "
                 f"{self.gradient_bytes / GB:.1f} GB, Adam {self.optimizer_bytes / GB:.1f} GB")
 
 
@@ -221,3 +222,36 @@ def check_learner_fits(cfg, runtime: str) -> LearnerMemory | None:
         hints.append("spread the gradients and Adam's moments over more learner ranks (runtime.zero_stage 2, "
                      "runtime.learner_workers)")
     raise UserError(f"{head}; " + ", or ".join(hints or ["train fewer parameters (rl.optimiser.train_lm false)"]))
+
+
+def check_stage_fits(model, device_setting: str, gpu_memory_gb: float | None = None) -> LearnerMemory | None:
+    """The supervised stage of a VLM (`model`: its `CaptionerModelConfig`, kind vlm) on `device_setting`: a
+    one-line UserError when its weights, and the gradients and Adam moments of what trains, exceed the device's
+    memory (a GPU's: `gpu_memory_gb`, else the device's; else this machine's); None when not checked (other kinds,
+    whose models are small, or a model whose config cannot be read here: its loader says why)."""
+    if model.kind != "vlm":
+        return None
+    try:
+        parts = vlm_parts(model.vlm, model.train_projector)
+    except Exception:  # not cached offline, or a config transformers cannot build: the loader's message follows
+        return None
+    est = estimate(parts, {"r": model.lora_r, "target_modules": None} if model.lora_r else None)
+    est = dataclasses.replace(est, reference=0)  # the supervised stage has no KL reference
+    cuda = device_setting.startswith("cuda") or (device_setting == "auto" and torch.cuda.is_available())
+    if cuda and gpu_memory_gb is not None:
+        device = int(gpu_memory_gb * GB), f"a {gpu_memory_gb:g} GB GPU"
+    elif cuda:
+        index = torch.device(device_setting).index if device_setting.startswith("cuda") else None
+        total = torch.cuda.get_device_properties(index or 0).total_memory
+        device = total, f"a {total / GB:.0f} GB GPU"
+    else:
+        from raycap.inputs import machine_memory_bytes
+
+        total = machine_memory_bytes()
+        device = total, f"this machine's {total / GB:.0f} GB"
+    if est.total_bytes > device[0]:
+        hint = "; train LoRA adapters instead (model.lora_r)" if not model.lora_r and est.weights_bytes <= device[0] \
+            else ""
+        raise UserError(f"model.vlm {model.vlm}: the supervised stage needs at least {est.total_bytes / GB:.1f} GB "
+                        f"({est.breakdown()}) but has {device[1]}{hint}")
+    return est

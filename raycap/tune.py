@@ -105,6 +105,9 @@ def main(argv=None) -> dict | None:
         base = space.base_config()
         check_inputs_exist(base)
         check_loggers(base.runtime)  # each trial logs to the trackers: a missing package is refused before any
+        from raycap.memory import check_learner_fits
+
+        check_learner_fits(base, space.search.trial_runtime)  # the base config's learner, before any trial
         if not args.resume and (args.out / "search.json").exists():
             raise UserError(f"--out {args.out}: holds a search already; --resume continues it, or use a new --out")
         args.out.mkdir(parents=True, exist_ok=True)

@@ -135,3 +135,43 @@ def test_the_estimate_counts_a_vlm_with_its_adapters_and_projector(family, tmp_p
     cap.save_pretrained(saved)
     cfg = load_config("world-demo", [f"captioner.path={saved}"])
     assert (learner_estimate(cfg).parameters, learner_estimate(cfg).reference) == (counts(cap.model)[0],) * 2
+
+
+def test_a_vlm_supervised_stage_that_cannot_fit_is_refused_before_it_writes(tmp_path, monkeypatch, capsys):
+    """`raycap pretrain captioner` of kind vlm: Qwen2-VL-2B's whole language model trained on a 24 GB machine is
+    refused in one line from its config alone (no KL reference in this stage); with adapters it fits."""
+    import raycap.inputs
+    from raycap.pretrain import main as pretrain_main
+
+    monkeypatch.setattr(raycap.inputs, "machine_memory_bytes", lambda: 24 * 10**9)
+    vlm = qwen2_vl_2b_dir(tmp_path) / "vlm"
+    stage = {"device": "cpu", "data": {"kind": "world"}, "retriever": {},
+             "model": {"kind": "vlm", "vlm": str(vlm), "lora_r": 0}}
+    (tmp_path / "stage.yaml").write_text(json.dumps(stage))
+    out = tmp_path / "sup"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        pretrain_main(["captioner", "--config", str(tmp_path / "stage.yaml"), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "the supervised stage needs at least 27.4 GB" in err and "this machine's 24 GB" in err
+    assert "model.lora_r" in err and "KL reference" not in err and not out.exists()
+    from raycap.memory import check_stage_fits
+    from raycap.supervised.captioner_stage import CaptionerModelConfig
+
+    fits = check_stage_fits(CaptionerModelConfig(kind="vlm", vlm=str(vlm), lora_r=16), "cpu")
+    assert fits.total_bytes < 24e9 and fits.reference == 0 and fits.trainable < 0.01 * fits.parameters
+
+
+def test_a_search_whose_learner_cannot_fit_is_refused_before_it_writes(tmp_path, capsys):
+    from raycap.tune import main as tune_main
+
+    cap = qwen2_vl_2b_dir(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tune_main(["--space", "discritune", "--config", "world-demo", "--out", str(tmp_path / "search"),
+                   "--set", f"captioner.path={cap}", "--set", "runtime.gpus_per_learner=1",
+                   "--set", "runtime.gpu_memory_gb=24"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "needs at least 36.2 GB" in err, err
+    assert not (tmp_path / "search").exists()

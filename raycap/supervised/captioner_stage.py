@@ -97,6 +97,8 @@ class CaptionerStageConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     device: str = Field("auto", pattern=r"^(auto|cpu|meta|cuda(:\d+)?)$",
                         description="where the captioner trains and the retriever encodes: auto (cuda when visible)")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory of the GPU a VLM's stage trains on, for the "
+                                        "memory check before it starts (default: the device's)")
     data: DataConfig = DataConfig(splits={"train": "labelled", "val": "val", "test": "test"})
     retriever: RetrieverConfig = RetrieverConfig()
     model: CaptionerModelConfig
@@ -189,9 +191,11 @@ def run_captioner_stage(cfg: CaptionerStageConfig, out: Path, log=print) -> dict
 
     from raycap.config import RunConfig
     from raycap.inputs import load_retriever, open_split
+    from raycap.memory import check_stage_fits
     from raycap.models.devices import resolve_device
     from raycap.supervised.captioner import CaptionerTraining, evaluate_images, train_on_references
 
+    check_stage_fits(cfg.model, cfg.device, cfg.gpu_memory_gb)  # from the VLM's config alone: before any file
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     if cfg.threads:
