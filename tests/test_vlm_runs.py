@@ -239,3 +239,39 @@ def test_a_llava_sees_through_the_world_retrievers_image_tower(tiny_world_dir, t
     assert cap._start(rows).shape == (4, *retriever.token_shape[:1], 32)  # every token, class token included
     tok = cap.hf_processor.tokenizer
     assert tok.convert_tokens_to_ids("<image>") in cap.placeholder_ids and cap.stop_ids == [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("config", ["world-demo", "world-relevance"], ids=["discritune", "gumbel"])
+def test_both_methods_on_a_vlm_under_bf16_autocast(config, tiny_world_dir, tmp_path, tmp_path_factory):
+    """The precision a GPU role runs in, on the CPU: a LLaVA with LoRA under bf16 autocast decodes, scores and
+    updates (DiscriTune's sampled rollouts and teacher forcing; Gumbel's soft tokens through the model), keeping its
+    weights fp32, its losses finite and its image side still."""
+    from raycap.config import load_config
+    from raycap.local_trainer import LocalTrainer
+
+    _, captioner_dir = lora_captioner("llava", tmp_path_factory.getbasetemp())
+    sets = [s for s in world_sets(tiny_world_dir) if not s.startswith("captioner.path")]
+    cfg = load_config(config, [*sets, f"captioner.path={captioner_dir}", "runtime.precision=bf16",
+                               "runtime.device=cpu", "rl.steps=2", "rl.batch_size=8", "rl.reward.num_candidates=8",
+                               "rl.sampling.max_new_tokens=6", "eval.images=100", "eval.every=100",
+                               "eval.report=false", "eval.test_table=false", "threads=2"])
+    trainer = LocalTrainer(cfg, tmp_path / "run", log=lambda *a: None)
+    assert trainer.models.dtype == torch.bfloat16
+    policy = trainer.policy
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    for step in (0, 1):
+        stats = trainer.update(step)
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values() if isinstance(v, float)), stats
+    assert ("clip_cos" in stats) == (config == "world-relevance")
+    after = dict(policy.model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in after.values())  # fp32 weights under bf16 autocast
+    assert all(torch.equal(before[n], after[n]) for n in policy.frozen_parameters())  # the image side
+    assert any(lora.LORA_MARK in n and not torch.equal(before[n], p) for n, p in after.items())  # the adapters
+    if config == "world-demo":
+        from raycap.rl import algorithm
+
+        _, img, _ = trainer.scorer.batch(1)
+        with trainer.models.autocast():
+            caps = algorithm.rollout(policy, img, cfg, 1)
+            logits = policy.logits(img, caps.tokens)
+        assert caps.logprobs.dtype == logits.dtype == torch.float32 and torch.isfinite(logits).all()
