@@ -180,21 +180,15 @@ def learner_estimate(cfg, runtime: str = "ray") -> LearnerMemory | None:
                     cfg.runtime.zero_stage if ray else 0)
 
 
-def learner_device_bytes(cfg, runtime: str) -> tuple[int, str] | None:
-    """(bytes, what they are) a learner may use: a whole GPU (`runtime.gpu_memory_gb`, else the CUDA device it
-    will run on, when this machine is where it runs) when it runs on one, else this machine's memory; None when
-    unknown (a learner on a cluster joined by address, without `runtime.gpu_memory_gb`)."""
-    import os
-
-    rt = cfg.runtime
-    remote = runtime == "ray" and (rt.address is not None or bool(os.environ.get("RAY_ADDRESS")))
-    on_gpu = rt.device.startswith("cuda") or (rt.device == "auto" and (
-        rt.gpus_per_learner > 0 if runtime == "ray" else torch.cuda.is_available()))
-    if on_gpu:
-        if rt.gpu_memory_gb is not None:
-            total = int(rt.gpu_memory_gb * GB)
+def device_bytes(cuda: bool, device: str, gpu_memory_gb: float | None, remote: bool = False) -> tuple[int, str] | None:
+    """(bytes, what they are) of the device a model trains on: on a GPU (`cuda`) `gpu_memory_gb`, else the memory of
+    the CUDA device `device` names (cuda:N; auto: the first) when it is on this machine; else this machine's memory.
+    None when unknown (a GPU not visible here without `gpu_memory_gb`; a `remote` CPU)."""
+    if cuda:
+        if gpu_memory_gb is not None:
+            total = int(gpu_memory_gb * GB)
         elif torch.cuda.is_available() and not remote:
-            index = torch.device(rt.device).index if rt.device.startswith("cuda") else None
+            index = torch.device(device).index if device.startswith("cuda") else None
             total = torch.cuda.get_device_properties(index or 0).total_memory
         else:
             return None
@@ -205,6 +199,19 @@ def learner_device_bytes(cfg, runtime: str) -> tuple[int, str] | None:
 
     total = machine_memory_bytes()
     return total, f"this machine's {total / GB:.0f} GB"
+
+
+def learner_device_bytes(cfg, runtime: str) -> tuple[int, str] | None:
+    """(bytes, what they are) a learner may use (`device_bytes`): a whole GPU when it runs on one, else this
+    machine's memory; None when unknown (a learner on a cluster joined by address, without
+    `runtime.gpu_memory_gb`)."""
+    import os
+
+    rt = cfg.runtime
+    remote = runtime == "ray" and (rt.address is not None or bool(os.environ.get("RAY_ADDRESS")))
+    on_gpu = rt.device.startswith("cuda") or (rt.device == "auto" and (
+        rt.gpus_per_learner > 0 if runtime == "ray" else torch.cuda.is_available()))
+    return device_bytes(on_gpu, rt.device, rt.gpu_memory_gb, remote)
 
 
 def check_learner_fits(cfg, runtime: str) -> LearnerMemory | None:
@@ -238,18 +245,8 @@ def check_stage_fits(model, device_setting: str, gpu_memory_gb: float | None = N
     est = estimate(parts, {"r": model.lora_r, "target_modules": None} if model.lora_r else None)
     est = dataclasses.replace(est, reference=0)  # the supervised stage has no KL reference
     cuda = device_setting.startswith("cuda") or (device_setting == "auto" and torch.cuda.is_available())
-    if cuda and gpu_memory_gb is not None:
-        device = int(gpu_memory_gb * GB), f"a {gpu_memory_gb:g} GB GPU"
-    elif cuda:
-        index = torch.device(device_setting).index if device_setting.startswith("cuda") else None
-        total = torch.cuda.get_device_properties(index or 0).total_memory
-        device = total, f"a {total / GB:.0f} GB GPU"
-    else:
-        from raycap.inputs import machine_memory_bytes
-
-        total = machine_memory_bytes()
-        device = total, f"this machine's {total / GB:.0f} GB"
-    if est.total_bytes > device[0]:
+    device = device_bytes(cuda, device_setting, gpu_memory_gb)
+    if device is not None and est.total_bytes > device[0]:
         hint = "; train LoRA adapters instead (model.lora_r)" if not model.lora_r and est.weights_bytes <= device[0] \
             else ""
         raise UserError(f"model.vlm {model.vlm}: the supervised stage needs at least {est.total_bytes / GB:.1f} GB "

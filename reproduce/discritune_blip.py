@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import subprocess
 import sys
 from pathlib import Path
 
 from raycap.config import WORLD_DIR
-from reproduce_common import check_same_settings, sh, stage_done
+from reproduce_common import check_same_settings, run_example, sh, stage_done
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,13 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_all(out: Path, seed: int) -> None:
     blip = out / "blip"
     if not (blip / "vision_distillation.json").exists():
-        log = out / "blip.log"
-        with log.open("w") as f:
-            rc = subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_blip.py"), "--out", str(blip),
-                                 "--vision-from", str(WORLD_DIR / "retriever"), "--seed", str(seed)],
-                                stdout=f, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            sys.exit(f"make_tiny_blip failed (exit {rc}); see {log}")
+        run_example("make_tiny_blip.py", "--out", str(blip), "--vision-from", str(WORLD_DIR / "retriever"), "--seed",
+                    str(seed), log=out / "blip.log")
     sup = out / "sup"
     if not stage_done(sup / "metrics.json", "train_images"):
         sh("pretrain", "captioner", "--config", str(ROOT / "examples" / "blip-world-v2.yaml"), "--out", str(sup),

@@ -16,6 +16,17 @@ def sh(*args: str, log: Path) -> None:
         sys.exit(f"{' '.join(args[:2])} failed (exit {rc}); see {log}")
 
 
+def run_example(script: str, *args: str, log: Path) -> None:
+    """Run examples/SCRIPT with `args` (this interpreter), its output into `log`; a failure stops the script, naming
+    the log."""
+    root = Path(__file__).resolve().parents[1]
+    with log.open("w") as f:
+        rc = subprocess.run([sys.executable, str(root / "examples" / script), *args], stdout=f,
+                            stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        sys.exit(f"{Path(script).stem} failed (exit {rc}); see {log}")
+
+
 def stage_done(path: Path, key: str) -> bool:
     """A stage wrote its metrics file last, with `key` in it: its model is complete (a killed save is redone)."""
     try:

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from reproduce_common import check_same_settings, sh, stage_done
+from reproduce_common import check_same_settings, run_example, sh, stage_done
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = (("discritune", "world-demo"), ("relevance", "world-relevance"))
@@ -31,12 +30,7 @@ COLUMNS = (("p_at_1", "P@1"), ("wellformed", "wellformed"), ("faithful", "faithf
 def run_all(out: Path, seed: int) -> None:
     llava = out / "llava"
     if not (llava / "raycap_source.json").exists():
-        log = out / "llava.log"
-        with log.open("w") as f:
-            rc = subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_llava.py"), "--out", str(llava),
-                                 "--seed", str(seed)], stdout=f, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            sys.exit(f"make_tiny_llava failed (exit {rc}); see {log}")
+        run_example("make_tiny_llava.py", "--out", str(llava), "--seed", str(seed), log=out / "llava.log")
     sup = out / "sup"
     if not stage_done(sup / "metrics.json", "train_images"):
         sh("pretrain", "captioner", "--config", str(ROOT / "examples" / "llava-world.yaml"), "--out", str(sup),

@@ -1,6 +1,7 @@
 """The reproduction scripts (reproduce/): their tables and figures come from the run directories' results."""
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -228,7 +229,7 @@ def test_the_vlm_table_runs_each_stage_once_and_compares_the_llava_with_clipcap(
         return type("Done", (), {"returncode": 0})()
 
     monkeypatch.setattr(vlm, "sh", fake_sh)
-    monkeypatch.setattr(vlm.subprocess, "run", fake_llava)
+    monkeypatch.setattr(subprocess, "run", fake_llava)  # what reproduce_common.run_example starts
     clipcap = tmp_path / "clipcap"
     finished(clipcap / "demo", 900.0, [row("supervised", "greedy", 0.39), row("fine-tuned", "greedy", 0.66)])
     finished(clipcap / "rel", 50.0, [row("supervised", "greedy", 0.39, bleu4=0.63),

@@ -179,22 +179,13 @@ def load_blip(name_or_path):
 def blip_vision_config_of(visual, layers: int | None = None) -> dict:
     """The `BlipVisionConfig` fields of a BLIP vision tower shaped as an open_clip ViT image tower (`visual`),
     with its first `layers` blocks (default all)."""
-    from open_clip.transformer import QuickGELU
+    from raycap.models.clip_vision import vit_tower_fields
 
     blocks = visual.transformer.resblocks
     if layers is not None and not 1 <= layers <= len(blocks):
         raise ValueError(f"layers: the tower has {len(blocks)} blocks, not {layers}")
-    act = blocks[0].mlp.gelu
-    if isinstance(act, QuickGELU):  # OpenAI's CLIP towers
-        hidden_act = "quick_gelu"
-    elif isinstance(act, nn.GELU) and act.approximate == "none":
-        hidden_act = "gelu"
-    else:
-        raise ValueError(f"the tower's activation {type(act).__name__} has no BLIP counterpart")
-    return {"hidden_size": visual.transformer.width, "intermediate_size": blocks[0].mlp.c_fc.out_features,
-            "num_hidden_layers": len(blocks) if layers is None else layers,
-            "num_attention_heads": blocks[0].attn.num_heads, "image_size": visual.image_size[0],
-            "patch_size": visual.patch_size[0], "hidden_act": hidden_act, "layer_norm_eps": blocks[0].ln_1.eps}
+    fields = vit_tower_fields(visual, "BLIP")
+    return fields if layers is None else fields | {"num_hidden_layers": layers}
 
 
 def blip_vision_state_from_open_clip(visual, layers: int | None = None) -> dict[str, Tensor]:

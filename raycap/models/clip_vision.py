@@ -9,8 +9,10 @@ import torch.nn as nn
 from torch import Tensor
 
 
-def clip_vision_config_of(visual) -> dict:
-    """The `CLIPVisionConfig` fields of an open_clip ViT image tower (`visual`)."""
+def vit_tower_fields(visual, target: str) -> dict:
+    """The fields HF's ViT-style vision configs share (CLIP's, BLIP's), read from an open_clip ViT image tower:
+    widths, depth, heads, image and patch size, activation (QuickGELU: `quick_gelu`) and layer-norm eps. `target`
+    names the config in the error for an activation it has no counterpart of."""
     from open_clip.transformer import QuickGELU
 
     blocks = visual.transformer.resblocks
@@ -20,17 +22,22 @@ def clip_vision_config_of(visual) -> dict:
     elif isinstance(act, nn.GELU) and act.approximate == "none":
         hidden_act = "gelu"
     else:
-        raise ValueError(f"the tower's activation {type(act).__name__} has no CLIPVisionConfig counterpart")
-    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
-        raise ValueError("only towers pooled by their class token have a CLIPVisionModel counterpart")
+        raise ValueError(f"the tower's activation {type(act).__name__} has no {target} counterpart")
     size = visual.image_size
     patch = visual.patch_size
     return {"hidden_size": visual.transformer.width, "intermediate_size": blocks[0].mlp.c_fc.out_features,
             "num_hidden_layers": len(blocks), "num_attention_heads": blocks[0].attn.num_heads,
             "image_size": size[0] if isinstance(size, (tuple, list)) else size,
             "patch_size": patch[0] if isinstance(patch, (tuple, list)) else patch,
-            "hidden_act": hidden_act, "layer_norm_eps": blocks[0].ln_1.eps,
-            "projection_dim": visual.proj.shape[1] if visual.proj is not None else visual.transformer.width}
+            "hidden_act": hidden_act, "layer_norm_eps": blocks[0].ln_1.eps}
+
+
+def clip_vision_config_of(visual) -> dict:
+    """The `CLIPVisionConfig` fields of an open_clip ViT image tower (`visual`)."""
+    fields = vit_tower_fields(visual, "CLIPVisionConfig")
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+        raise ValueError("only towers pooled by their class token have a CLIPVisionModel counterpart")
+    return fields | {"projection_dim": visual.proj.shape[1] if visual.proj is not None else visual.transformer.width}
 
 
 def clip_vision_state_from_open_clip(visual) -> dict[str, Tensor]:

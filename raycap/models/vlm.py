@@ -365,9 +365,7 @@ class VlmCaptioner(Decoding, nn.Module):
         """(the first caption token's logits (N, V) fp32, the KV cache) after each image and the prompt."""
         feats = self._start(inputs)
         empty = torch.zeros(feats.shape[0], 0, dtype=torch.long, device=feats.device)
-        last = {"logits_to_keep": 1} if keeps_logits(type(self.model)) else {}
-        out, past = cached_forward(self.model, None, **self._inputs(feats, empty), **last)
-        return self._allowed(out.logits[:, -1].float()), past
+        return self._step(feats, empty, None, use_cache=True)  # the decoder's first step, with gradients
 
     def soft_step(self, probs: Tensor, past):
         """(the next logits, the cache) after feeding soft tokens (N, V) as their input embeddings."""
